@@ -1,0 +1,90 @@
+"""The `edge` command line: run one node, bring up a whole topology, print configs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from edge import config
+
+log = logging.getLogger("edge")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge", description="An L1/L2 caching CDN with a DNS scheduler.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", metavar="FILE", type=Path, default=None,
+                       help="topology TOML file (default: the built-in deploy/local.toml)")
+        p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        return p
+
+    run = with_config(sub.add_parser("run", help="run one node of the topology in the foreground"))
+    run.add_argument("node", metavar="NODE", help="node name from the topology, or 'dns' for the scheduler")
+    with_config(sub.add_parser("up", help="start every node of the topology and wait; Ctrl-C stops all"))
+    with_config(sub.add_parser("check", help="validate the topology file and print its nodes"))
+    with_config(sub.add_parser("prometheus-config", help="print a Prometheus scrape config for the topology"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        topology = config.load(args.config)
+        if args.command == "run":
+            return _run(topology, args.node)
+        if args.command == "up":
+            from edge import launcher
+            return launcher.up(topology, args.config)
+        if args.command == "check":
+            for node in topology.nodes:
+                print(f"{node.name:12} {node.role:7} traffic {node.listen}  admin {node.admin}")
+            if topology.dns:
+                print(f"{'dns':12} {'dns':7} dns     {topology.dns.listen}  admin {topology.dns.admin}")
+            return 0
+        if args.command == "prometheus-config":
+            from edge import launcher
+            sys.stdout.write(launcher.prometheus_config(topology))
+            return 0
+    except config.ConfigError as exc:
+        print(f"edge: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+def _run(topology: config.Topology, name: str) -> int:
+    """Run one node until SIGTERM or SIGINT; a bind failure is one clear line, exit 1."""
+    if name == "dns":
+        if topology.dns is None:
+            raise config.ConfigError(topology.source, "dns", "no [dns] table: this topology has no scheduler")
+        from edge.scheduler.service import serve
+        target = "dns"
+        serve_fn = lambda stop: serve(topology, stop)  # noqa: E731
+    else:
+        node = topology.node(name)
+        from edge import node as node_runner
+        target = node.name
+        serve_fn = lambda stop: node_runner.serve(topology, node, stop)  # noqa: E731
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_fn(stop)
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        print(f"edge: {target}: cannot start: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,505 @@
+"""Load and validate the topology file into frozen dataclasses.
+
+One TOML file describes the whole CDN (sites, regions, coverage, nodes, dns)
+and every process reads it, taking its own node's section.  Every user
+mistake raises :class:`ConfigError` naming the file, the key and the problem;
+the command line prints that one line and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ROLES = ("origin", "l2", "l1")
+DEFAULT_TOPOLOGY = "<built-in deploy/local.toml>"
+
+
+class ConfigError(Exception):
+    """A problem with the topology file, phrased for the operator."""
+
+    def __init__(self, source: str, key: str, problem: str):
+        self.source, self.key, self.problem = source, key, problem
+        super().__init__(f"{source}: {key}: {problem}")
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self}"
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    hosts: tuple[str, ...]          # customer host names, lower case, no port
+    origin: str                     # base URL of the origin, e.g. http://127.0.0.10:8080
+    cdn_name: str                   # the name in the CDN zone the hosts are CNAMEd to
+    default: bool = False           # serves Hosts that match no other site
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    lat: float
+    lon: float
+
+
+@dataclass(frozen=True)
+class ParentPolicy:
+    """How an L1 treats its parents (ATS parent.config / nginx upstream vocabulary)."""
+
+    fall: int = 3                   # consecutive failures that mark a parent down
+    rise: int = 2                   # consecutive good probes that bring it back
+    probe_interval: float = 1.0     # seconds between active probes of a down parent
+    timeout: float = 10.0           # connect + first byte, seconds
+    go_direct: bool = True          # all parents down: go to the origin (ATS go_direct)
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    role: str                       # origin | l2 | l1
+    listen: Address
+    admin: Address
+    region: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+    parents: tuple[str, ...] = ()   # L1 only: names of L2 nodes, in no particular order
+    parent_weights: tuple[tuple[str, float], ...] = ()
+    parent_policy: ParentPolicy = ParentPolicy()
+    memory_size: int = 64 * 2**20
+    memory_object_max: int = 1 * 2**20   # bigger objects skip the memory tier
+    disk_size: int = 1 * 2**30
+    stream_threshold: int = 1 * 2**20    # bigger bodies stream to client and disk at once
+    cache_dir: Path | None = None
+    content_dir: Path | None = None      # origin only: None serves the built-in demo site
+    content_cache_control: str = "public, max-age=60"
+    max_inflight: int = 1000              # over this the health endpoint reports overload
+
+    @property
+    def is_cache(self) -> bool:
+        return self.role in ("l1", "l2")
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    interval: float = 1.0
+    timeout: float = 1.0
+    fall: int = 2
+    rise: int = 2
+
+
+@dataclass(frozen=True)
+class Dns:
+    listen: Address
+    admin: Address
+    customer_zones: tuple[str, ...]   # zones holding the sites' customer names (CNAMEs)
+    cdn_zone: str                     # zone holding the CDN names (A/AAAA of edges)
+    ttl: int = 30
+    answers: int = 1
+    default_region: str | None = None
+    health: HealthCheck = HealthCheck()
+    nameserver: str = ""              # NS target at each apex; defaults to ns1.<cdn_zone>
+    hostmaster: str = ""
+
+
+@dataclass(frozen=True)
+class Topology:
+    source: str
+    sites: tuple[Site, ...]
+    nodes: tuple[Node, ...]
+    regions: tuple[Region, ...] = ()
+    coverage: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = ()
+    dns: Dns | None = None
+    state_dir: Path = Path("var")
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        names = ", ".join(n.name for n in self.nodes)
+        if self.dns is not None:
+            names += ", dns"
+        raise ConfigError(self.source, "nodes", f"no node named {name!r} (have: {names})")
+
+    def by_role(self, role: str) -> tuple[Node, ...]:
+        return tuple(n for n in self.nodes if n.role == role)
+
+    def region(self, name: str) -> Region:
+        for region in self.regions:
+            if region.name == name:
+                return region
+        raise KeyError(name)
+
+    def cache_dir(self, node: Node) -> Path:
+        return node.cache_dir if node.cache_dir is not None else self.state_dir / "cache" / node.name
+
+    def site_for_host(self, host: str | None) -> Site | None:
+        """The site serving a request's Host header (port and case ignored)."""
+        name = normalise_host(host) if host else ""
+        default = None
+        for site in self.sites:
+            if name in site.hosts:
+                return site
+            if site.default:
+                default = site
+        return default
+
+
+def normalise_host(host: str) -> str:
+    """Lower-case a Host header value and drop its port (also for [v6]:port)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[1:end] if end > 0 else host
+    if host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".")
+
+
+# --------------------------------------------------------------------------- parsing
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class _Reader:
+    """Reads typed values out of the parsed TOML, naming the key on failure."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, key, problem)
+
+    def table(self, data: dict, key: str, path: str, required: bool = False) -> dict:
+        value = data.get(key)
+        if value is None:
+            if required:
+                raise self.fail(path, "missing table")
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(path, f"expected a table, got {type(value).__name__}")
+        return value
+
+    def unknown(self, data: dict, allowed: set[str], path: str) -> None:
+        extra = sorted(set(data) - allowed)
+        if extra:
+            raise self.fail(f"{path}.{extra[0]}" if path else extra[0],
+                            f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+    def str(self, data: dict, key: str, path: str, default: Any = ..., ) -> Any:
+        if key not in data:
+            if default is ...:
+                raise self.fail(path, "missing")
+            return default
+        value = data[key]
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(path, f"expected a non-empty string, got {value!r}")
+        return value.strip()
+
+    def number(self, data: dict, key: str, path: str, default: float,
+               minimum: float = 0.0, integer: bool = False) -> Any:
+        if key not in data:
+            return default
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(path, f"expected a number, got {value!r}")
+        if integer and not isinstance(value, int):
+            raise self.fail(path, f"expected a whole number, got {value!r}")
+        if value < minimum:
+            raise self.fail(path, f"must be at least {minimum:g}, got {value!r}")
+        return value
+
+    def bool(self, data: dict, key: str, path: str, default: bool) -> bool:
+        value = data.get(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(path, f"expected true or false, got {value!r}")
+        return value
+
+    def size(self, data: dict, key: str, path: str, default: int) -> int:
+        if key not in data:
+            return default
+        value = data[key]
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        match = _SIZE.match(value) if isinstance(value, str) else None
+        if not match:
+            raise self.fail(path, f"expected a size such as 64MiB or 1048576, got {value!r}")
+        unit = (match.group(2) or "").lower().removesuffix("b")
+        return int(float(match.group(1)) * _UNITS[unit])
+
+    def address(self, data: dict, key: str, path: str) -> Address:
+        text = self.str(data, key, path)
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise self.fail(path, f"expected HOST:PORT, got {text!r}")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise self.fail(path, f"expected an IP address, got {host!r}") from None
+        return Address(host, int(port))
+
+    def dns_name(self, value: Any, path: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(path, f"expected a DNS name, got {value!r}")
+        name = value.strip().lower().rstrip(".")
+        if not name or not all(_LABEL.match(label) for label in name.split(".")):
+            raise self.fail(path, f"not a valid DNS name: {value!r}")
+        return name
+
+
+def load(path: str | Path | None = None) -> Topology:
+    """Load a topology file; with no path, the built-in default (deploy/local.toml)."""
+    if path is None:
+        text = resources.files("edge").joinpath("default_topology.toml").read_text()
+        return parse(text, DEFAULT_TOPOLOGY, base_dir=Path.cwd())
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), "(file)", exc.strerror or str(exc)) from None
+    return parse(text, str(path), base_dir=path.parent)
+
+
+def parse(text: str, source: str, base_dir: Path) -> Topology:
+    r = _Reader(source)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "(syntax)", str(exc)) from None
+    r.unknown(data, {"state_dir", "sites", "regions", "coverage", "nodes", "dns"}, "")
+
+    state_dir = Path(r.str(data, "state_dir", "state_dir", "var"))
+    if not state_dir.is_absolute():
+        state_dir = base_dir / state_dir if source != DEFAULT_TOPOLOGY else Path.cwd() / state_dir
+
+    regions = _regions(r, r.table(data, "regions", "regions"))
+    region_names = {reg.name for reg in regions}
+    coverage = _coverage(r, r.table(data, "coverage", "coverage"), region_names)
+    dns_table = r.table(data, "dns", "dns")
+    cdn_zone = r.dns_name(dns_table["cdn_zone"], "dns.cdn_zone") if "cdn_zone" in dns_table else ""
+    sites = _sites(r, r.table(data, "sites", "sites", required=True), cdn_zone)
+    nodes = _nodes(r, r.table(data, "nodes", "nodes", required=True), region_names, base_dir)
+    dns = _dns(r, dns_table, sites, region_names) if dns_table else None
+    return Topology(source=source, sites=sites, nodes=nodes, regions=regions,
+                    coverage=coverage, dns=dns, state_dir=state_dir)
+
+
+def _regions(r: _Reader, table: dict) -> tuple[Region, ...]:
+    out = []
+    for name, body in table.items():
+        path = f"regions.{name}"
+        if not isinstance(body, dict):
+            raise r.fail(path, "expected a table with lat and lon")
+        r.unknown(body, {"lat", "lon"}, path)
+        lat = r.number(body, "lat", f"{path}.lat", default=None, minimum=-90)
+        lon = r.number(body, "lon", f"{path}.lon", default=None, minimum=-180)
+        if lat is None or lon is None:
+            raise r.fail(path, "needs both lat and lon")
+        if lat > 90 or lon > 180:
+            raise r.fail(path, "lat must be within [-90, 90] and lon within [-180, 180]")
+        out.append(Region(name, float(lat), float(lon)))
+    return tuple(out)
+
+
+def _coverage(r: _Reader, table: dict, regions: set[str]) -> tuple:
+    out = []
+    for cidr, region in table.items():
+        path = f'coverage."{cidr}"'
+        try:
+            net = ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise r.fail(path, f"not a CIDR block: {cidr!r}") from None
+        if region not in regions:
+            raise r.fail(path, f"unknown region {region!r} (have: {', '.join(sorted(regions)) or 'none'})")
+        out.append((net, region))
+    return tuple(out)
+
+
+def _sites(r: _Reader, table: dict, cdn_zone: str) -> tuple[Site, ...]:
+    if not table:
+        raise r.fail("sites", "at least one site is needed")
+    out, seen_hosts, defaults = [], {}, []
+    for name, body in table.items():
+        path = f"sites.{name}"
+        if not isinstance(body, dict):
+            raise r.fail(path, "expected a table")
+        r.unknown(body, {"hosts", "origin", "cdn_name", "default"}, path)
+        hosts_value = body.get("hosts")
+        if not isinstance(hosts_value, list) or not hosts_value:
+            raise r.fail(f"{path}.hosts", "expected a non-empty list of host names")
+        hosts = tuple(r.dns_name(h, f"{path}.hosts") for h in hosts_value)
+        for host in hosts:
+            if host in seen_hosts:
+                raise r.fail(f"{path}.hosts", f"{host!r} is already served by site {seen_hosts[host]!r}")
+            seen_hosts[host] = name
+        origin = r.str(body, "origin", f"{path}.origin")
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise r.fail(f"{path}.origin", f"expected an http:// or https:// URL, got {origin!r}")
+        if "cdn_name" in body:
+            cdn_name = r.dns_name(body["cdn_name"], f"{path}.cdn_name")
+        else:
+            cdn_name = f"{hosts[0]}.{cdn_zone}" if cdn_zone else ""
+        default = r.bool(body, "default", f"{path}.default", False)
+        if default:
+            defaults.append(name)
+        out.append(Site(name, hosts, origin.rstrip("/"), cdn_name, default))
+    if len(defaults) > 1:
+        raise r.fail(f"sites.{defaults[1]}.default", f"only one site may be the default (also {defaults[0]!r})")
+    return tuple(out)
+
+
+_NODE_KEYS = {"role", "listen", "admin", "region", "lat", "lon", "parents", "parent_weights",
+              "memory_size", "memory_object_max", "disk_size", "stream_threshold", "cache_dir",
+              "content_dir", "content_cache_control", "max_inflight", "parent_fall",
+              "parent_rise", "parent_probe_interval", "parent_timeout", "go_direct"}
+
+
+def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path) -> tuple[Node, ...]:
+    out: list[Node] = []
+    addresses: dict[Address, str] = {}
+    for name, body in table.items():
+        path = f"nodes.{name}"
+        if not _NODE_NAME.match(name) or name == "dns":
+            raise r.fail(path, "a node name is letters, digits, '-', '_' or '.', and not 'dns'")
+        if not isinstance(body, dict):
+            raise r.fail(path, "expected a table")
+        r.unknown(body, _NODE_KEYS, path)
+        role = r.str(body, "role", f"{path}.role")
+        if role not in ROLES:
+            raise r.fail(f"{path}.role", f"expected one of {', '.join(ROLES)}, got {role!r}")
+        listen = r.address(body, "listen", f"{path}.listen")
+        admin = r.address(body, "admin", f"{path}.admin")
+        for key, addr in (("listen", listen), ("admin", admin)):
+            if addr.port and addr in addresses:
+                raise r.fail(f"{path}.{key}", f"{addr} is already used by {addresses[addr]}")
+            addresses[addr] = f"{path}.{key}"
+        region = body.get("region")
+        if region is not None and region not in regions:
+            raise r.fail(f"{path}.region", f"unknown region {region!r} (have: {', '.join(sorted(regions)) or 'none'})")
+        if role == "l1" and regions and region is None:
+            raise r.fail(f"{path}.region", "an L1 edge needs a region for the DNS scheduler")
+        lat = r.number(body, "lat", f"{path}.lat", None, minimum=-90)
+        lon = r.number(body, "lon", f"{path}.lon", None, minimum=-180)
+        parents_value = body.get("parents", "all" if role == "l1" else [])
+        if role != "l1" and parents_value:
+            raise r.fail(f"{path}.parents", f"only an l1 node has parents (this one is {role})")
+        weights_table = r.table(body, "parent_weights", f"{path}.parent_weights")
+        weights = []
+        for parent, weight in weights_table.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+                raise r.fail(f"{path}.parent_weights.{parent}", f"expected a positive number, got {weight!r}")
+            weights.append((parent, float(weight)))
+        policy = ParentPolicy(
+            fall=r.number(body, "parent_fall", f"{path}.parent_fall", 3, 1, integer=True),
+            rise=r.number(body, "parent_rise", f"{path}.parent_rise", 2, 1, integer=True),
+            probe_interval=float(r.number(body, "parent_probe_interval", f"{path}.parent_probe_interval", 1.0, 0.01)),
+            timeout=float(r.number(body, "parent_timeout", f"{path}.parent_timeout", 10.0, 0.01)),
+            go_direct=r.bool(body, "go_direct", f"{path}.go_direct", True),
+        )
+
+        def directory(key: str) -> Path | None:
+            if key not in body:
+                return None
+            value = Path(r.str(body, key, f"{path}.{key}"))
+            return value if value.is_absolute() else base_dir / value
+
+        content_dir = directory("content_dir")
+        if content_dir is not None and role != "origin":
+            raise r.fail(f"{path}.content_dir", "only an origin node serves a content directory")
+        node = Node(
+            name=name, role=role, listen=listen, admin=admin, region=region,
+            lat=None if lat is None else float(lat), lon=None if lon is None else float(lon),
+            parents=(), parent_weights=tuple(weights), parent_policy=policy,
+            memory_size=r.size(body, "memory_size", f"{path}.memory_size", Node.memory_size),
+            memory_object_max=r.size(body, "memory_object_max", f"{path}.memory_object_max", Node.memory_object_max),
+            disk_size=r.size(body, "disk_size", f"{path}.disk_size", Node.disk_size),
+            stream_threshold=r.size(body, "stream_threshold", f"{path}.stream_threshold", Node.stream_threshold),
+            cache_dir=directory("cache_dir"), content_dir=content_dir,
+            content_cache_control=r.str(body, "content_cache_control", f"{path}.content_cache_control",
+                                        Node.content_cache_control),
+            max_inflight=r.number(body, "max_inflight", f"{path}.max_inflight", 1000, 1, integer=True),
+        )
+        out.append((node, parents_value))
+
+    l2_names = [n.name for n, _ in out if n.role == "l2"]
+    nodes = []
+    for node, parents_value in out:
+        path = f"nodes.{node.name}"
+        if node.role == "l1":
+            if parents_value == "all":
+                parents = tuple(l2_names)
+            elif isinstance(parents_value, list) and all(isinstance(p, str) for p in parents_value):
+                parents = tuple(parents_value)
+                for parent in parents:
+                    if parent not in l2_names:
+                        raise r.fail(f"{path}.parents", f"{parent!r} is not an l2 node (have: {', '.join(l2_names) or 'none'})")
+                if len(set(parents)) != len(parents):
+                    raise r.fail(f"{path}.parents", "a parent is listed twice")
+            else:
+                raise r.fail(f"{path}.parents", f'expected "all" or a list of l2 node names, got {parents_value!r}')
+            for parent, _ in node.parent_weights:
+                if parent not in parents:
+                    raise r.fail(f"{path}.parent_weights.{parent}", "not one of this node's parents")
+            node = replace(node, parents=parents)
+        nodes.append(node)
+    return tuple(nodes)
+
+
+def _dns(r: _Reader, table: dict, sites: tuple[Site, ...], regions: set[str]) -> Dns:
+    r.unknown(table, {"listen", "admin", "zones", "cdn_zone", "ttl", "answers", "default_region",
+                      "health", "nameserver", "hostmaster"}, "dns")
+    if "cdn_zone" not in table:
+        raise r.fail("dns.cdn_zone", "missing (the zone of the CDN names, e.g. cdn.example.net)")
+    cdn_zone = r.dns_name(table["cdn_zone"], "dns.cdn_zone")
+    zones_value = table.get("zones")
+    if not isinstance(zones_value, list) or not zones_value:
+        raise r.fail("dns.zones", "expected a non-empty list of customer zones, e.g. [\"example.com\"]")
+    zones = tuple(r.dns_name(z, "dns.zones") for z in zones_value)
+    for site in sites:
+        for host in site.hosts:
+            if not any(host == z or host.endswith("." + z) for z in zones):
+                raise r.fail(f"sites.{site.name}.hosts", f"{host!r} is in none of dns.zones ({', '.join(zones)})")
+        if not site.cdn_name.endswith("." + cdn_zone):
+            raise r.fail(f"sites.{site.name}.cdn_name", f"{site.cdn_name!r} is not inside dns.cdn_zone {cdn_zone!r}")
+    default_region = table.get("default_region")
+    if default_region is not None and default_region not in regions:
+        raise r.fail("dns.default_region", f"unknown region {default_region!r}")
+    health_table = r.table(table, "health", "dns.health")
+    r.unknown(health_table, {"interval", "timeout", "fall", "rise"}, "dns.health")
+    health = HealthCheck(
+        interval=float(r.number(health_table, "interval", "dns.health.interval", 1.0, 0.01)),
+        timeout=float(r.number(health_table, "timeout", "dns.health.timeout", 1.0, 0.01)),
+        fall=r.number(health_table, "fall", "dns.health.fall", 2, 1, integer=True),
+        rise=r.number(health_table, "rise", "dns.health.rise", 2, 1, integer=True),
+    )
+    return Dns(
+        listen=r.address(table, "listen", "dns.listen"),
+        admin=r.address(table, "admin", "dns.admin"),
+        customer_zones=zones, cdn_zone=cdn_zone,
+        ttl=r.number(table, "ttl", "dns.ttl", 30, 0, integer=True),
+        answers=r.number(table, "answers", "dns.answers", 1, 1, integer=True),
+        default_region=default_region, health=health,
+        nameserver=r.dns_name(table["nameserver"], "dns.nameserver") if "nameserver" in table else f"ns1.{cdn_zone}",
+        hostmaster=r.dns_name(table["hostmaster"], "dns.hostmaster") if "hostmaster" in table else f"hostmaster.{cdn_zone}",
+    )
