@@ -64,7 +64,7 @@ class ParentPolicy:
 
     fall: int = 3                   # consecutive failures that mark a parent down
     rise: int = 2                   # consecutive good probes that bring it back
-    probe_interval: float = 1.0     # seconds between active probes of a down parent
+    probe_interval: float = 1.0     # seconds between active probes of every parent
     timeout: float = 10.0           # connect + first byte, seconds
     go_direct: bool = True          # all parents down: go to the origin (ATS go_direct)
 
