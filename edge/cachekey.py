@@ -1,0 +1,42 @@
+"""The cache key: which stored object a request maps to.
+
+The key is the site name plus the normalised request target.  L1 and L2 use
+the same function, so the consistent-hash ring sends a URL to the same parent
+from every edge.  GET and HEAD share a key (a HEAD is answered from a stored
+GET).  Normalisation follows RFC 3986 section 6.2.2: percent-encodings of
+unreserved characters are decoded and the others upper-cased, so `/%7Euser`
+and `/~user` are one object.  The query string is kept as sent (its order is
+significant to many origins; nginx and Varnish do the same by default).
+"""
+
+from __future__ import annotations
+
+import re
+
+from edge.config import Site
+
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+VARIANT_SEPARATOR = "\n"   # never appears in a request target, so keys cannot collide
+
+
+def _normalise_escape(match: re.Match[str]) -> str:
+    byte = int(match.group(1), 16)
+    return chr(byte) if byte in _UNRESERVED else "%" + match.group(1).upper()
+
+
+def normalise_target(raw_target: str) -> str:
+    """RFC 3986 6.2.2.1/6.2.2.2 normalisation of an origin-form request target."""
+    if "%" not in raw_target:
+        return raw_target
+    return _PERCENT.sub(_normalise_escape, raw_target)
+
+
+def cache_key(site: Site, raw_target: str) -> str:
+    """The primary cache key of a request for `raw_target` (path and query) on `site`."""
+    return f"{site.name}|{normalise_target(raw_target)}"
+
+
+def variant_store_key(primary: str, variant: str) -> str:
+    """Where one Vary variant of `primary` is stored (RFC 9111 4.1 secondary key)."""
+    return f"{primary}{VARIANT_SEPARATOR}{variant}"

@@ -1,0 +1,135 @@
+"""Run one node of the topology (origin, L2 parent or L1 edge) until told to stop.
+
+Each node serves traffic on `listen` and its admin app (metrics, health,
+status, purge) on `admin`.  Both sockets are bound before the node reports
+healthy, so a bind failure surfaces as an OSError to the command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from contextlib import AsyncExitStack
+
+from aiohttp import http_parser, web, web_protocol
+from prometheus_client import CollectorRegistry
+
+from edge import admin
+from edge.config import Node, Topology
+from edge.metrics import NodeMetrics
+from edge.proxy import CacheNode, make_app
+from edge.store import DiskStore, MemoryStore, TieredStore
+from edge.upstream.client import UpstreamPool, make_session
+
+log = logging.getLogger("edge.node")
+
+ADMIN_TOKEN_ENV = "EDGE_ADMIN_TOKEN"
+
+
+def accept_extension_methods() -> None:
+    """Parse requests with aiohttp's pure-Python parser, which accepts any method token.
+
+    The C parser (llhttp) answers 400 to methods outside its fixed list, but a
+    proxy must forward extension methods (RFC 9110 9.1), as nginx and Varnish
+    do.  Only the server side is switched; responses from upstreams are still
+    parsed by the C parser.
+    """
+    web_protocol.HttpRequestParser = http_parser.HttpRequestParserPy
+
+
+async def serve(topology: Topology, node: Node, stop: asyncio.Event) -> None:
+    accept_extension_methods()
+    async with AsyncExitStack() as stack:
+        if node.role == "origin":
+            traffic, admin_app = _origin_apps(node)
+        else:
+            cache_node = await _cache_node(topology, node, stack)
+            traffic, admin_app = make_app(cache_node), _cache_admin_app(topology, cache_node)
+        await _listen(stack, traffic, node.listen.host, node.listen.port, access_log=True)
+        await _listen(stack, admin_app, node.admin.host, node.admin.port, access_log=False)
+        log.info("%s (%s) serving traffic on %s, admin on %s", node.name, node.role, node.listen, node.admin)
+        await stop.wait()
+        log.info("%s stopping", node.name)
+
+
+# nginx's "combined" plus the cache status; written only at --log-level INFO or lower.
+ACCESS_LOG_FORMAT = '%a "%r" %s %b "%{Referer}i" "%{User-Agent}i" %{X-Cache}o %Tf'
+
+
+async def _listen(stack: AsyncExitStack, app: web.Application, host: str, port: int, access_log: bool) -> None:
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0,
+                           access_log=logging.getLogger("edge.access") if access_log else None,
+                           access_log_format=ACCESS_LOG_FORMAT)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    await web.TCPSite(runner, host, port, backlog=1024).start()
+
+
+def _origin_apps(node: Node) -> tuple[web.Application, web.Application]:
+    from origin.app import make_app as make_origin_app
+    registry = CollectorRegistry()
+    traffic = make_origin_app(node.content_dir, node.content_cache_control, registry)
+    health = lambda: {"status": "ok", "node": node.name, "role": node.role}  # noqa: E731
+    return traffic, admin.make_admin_app(registry, health)
+
+
+async def _cache_node(topology: Topology, node: Node, stack: AsyncExitStack) -> CacheNode:
+    registry = CollectorRegistry()
+    metrics = NodeMetrics(registry, node.name)
+    memory = MemoryStore(node.memory_size, min(node.memory_object_max, node.memory_size))
+    disk = DiskStore(topology.cache_dir(node), node.disk_size)
+    store = TieredStore(memory, disk)
+    await store.start()
+    stack.push_async_callback(store.close)
+    metrics.watch_store(store.tiers)
+
+    session = make_session(node.parent_policy.timeout)
+    stack.push_async_callback(session.close)
+    upstreams = UpstreamPool(topology, node, session, metrics)
+    await upstreams.start()
+    stack.push_async_callback(upstreams.close)
+    cache_node = CacheNode(topology, node, store, upstreams, metrics)
+    stack.push_async_callback(cache_node.close)
+    return cache_node
+
+
+def _cache_admin_app(topology: Topology, cache_node: CacheNode) -> web.Application:
+    node = cache_node.node
+    started = time.time()
+
+    def health() -> dict:
+        return {
+            "status": "ok", "node": node.name, "role": node.role,
+            "inflight": cache_node.inflight, "max_inflight": node.max_inflight,
+            "overloaded": cache_node.inflight > node.max_inflight,
+        }
+
+    async def status(request: web.Request) -> web.Response:
+        store = cache_node.store
+        return web.json_response({
+            **health(),
+            "uptime_seconds": round(time.time() - started, 3),
+            "tiers": [{"tier": t.name, "objects": t.objects, "bytes": t.bytes, "evictions": t.evictions}
+                      for t in store.tiers()],
+            "parents": cache_node.upstreams.health.state() if node.parents else {},
+            "fetches_in_flight": len(cache_node.flights),
+        })
+
+    async def purge(request: web.Request) -> web.Response:
+        """POST /purge?url=http://www.example.com/path removes that URL from this node."""
+        url = request.query.get("url", "")
+        if "://" not in url:
+            raise web.HTTPBadRequest(text="give ?url=http://HOST/PATH\n")
+        rest = url.split("://", 1)[1]
+        host, slash, path = rest.partition("/")
+        site = topology.site_for_host(host)
+        if site is None:
+            raise web.HTTPNotFound(text=f"no site serves {host!r}\n")
+        removed = await cache_node.purge(site, "/" + path if slash else "/")
+        return web.json_response({"url": url, "purged": removed}, status=200 if removed else 404)
+
+    token = os.environ.get(ADMIN_TOKEN_ENV)
+    routes = [web.get("/status", status), web.post("/purge", admin.require_token(token, purge))]
+    return admin.make_admin_app(cache_node.metrics.registry, health, routes)

@@ -1,0 +1,72 @@
+"""Request coalescing: one fetch per cache key in flight.
+
+While a leader fetches a key, followers await the leader's outcome (a
+future, no polling) and then act on it: read the stored object, fetch on
+their own when the response was not storable, or fall back to a stale copy
+or the error when the fetch failed.  groupcache's singleflight, adapted to
+a cache where the leader also streams to its own client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+
+
+class Outcome(enum.Enum):
+    STORED = "stored"            # the store now holds a response for the key
+    NOT_STORED = "not-stored"    # the response was not storable (or did not fit)
+    FAILED = "failed"            # the upstream could not be reached or answered 5xx
+
+
+class Flight:
+    """A leader's registration; `finish` must be called exactly once (it is idempotent)."""
+
+    def __init__(self, flights: Coalescer, key: str, future: asyncio.Future[Outcome]):
+        self._flights, self.key, self._future = flights, key, future
+
+    def finish(self, outcome: Outcome) -> None:
+        self._flights._finish(self.key, self._future, outcome)
+
+    @property
+    def followers(self) -> bool:
+        return self._flights._waiters.get(self.key, 0) > 0
+
+
+class Coalescer:
+    def __init__(self) -> None:
+        self._inflight: dict[str, asyncio.Future[Outcome]] = {}
+        self._waiters: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    def lead(self, key: str) -> Flight | None:
+        """Become the leader for `key`, or None if a fetch for it is already in flight."""
+        if key in self._inflight:
+            return None
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        return Flight(self, key, future)
+
+    async def wait(self, key: str) -> Outcome | None:
+        """Wait for the fetch in flight for `key`; None if there is none."""
+        future = self._inflight.get(key)
+        if future is None:
+            return None
+        self._waiters[key] = self._waiters.get(key, 0) + 1
+        try:
+            # shield: a follower that goes away must not cancel the leader's future
+            return await asyncio.shield(future)
+        finally:
+            remaining = self._waiters[key] - 1
+            if remaining:
+                self._waiters[key] = remaining
+            else:
+                del self._waiters[key]
+
+    def _finish(self, key: str, future: asyncio.Future[Outcome], outcome: Outcome) -> None:
+        if self._inflight.get(key) is future:
+            del self._inflight[key]
+        if not future.done():
+            future.set_result(outcome)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install everything the tests need, from scratch, and run them.
+#   Debian packages: curl and dig (dnsutils) drive the nodes as an operator
+#   would; promtool (prometheus) checks the metrics exposition.
+#   Python: a virtualenv in .venv with the package and its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v dig >/dev/null 2>&1 || missing+=(dnsutils)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+if ((${#missing[@]})); then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    # policy-rc.d 101: install the packages without starting their services
+    # (the prometheus package would otherwise start a server).
+    created_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+        $sudo chmod +x /usr/sbin/policy-rc.d
+        created_policy=1
+    fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    [ -z "$created_policy" ] || $sudo rm -f /usr/sbin/policy-rc.d
+fi
+
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[test]'
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,236 @@
+"""One cache node in front of the origin, as real processes on 127.0.31.x.
+
+Each test uses its own URLs, so they share one origin and one node.  The
+origin's X-Origin-Hits header is the proof of offload: a response that still
+says 1 after several requests came from the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+
+import aiohttp
+import pytest
+
+from tests.cluster import Cluster
+
+HOST = {"Host": "www.example.com"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster.create(tmp_path_factory.mktemp("cache-node"), "31", l1=1)
+    try:
+        c.start("origin", "l1-1")
+        yield c
+    finally:
+        c.stop_all()
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+def unique(path: str = "obj") -> str:
+    return f"/gen/{path}-{uuid.uuid4().hex[:12]}"
+
+
+async def get(http, url, method="GET", headers=None, **kw):
+    async with http.request(method, url, headers={**HOST, **(headers or {})}, allow_redirects=False, **kw) as r:
+        return r.status, r.headers, await r.read()
+
+
+async def test_miss_then_hit_origin_counted_once(cluster, http):
+    url = cluster.url("l1-1", unique() + "?size=5000&cc=max-age=60")
+    status, h1, body1 = await get(http, url)
+    assert (status, h1["X-Cache"], h1["X-Origin-Hits"]) == (200, "MISS", "1")
+    status, h2, body2 = await get(http, url)
+    assert (status, h2["X-Cache"], h2["X-Origin-Hits"]) == (200, "HIT", "1")
+    assert body1 == body2 and len(body2) == 5000
+    assert "l1-1; hit" in h2["Cache-Status"]
+    assert "fwd=uri-miss" in h1["Cache-Status"] and "stored" in h1["Cache-Status"]
+    assert "1.1 l1-1" in h2["Via"]
+    assert int(h2["Age"]) >= 0
+
+
+async def test_revalidation_sends_conditional_and_freshens(cluster, http):
+    url = cluster.url("l1-1", unique() + "?cc=max-age=0&etag=1")
+    status, h1, body1 = await get(http, url)
+    assert (status, h1["X-Cache"]) == (200, "MISS")
+    status, h2, body2 = await get(http, url)
+    # The stored copy is stale at once: the node asked with If-None-Match, the origin said 304.
+    assert (status, h2["X-Cache"], h2["X-Origin-Conditional"], h2["X-Origin-Hits"]) == (200, "REVALIDATED", "1", "2")
+    assert "fwd=stale" in h2["Cache-Status"] and "fwd-status=304" in h2["Cache-Status"]
+    assert body2 == body1
+
+
+async def test_vary_keeps_variants_apart(cluster, http):
+    url = cluster.url("l1-1", unique() + "?cc=max-age=60&vary=Accept-Language")
+    _, g1, en = await get(http, url, headers={"Accept-Language": "en"})
+    _, f1, fr = await get(http, url, headers={"Accept-Language": "fr"})
+    assert g1["X-Cache"] == "MISS" and f1["X-Cache"] == "MISS"
+    assert "vary-miss" in f1["Cache-Status"]
+    assert en != fr
+    _, g2, en2 = await get(http, url, headers={"Accept-Language": "en"})
+    _, f2, fr2 = await get(http, url, headers={"Accept-Language": "fr"})
+    assert (g2["X-Cache"], en2) == ("HIT", en)
+    assert (f2["X-Cache"], fr2) == ("HIT", fr)
+
+
+async def test_vary_star_never_served_from_cache(cluster, http):
+    url = cluster.url("l1-1", unique() + "?cc=max-age=60&vary=*")
+    _, h1, _ = await get(http, url)
+    _, h2, _ = await get(http, url)
+    assert (h1["X-Cache"], h2["X-Cache"], h2["X-Origin-Hits"]) == ("MISS", "MISS", "2")
+
+
+async def test_hundred_concurrent_cold_requests_reach_origin_once(cluster, http):
+    url = cluster.url("l1-1", unique() + "?cc=max-age=60&delay=300&size=2048")
+    results = await asyncio.gather(*(get(http, url) for _ in range(100)))
+    assert all(status == 200 for status, _, _ in results)
+    assert {h["X-Origin-Hits"] for _, h, _ in results} == {"1"}
+    assert len({body for _, _, body in results}) == 1
+    metrics = cluster.node("l1-1").metrics()
+    waits = [line for line in metrics.splitlines() if line.startswith("edge_coalesced_waits_total")]
+    assert waits and float(waits[0].split()[-1]) >= 99
+
+
+async def test_not_storable_response_lets_waiters_fetch_themselves(cluster, http):
+    url = cluster.url("l1-1", unique() + "?cc=no-store&delay=200")
+    results = await asyncio.gather(*(get(http, url) for _ in range(5)))
+    assert sorted(int(h["X-Origin-Hits"]) for _, h, _ in results) == [1, 2, 3, 4, 5]
+
+
+async def test_no_store_and_private_are_not_cached(cluster, http):
+    for cc in ("no-store", "private,max-age=60"):
+        url = cluster.url("l1-1", unique() + f"?cc={cc}")
+        await get(http, url)
+        _, h, _ = await get(http, url)
+        assert (h["X-Cache"], h["X-Origin-Hits"]) == ("MISS", "2"), cc
+
+
+async def test_cdn_cache_control_overrides_cache_control(cluster, http):
+    url = cluster.url("l1-1", unique() + "?cc=no-store&cdncc=max-age=60")
+    await get(http, url)
+    _, h, _ = await get(http, url)
+    assert (h["X-Cache"], h["X-Origin-Hits"]) == ("HIT", "1")
+
+
+async def test_head_is_served_from_stored_get(cluster, http):
+    url = cluster.url("l1-1", unique() + "?size=3000&cc=max-age=60")
+    await get(http, url)
+    status, h, body = await get(http, url, method="HEAD")
+    assert (status, h["X-Cache"], h["Content-Length"], body) == (200, "HIT", "3000", b"")
+
+
+async def test_client_conditional_answered_from_cache(cluster, http):
+    url = cluster.url("l1-1", unique() + "?cc=max-age=60&etag=1")
+    _, h1, _ = await get(http, url)
+    status, h2, body = await get(http, url, headers={"If-None-Match": h1["ETag"]})
+    assert (status, h2["X-Cache"], body, h2["ETag"]) == (304, "HIT", b"", h1["ETag"])
+
+
+async def test_unsafe_method_invalidates_stored_url(cluster, http):
+    url = cluster.url("l1-1", unique() + "?cc=max-age=60")
+    await get(http, url)
+    _, h, _ = await get(http, url)
+    assert h["X-Cache"] == "HIT"
+    status, hp, _ = await get(http, url, method="POST", data=b"x" * 1000)
+    assert (status, hp["X-Cache"], hp["X-Origin-Method"], hp["X-Origin-Body-Length"]) == (200, "BYPASS", "POST", "1000")
+    _, h3, _ = await get(http, url)
+    assert h3["X-Cache"] == "MISS"
+
+
+async def test_extension_method_is_forwarded(cluster, http):
+    url = cluster.url("l1-1", unique())
+    status, h, _ = await get(http, url, method="FROBNICATE", data=b"hello")
+    assert (status, h["X-Origin-Method"], h["X-Origin-Body-Length"], h["X-Cache"]) == (200, "FROBNICATE", "5", "BYPASS")
+
+
+async def test_via_and_forwarded_for_added(cluster, http):
+    url = cluster.url("l1-1", unique() + "?cc=no-store")
+    _, h, _ = await get(http, url, headers={"X-Forwarded-For": "192.0.2.7"})
+    assert h["X-Origin-Via"] == "1.1 l1-1"
+    assert h["X-Origin-XFF"] == "192.0.2.7, 127.0.0.1"
+
+
+async def test_stale_while_revalidate_serves_stale_and_refreshes(cluster, http):
+    url = cluster.url("l1-1", unique() + "?cc=max-age=0,stale-while-revalidate=60&etag=1")
+    await get(http, url)
+    _, h2, _ = await get(http, url)
+    assert (h2["X-Cache"], h2["X-Origin-Hits"]) == ("UPDATING", "1")
+    # The refresh ran in the background; poll until the origin has seen it.
+    for _ in range(100):
+        _, h, _ = await get(http, cluster.url("origin", url.split(":8080", 1)[1]), method="HEAD")
+        if int(h["X-Origin-Hits"]) >= 3:    # the refresh, plus this HEAD
+            break
+        await asyncio.sleep(0.05)
+    assert int(h["X-Origin-Hits"]) >= 3
+
+
+async def test_unknown_host_refused_never_proxied(cluster, http):
+    url = cluster.url("l1-1", unique())
+    async with http.get(url, headers={"Host": "evil.example.org"}) as r:
+        assert r.status == 421
+        assert "X-Origin-Hits" not in r.headers
+
+
+async def test_host_with_port_and_case_matches_site(cluster, http):
+    url = cluster.url("l1-1", unique() + "?cc=max-age=60")
+    async with http.get(url, headers={"Host": "WWW.Example.COM:8080"}) as r:
+        assert r.status == 200 and r.headers["X-Cache"] == "MISS"
+
+
+async def test_hop_by_hop_headers_stripped_both_ways(cluster, http):
+    url = cluster.url("l1-1", unique() + "?cc=no-store")
+    async with http.get(url, headers={**HOST, "Connection": "keep-alive, X-Secret", "X-Secret": "1",
+                                      "Keep-Alive": "timeout=5"}) as r:
+        assert r.status == 200
+        assert "Keep-Alive" not in r.headers
+
+
+def test_malformed_request_gets_400(cluster):
+    host, port = cluster.node("l1-1").traffic.split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"GARBAGE\x00\x01 / HTTP/9\r\n\r\n")
+        reply = s.recv(4096)
+    assert reply.split(b" ", 2)[1] == b"400"
+    # The node is still serving.
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"GET /gen/after-garbage HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+
+
+async def test_loop_detected_by_own_name_in_via(cluster, http):
+    url = cluster.url("l1-1", unique())
+    status, _, body = await get(http, url, headers={"Via": "1.1 someone, 1.1 l1-1"})
+    assert status == 508 and b"loop" in body
+
+
+async def test_metrics_count_by_cache_status(cluster, http):
+    url = cluster.url("l1-1", unique() + "?cc=max-age=60")
+    await get(http, url)
+    await get(http, url)
+    text = cluster.node("l1-1").metrics()
+    assert 'edge_requests_total{cache_status="HIT",method="GET"}' in text
+    assert 'edge_cache_objects{tier="memory"}' in text
+    assert "edge_upstream_response_seconds_bucket" in text
+    assert "edge_request_duration_seconds_bucket" in text
+
+
+async def test_purge_needs_token(cluster, http):
+    path = unique() + "?cc=max-age=60"
+    url = cluster.url("l1-1", path)
+    await get(http, url)
+    admin = f"http://{cluster.node('l1-1').admin}/purge"
+    target = f"http://www.example.com{path}"
+    async with http.post(admin, params={"url": target}) as r:
+        assert r.status == 401
+    async with http.post(admin, params={"url": target}, headers={"Authorization": "Bearer test-token"}) as r:
+        assert r.status == 200
+    _, h, _ = await get(http, url)
+    assert h["X-Cache"] == "MISS"
