@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import uuid
 
 import aiohttp
@@ -234,3 +235,11 @@ async def test_purge_needs_token(cluster, http):
         assert r.status == 200
     _, h, _ = await get(http, url)
     assert h["X-Cache"] == "MISS"
+
+
+@pytest.mark.parametrize("node", ["l1-1", "origin"])
+async def test_metrics_pass_promtool(cluster, http, node):
+    await get(http, cluster.url("l1-1", unique() + "?cc=max-age=60"))
+    text = cluster.node(node).metrics()
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -11,6 +11,7 @@ answer, not a parent failure, and is passed through.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -179,10 +180,9 @@ def _classify(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return "connection_timeout", str(exc) or "timed out"
     if isinstance(exc, aiohttp.ClientConnectorError):
-        text = str(exc.os_error) if exc.os_error else str(exc)
-        if "refused" in text.lower():
-            return "connection_refused", text
-        return "destination_unavailable", text
+        if exc.os_error is not None and exc.os_error.errno == errno.ECONNREFUSED:
+            return "connection_refused", str(exc.os_error)
+        return "destination_unavailable", str(exc)
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "connection_terminated", "upstream closed the connection"
     return "proxy_internal_error", str(exc) or type(exc).__name__

@@ -1,0 +1,118 @@
+"""The disk tier across restarts, broken cache files, huge objects and a dead origin.
+
+Real processes on 127.0.32.x; each test starts its own nodes because it
+restarts or stops them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.cluster import Cluster
+
+HOST = {"Host": "www.example.com"}
+MiB = 2**20
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster.create(tmp_path, "32", l1=1)
+    try:
+        yield c
+    finally:
+        c.stop_all()
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        yield session
+
+
+async def fetch(http, url, headers=None):
+    digest, size = hashlib.sha256(), 0
+    async with http.get(url, headers={**HOST, **(headers or {})}) as r:
+        async for chunk in r.content.iter_chunked(MiB):
+            digest.update(chunk)
+            size += len(chunk)
+        return r.status, r.headers, size, digest.hexdigest()
+
+
+def body_files(cluster: Cluster, node: str) -> list[Path]:
+    return sorted((cluster.config.parent / "state" / "cache" / node).rglob("*.body"))
+
+
+async def test_restart_keeps_disk_cache_without_origin_contact(cluster, http):
+    cluster.start("origin", "l1-1")
+    path = f"/gen/persist-{uuid.uuid4().hex}?size=20000&cc=max-age=600"
+    vary_path = f"/gen/persist-vary-{uuid.uuid4().hex}?cc=max-age=600&vary=Accept-Language"
+    status, h, size, digest = await fetch(http, cluster.url("l1-1", path))
+    assert (status, h["X-Cache"], size) == (200, "MISS", 20000)
+    _, _, _, fr_digest = await fetch(http, cluster.url("l1-1", vary_path), {"Accept-Language": "fr"})
+    cluster.node("l1-1").stop()
+    cluster.node("origin").stop()              # no origin: a hit must come from disk
+    cluster.start("l1-1")
+    status, h, size, digest2 = await fetch(http, cluster.url("l1-1", path))
+    assert (status, h["X-Cache"], size, digest2) == (200, "HIT", 20000, digest)
+    status, h, _, fr_digest2 = await fetch(http, cluster.url("l1-1", vary_path), {"Accept-Language": "fr"})
+    assert (status, h["X-Cache"], fr_digest2) == (200, "HIT", fr_digest)
+
+
+async def test_corrupt_cache_file_is_a_miss_and_removed(cluster, http):
+    cluster.start("origin", "l1-1")
+    path = f"/gen/corrupt-{uuid.uuid4().hex}?size=30000&cc=max-age=600"
+    status, h, _, digest = await fetch(http, cluster.url("l1-1", path))
+    assert h["X-Origin-Hits"] == "1"
+    cluster.node("l1-1").stop()
+    (body,) = body_files(cluster, "l1-1")
+    body.write_bytes(body.read_bytes()[:1000])     # truncated, as after a crash mid-write
+    cluster.start("l1-1")
+    status, h, size, digest2 = await fetch(http, cluster.url("l1-1", path))
+    assert (status, h["X-Cache"], h["X-Origin-Hits"], size, digest2) == (200, "MISS", "2", 30000, digest)
+    status, h, _, _ = await fetch(http, cluster.url("l1-1", path))
+    assert h["X-Cache"] == "HIT"
+
+
+async def test_garbage_meta_file_is_a_miss(cluster, http):
+    cluster.start("origin", "l1-1")
+    path = f"/gen/garbage-{uuid.uuid4().hex}?size=100&cc=max-age=600"
+    await fetch(http, cluster.url("l1-1", path))
+    cluster.node("l1-1").stop()
+    (body,) = body_files(cluster, "l1-1")
+    body.with_suffix(".meta").write_bytes(b"\x00not json at all")
+    cluster.start("l1-1")
+    status, h, size, _ = await fetch(http, cluster.url("l1-1", path))
+    assert (status, h["X-Cache"], h["X-Origin-Hits"], size) == (200, "MISS", "2", 100)
+
+
+async def test_200_mib_object_streams_with_small_memory(cluster, http):
+    cluster.start("origin", "l1-1")
+    node = cluster.node("l1-1")
+    before = node.peak_rss()
+    path = f"/gen/huge-{uuid.uuid4().hex}?size={200 * MiB}&cc=max-age=600"
+    status, h, size, digest = await fetch(http, cluster.url("l1-1", path))
+    assert (status, h["X-Cache"], size) == (200, "MISS", 200 * MiB)
+    status, h, size, digest2 = await fetch(http, cluster.url("l1-1", path))
+    assert (status, h["X-Cache"], size, digest2) == (200, "HIT", 200 * MiB, digest)
+    growth = node.peak_rss() - before
+    # Far below the object size: the body only ever passes through in chunks.
+    assert growth < 48 * MiB, f"peak RSS grew by {growth / MiB:.1f} MiB for a 200 MiB object"
+
+
+async def test_stale_if_error_serves_stale_when_origin_is_down(cluster, http):
+    cluster.start("origin", "l1-1")
+    ok_path = f"/gen/sie-{uuid.uuid4().hex}?cc=max-age=0,stale-if-error=600&etag=1"
+    no_path = f"/gen/nosie-{uuid.uuid4().hex}?cc=max-age=0&etag=1"
+    _, _, _, digest = await fetch(http, cluster.url("l1-1", ok_path))
+    await fetch(http, cluster.url("l1-1", no_path))
+    cluster.node("origin").stop()
+    status, h, _, digest2 = await fetch(http, cluster.url("l1-1", ok_path))
+    assert (status, h["X-Cache"], digest2) == (200, "STALE", digest)
+    assert "stale-if-error" in h["Cache-Status"]
+    status, h, _, _ = await fetch(http, cluster.url("l1-1", no_path))
+    assert status == 502 and "error=connection_refused" in h["Proxy-Status"]
