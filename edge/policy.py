@@ -1,0 +1,1031 @@
+"""HTTP caching policy for a shared cache: pure decisions, no I/O, no clock.
+
+Everything the proxy needs to know about RFC 9111 (HTTP Caching), the parts of
+RFC 9110 (HTTP Semantics) a cache evaluates, RFC 5861 (stale-while-revalidate,
+stale-if-error), RFC 9213 (CDN-Cache-Control) and RFC 9211 (Cache-Status)
+lives here as functions of their inputs.  Times (`now`, `request_time`,
+`response_time`) are float Unix seconds passed in by the caller, so every rule
+is tested with a fixed clock.
+
+Headers may be a ``multidict.CIMultiDict``/``CIMultiDictProxy`` (what aiohttp
+hands out; repeated fields are combined), a plain ``dict`` (looked up
+case-insensitively) or a sequence of ``(name, value)`` pairs (what
+:func:`freshen` returns).
+
+This is a *shared* cache (RFC 9111 section 1: a CDN node), so ``private`` and
+``s-maxage`` are read the way a shared cache must read them.  Choices where
+the RFCs leave room, and the reason for each:
+
+* HEAD responses are never stored: they have no content, and the proxy can
+  answer HEAD from a stored GET response (RFC 9110 section 9.3.2).
+* 206 (Partial Content) is never stored: RFC 9111 section 3.3 allows it only
+  for a cache that combines ranges (section 3.4); this one stores complete
+  responses and cuts ranges out of them.
+* ``Vary: *`` is never stored: RFC 9111 section 4.1 says such a response
+  always fails to match, so storing it only evicts useful objects.
+* ``Set-Cookie`` responses are never stored (Varnish's and nginx's default):
+  replaying one visitor's cookie to every other visitor is the classic CDN
+  data leak.  Origins set cookies on uncached paths, or drop them.
+* 401 and 407 are never stored: they depend on credentials that are not part
+  of the cache key.
+* A response that could never be reused without going to the origin anyway
+  (zero freshness, no validator, no stale-while-revalidate/stale-if-error
+  window) is not stored (reason ``zero-ttl``).  RFC 9111 section 3 notes that
+  caches "will not store a response that has neither a cache validator nor an
+  explicit expiration time"; storing it would only cost a write and evict a
+  useful object.  A heuristically cacheable status with a validator is stored
+  even with zero heuristic lifetime: a 304 is cheaper than a refetch.
+* Qualified ``private="..."`` and ``no-cache="..."`` are treated like the
+  unqualified directives (stricter than RFC 9111 sections 5.2.2.4/5.2.2.7
+  require, and what Varnish does).
+* The request's own Cache-Control (``no-cache``, ``max-age=0``, ``Pragma``) is
+  ignored by :func:`decide`, as nginx and Varnish do, so that clients cannot
+  force traffic to the origin.  A request ``no-store`` only stops storing.
+* Heuristic freshness is 10% of (Date - Last-Modified), capped at 24 hours:
+  RFC 7234 section 4.2.2 required a warning beyond 24 h, so caches settled on
+  that bound and RFC 9111 section 4.2.2 keeps "10%" as the typical fraction.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timezone
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urldefrag, urljoin, urlsplit
+
+Headers = Mapping[str, str] | Sequence[tuple[str, str]]
+
+__all__ = [
+    "Action", "Decision", "HEURISTIC_STATUSES", "UNDERSTOOD_STATUSES",
+    "age_value", "cache_status_entry", "client_not_modified", "conditional_headers",
+    "current_age", "decide", "effective_cache_control", "freshen", "freshness_lifetime",
+    "invalidation_targets", "parse_cache_control", "parse_http_date", "stale_if_error_allowed",
+    "storable", "variant_key", "vary_names",
+]
+
+# RFC 9110 section 15.1: statuses whose responses are heuristically cacheable.
+HEURISTIC_STATUSES = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
+
+# Final statuses this cache "understands" (RFC 9111 section 3: recognises and
+# implements all caching-related behaviour): those of RFC 9110 section 15 plus
+# RFC 6585 (428, 429, 431, 511) and RFC 7725 (451).  Left out on purpose: 206
+# (see module docstring), 304 (updates a stored response, section 4.3.4; it is
+# never stored itself), 401 and 407 (credential-specific).
+UNDERSTOOD_STATUSES = frozenset({
+    200, 201, 202, 203, 204, 205,
+    300, 301, 302, 303, 305, 307, 308,
+    400, 402, 403, 404, 405, 406, 408, 409, 410, 411, 412, 413, 414, 415, 416, 417,
+    421, 422, 426, 428, 429, 431, 451,
+    500, 501, 502, 503, 504, 505, 511,
+})
+
+# RFC 9111 section 1.2.2: delta-seconds overflow is treated as 2^31.
+DELTA_SECONDS_MAX = 2**31
+HEURISTIC_FRACTION = 0.1
+HEURISTIC_CAP = 24 * 3600.0
+
+# RFC 9110 section 7.6.1 (hop-by-hop) and RFC 9111 section 3.1 (proxy-specific).
+_HOP_BY_HOP = frozenset({
+    "connection", "proxy-connection", "keep-alive", "te", "transfer-encoding", "upgrade",
+    "trailer", "proxy-authenticate", "proxy-authentication-info", "proxy-authorization",
+})
+# RFC 9111 section 3.2: never updated from a 304.  Content-Range is
+# "automatically processed and removed", Content-Length describes our stored body.
+_NOT_UPDATED = _HOP_BY_HOP | {"content-length", "content-range"}
+# RFC 9110 section 9.2.1.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# RFC 9110 sections 12.5.2-12.5.4: values compared case-insensitively.
+_CASE_INSENSITIVE_FIELDS = frozenset({"accept-encoding", "accept-charset", "accept-language"})
+_REVALIDATE_DIRECTIVES = ("must-revalidate", "proxy-revalidate", "s-maxage")
+
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789"
+                   "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_SF_TOKEN = re.compile(r"[A-Za-z*][!#$%&'*+\-.^_`|~0-9A-Za-z:/]*\Z")
+_WS_AROUND_SEPARATOR = re.compile(r"[ \t]*([,;])[ \t]*")
+_WS_RUN = re.compile(r"[ \t]+")
+
+
+# --------------------------------------------------------------------------- fields
+
+
+def _field(headers: Headers, name: str) -> str | None:
+    """The value of field `name`, repeated lines joined with ", " (RFC 9110 section 5.3).
+
+    None when absent; an empty string when present but empty.
+    """
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        values = getall(name, ())
+        if not values:
+            return None
+        return values[0] if len(values) == 1 else ", ".join(values)
+    lname = name.lower()
+    if isinstance(headers, Mapping):
+        value = headers.get(name)
+        if value is not None:
+            return value
+        for key, value in headers.items():
+            if key.lower() == lname:
+                return value
+        return None
+    found = [value for key, value in headers if key.lower() == lname]
+    return ", ".join(found) if found else None
+
+
+def _pairs(headers: Headers) -> Iterable[tuple[str, str]]:
+    """Every (name, value) line of a multidict, dict or pair sequence, in order."""
+    if isinstance(headers, Mapping) or hasattr(headers, "getall"):
+        return headers.items()
+    return headers
+
+
+def _split_list(value: str, quoted_pairs: bool = True) -> list[str]:
+    """Split a list-based field at commas outside quoted strings (RFC 9110 section 5.6.1).
+
+    `quoted_pairs` False for entity tags, whose quotes hold no escapes
+    (RFC 9110 section 8.8.3: a backslash is an ordinary etagc).
+    """
+    if '"' not in value:
+        return value.split(",")
+    members: list[str] = []
+    start, in_quotes, escaped = 0, False, False
+    for index, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif in_quotes and quoted_pairs and char == "\\":
+            escaped = True
+        elif char == '"':
+            in_quotes = not in_quotes
+        elif char == "," and not in_quotes:
+            members.append(value[start:index])
+            start = index + 1
+    members.append(value[start:])
+    return members
+
+
+def _unquote(value: str) -> str | None:
+    """The content of an RFC 9110 section 5.6.4 quoted-string, or None if malformed."""
+    if len(value) < 2 or value[-1] != '"':
+        return None
+    out: list[str] = []
+    escaped = False
+    for char in value[1:-1]:
+        if escaped:
+            out.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            return None
+        else:
+            out.append(char)
+    return None if escaped else "".join(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_http_date(value: str | None) -> float | None:
+    """An HTTP-date (RFC 9110 section 5.6.7: IMF-fixdate, rfc850-date, asctime-date)
+    as Unix seconds; None when absent or invalid.
+
+    Recipients "MUST accept all three HTTP-date formats"; dates without a zone
+    are read as GMT, which is what every HTTP-date means.  The parser is
+    lenient about layout (servers vary), but a value with more than one comma
+    is a list of dates, never one (RFC 9110 section 13.1.3 ignores such an
+    If-Modified-Since).
+    """
+    if not value or value.count(",") > 1:
+        return None
+    try:
+        parsed = parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    try:
+        return parsed.timestamp()
+    except (OverflowError, ValueError, OSError):
+        return None
+
+
+def _delta_seconds(value: str | None) -> int | None:
+    """RFC 9111 section 1.2.2 delta-seconds: 1*DIGIT, overflow reads as 2^31; else None."""
+    if not value or not value.isascii() or not value.isdigit():
+        return None
+    return min(int(value), DELTA_SECONDS_MAX)
+
+
+# --------------------------------------------------------------------------- Cache-Control
+
+
+@functools.lru_cache(maxsize=2048)
+def _parse_cache_control(value: str) -> dict[str, str | None]:
+    directives: dict[str, str | None] = {}
+    for member in _split_list(value):
+        name, equals, argument = member.partition("=")
+        name = name.strip(" \t").lower()
+        if not name or not all(char in _TCHAR for char in name):
+            continue                                # garbage: ignore this directive
+        if name in directives:
+            continue                                # RFC 9111 section 4.2.1: first wins
+        if not equals:
+            directives[name] = None
+            continue
+        argument = argument.strip(" \t")
+        if argument.startswith('"'):
+            unquoted = _unquote(argument)
+            if unquoted is None:
+                continue                            # unterminated quoted-string: ignore
+            directives[name] = unquoted
+        else:
+            # A malformed token is kept as is: `max-age=6 0` then reads as an
+            # invalid value (stale), which is safer than ignoring the directive.
+            directives[name] = argument
+    return directives
+
+
+def parse_cache_control(value: str | None) -> dict[str, str | None]:
+    """Parse a Cache-Control field value (RFC 9111 section 5.2).
+
+    ``cache-directive = token [ "=" ( token / quoted-string ) ]``.  Names are
+    lower-cased, quoted-string arguments unquoted, a directive without an
+    argument maps to None.  Duplicates: the first occurrence wins (RFC 9111
+    section 4.2.1, "the first occurrence should be used").  Malformed members
+    are ignored; this never raises.  Returns a new dict the caller may modify.
+    """
+    return dict(_parse_cache_control(value)) if value else {}
+
+
+class _StructuredFieldError(ValueError):
+    pass
+
+
+_SF_KEY_FIRST = frozenset("abcdefghijklmnopqrstuvwxyz*")
+_SF_KEY_CHARS = _SF_KEY_FIRST | frozenset("0123456789_-.")
+_SF_TOKEN_CHARS = _TCHAR | {":", "/"}
+_BASE64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+_INVALID_VALUE = ""          # a byte sequence or inner list: no cache directive takes one
+
+
+class _SFParser:
+    """The subset of RFC 8941 section 4.2 needed to read a Dictionary field.
+
+    Members map to cache-directive values as RFC 9213 section 2.1 prescribes:
+    Boolean true is a bare directive (None), false is absent, Integers,
+    Decimals, Strings and Tokens become their text; parameters are ignored.
+    """
+
+    def __init__(self, text: str):
+        self.text, self.pos = text, 0
+
+    def fail(self) -> _StructuredFieldError:
+        return _StructuredFieldError(f"invalid structured field at {self.pos}")
+
+    def peek(self) -> str:
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def skip(self, chars: str) -> None:
+        while self.pos < len(self.text) and self.text[self.pos] in chars:
+            self.pos += 1
+
+    def dictionary(self) -> dict[str, Any]:
+        """RFC 8941 section 4.2.2; duplicate keys: the last wins (section 3.2)."""
+        members: dict[str, Any] = {}
+        self.skip(" ")
+        while self.pos < len(self.text):
+            key = self.key()
+            if self.peek() == "=":
+                self.pos += 1
+                value = self.item_or_inner_list()
+            else:
+                value = True
+                self.parameters()
+            members[key] = value
+            self.skip(" \t")
+            if self.pos == len(self.text):
+                return members
+            if self.peek() != ",":
+                raise self.fail()
+            self.pos += 1
+            self.skip(" \t")
+            if self.pos == len(self.text):
+                raise self.fail()                   # trailing comma
+        return members
+
+    def key(self) -> str:
+        if not self.peek() or self.peek() not in _SF_KEY_FIRST:
+            raise self.fail()
+        start = self.pos
+        self.skip_set(_SF_KEY_CHARS)
+        return self.text[start:self.pos]
+
+    def skip_set(self, allowed: frozenset[str]) -> None:
+        while self.pos < len(self.text) and self.text[self.pos] in allowed:
+            self.pos += 1
+
+    def parameters(self) -> None:
+        while self.peek() == ";":
+            self.pos += 1
+            self.skip(" ")
+            self.key()
+            if self.peek() == "=":
+                self.pos += 1
+                self.bare_item()
+
+    def item_or_inner_list(self) -> Any:
+        if self.peek() != "(":
+            value = self.bare_item()
+            self.parameters()
+            return value
+        self.pos += 1
+        while True:
+            self.skip(" ")
+            if self.peek() == ")":
+                self.pos += 1
+                self.parameters()
+                return _INVALID_VALUE
+            self.bare_item()
+            self.parameters()
+            if self.peek() not in (" ", ")"):
+                raise self.fail()
+
+    def bare_item(self) -> Any:
+        char = self.peek()
+        if char == "-" or char.isdigit():
+            return self.number()
+        if char == '"':
+            return self.string()
+        if char == "*" or (char.isascii() and char.isalpha()):
+            start = self.pos
+            self.pos += 1
+            self.skip_set(_SF_TOKEN_CHARS)
+            return self.text[start:self.pos]
+        if char == ":":
+            end = self.text.find(":", self.pos + 1)
+            if end < 0 or not set(self.text[self.pos + 1:end]) <= _BASE64_CHARS:
+                raise self.fail()
+            self.pos = end + 1
+            return _INVALID_VALUE
+        if char == "?":
+            flag = self.text[self.pos + 1:self.pos + 2]
+            if flag not in ("0", "1"):
+                raise self.fail()
+            self.pos += 2
+            return flag == "1"
+        raise self.fail()
+
+    def number(self) -> str:
+        """RFC 8941 section 4.2.4; returns the text (max-age=1.5 then reads as invalid)."""
+        start = self.pos
+        if self.peek() == "-":
+            self.pos += 1
+        digits_start = self.pos
+        self.skip("0123456789")
+        integer_digits = self.pos - digits_start
+        if integer_digits == 0:
+            raise self.fail()
+        if self.peek() == ".":
+            self.pos += 1
+            fraction_start = self.pos
+            self.skip("0123456789")
+            if integer_digits > 12 or not 1 <= self.pos - fraction_start <= 3:
+                raise self.fail()
+        elif integer_digits > 15:
+            raise self.fail()
+        text = self.text[start:self.pos]
+        return text if "." in text else str(int(text))
+
+    def string(self) -> str:
+        out: list[str] = []
+        self.pos += 1
+        while self.pos < len(self.text):
+            char = self.text[self.pos]
+            self.pos += 1
+            if char == "\\":
+                escaped = self.peek()
+                if escaped not in ('"', "\\") or not escaped:
+                    raise self.fail()
+                out.append(escaped)
+                self.pos += 1
+            elif char == '"':
+                return "".join(out)
+            elif not " " <= char <= "~":
+                raise self.fail()
+            else:
+                out.append(char)
+        raise self.fail()
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_targeted(value: str) -> dict[str, str | None] | None:
+    """A targeted field (RFC 9213 section 2.1) as directives; None when empty or invalid."""
+    try:
+        members = _SFParser(value.strip(" \t")).dictionary()
+    except _StructuredFieldError:
+        return None
+    if not members:
+        return None
+    directives: dict[str, str | None] = {}
+    for name, member in members.items():
+        if member is True:
+            directives[name] = None
+        elif member is not False:
+            directives[name] = member
+    return directives
+
+
+def _policy(resp_headers: Headers) -> tuple[dict[str, str | None], bool]:
+    """The directives this cache obeys and whether they came from CDN-Cache-Control.
+
+    Shared, cached dicts: callers in this module never modify them.
+    """
+    targeted = _field(resp_headers, "cdn-cache-control")
+    if targeted is not None:
+        directives = _parse_targeted(targeted)
+        if directives is not None:
+            return directives, True
+    value = _field(resp_headers, "cache-control")
+    return (_parse_cache_control(value) if value else {}), False
+
+
+def effective_cache_control(resp_headers: Headers) -> dict[str, str | None]:
+    """The response directives that govern this (CDN) cache.
+
+    RFC 9213 section 2.2: a cache with CDN-Cache-Control on its target list
+    "MUST select the first ... field with a valid, non-empty value and use its
+    value to determine the caching policy for the response, and it MUST ignore
+    the Cache-Control and Expires header fields in that response".  The field
+    is a Structured Fields Dictionary (section 2.1); when empty or unparsable
+    it "MUST be ignored", and Cache-Control applies.
+    """
+    return dict(_policy(resp_headers)[0])
+
+
+# --------------------------------------------------------------------------- storing
+
+
+def _has_validator(resp_headers: Headers) -> bool:
+    return _field(resp_headers, "etag") is not None or _field(resp_headers, "last-modified") is not None
+
+
+def _window(directives: Mapping[str, str | None], name: str) -> int | None:
+    return _delta_seconds(directives[name]) if name in directives else None
+
+
+def storable(method: str, status: int, req_headers: Headers, resp_headers: Headers) -> tuple[bool, str]:
+    """May this shared cache store the response?  RFC 9111 section 3.
+
+    Returns ``(True, basis)`` with basis ``explicit``, ``public`` or
+    ``heuristic``, or ``(False, reason)`` with reason one of ``method``,
+    ``status``, ``partial``, ``no-store``, ``private``, ``authorization``,
+    ``vary-star``, ``set-cookie``, ``no-freshness`` or ``zero-ttl``: short
+    tokens for a Cache-Status ``detail``.
+
+    Section 3: "A cache MUST NOT store a response to a request unless: the
+    request method is understood by the cache; the response status code is
+    final; ... the no-store cache directive is not present in the response;
+    if the cache is shared: the private response directive is either not
+    present ...; if the cache is shared: the Authorization header field is not
+    present in the request ... or a response directive is present that
+    explicitly allows shared caching (see Section 3.5); and the response
+    contains at least one of: a public response directive; an Expires header
+    field; a max-age response directive; if the cache is shared: an s-maxage
+    response directive; ... a status code that is defined as heuristically
+    cacheable".  Section 3.5 names must-revalidate, public and s-maxage.
+    Section 5.2.1.5: a request no-store means "a cache MUST NOT store any part
+    of either this request or any response to it".  Section 5.2.2.3: with
+    must-understand and a status the cache understands, no-store is ignored.
+    The directives come from :func:`effective_cache_control` (RFC 9213).
+    """
+    if method != "GET":
+        return False, "method"
+    if status == 206:
+        return False, "partial"
+    if status not in UNDERSTOOD_STATUSES:
+        return False, "status"
+    request_cache_control = _field(req_headers, "cache-control")
+    if request_cache_control and "no-store" in _parse_cache_control(request_cache_control):
+        return False, "no-store"
+    directives, targeted = _policy(resp_headers)
+    if "no-store" in directives and "must-understand" not in directives:
+        return False, "no-store"
+    if "private" in directives:
+        return False, "private"
+    if (_field(req_headers, "authorization") is not None
+            and not any(name in directives for name in ("must-revalidate", "public", "s-maxage"))):
+        return False, "authorization"
+    if vary_names(resp_headers) is None:
+        return False, "vary-star"
+    if _field(resp_headers, "set-cookie") is not None:
+        return False, "set-cookie"
+    if ("max-age" in directives or "s-maxage" in directives
+            or (not targeted and _field(resp_headers, "expires") is not None)):
+        basis = "explicit"
+    elif "public" in directives:
+        basis = "public"
+    elif status in HEURISTIC_STATUSES:
+        basis = "heuristic"
+    else:
+        return False, "no-freshness"
+    if not _reusable(directives, resp_headers, freshness_lifetime(resp_headers, status=status)):
+        return False, "zero-ttl"
+    return True, basis
+
+
+def _reusable(directives: Mapping[str, str | None], resp_headers: Headers, lifetime: float) -> bool:
+    """Could a stored copy ever answer a request without a full refetch?"""
+    if _has_validator(resp_headers):
+        return True                                 # a 304 beats a refetch
+    if "no-cache" in directives:
+        return False
+    if lifetime > 0:
+        return True
+    if any(name in directives for name in _REVALIDATE_DIRECTIVES):
+        return False                                # no stale serving allowed
+    return bool(_window(directives, "stale-while-revalidate") or _window(directives, "stale-if-error"))
+
+
+# --------------------------------------------------------------------------- freshness and age
+
+
+def freshness_lifetime(resp_headers: Headers, *, status: int | None = None,
+                       response_time: float | None = None) -> float:
+    """Seconds the response is fresh for, from its own headers.  RFC 9111 section 4.2.1.
+
+    "A cache can calculate the freshness lifetime ... by evaluating the
+    following rules and using the first match: If the cache is shared and the
+    s-maxage response directive is present, use its value, or If the max-age
+    response directive is present, use its value, or If the Expires response
+    header field is present, use its value minus the value of the Date
+    response header field (using the time the message was received if it is
+    not present ...), or Otherwise, no explicit expiration time is present in
+    the response.  A heuristic freshness lifetime might be applicable".
+
+    An invalid s-maxage/max-age value or Expires date makes the response stale
+    (section 4.2.1: caches "are encouraged to consider responses that have
+    invalid freshness information ... to be stale"; section 5.3: "A cache
+    recipient MUST interpret invalid date formats, especially the value "0",
+    as representing a time in the past").  Directives come from
+    :func:`effective_cache_control`; with CDN-Cache-Control, Expires is ignored
+    (RFC 9213 section 2.2).
+
+    Heuristic (section 4.2.2), when no explicit time is present and the status
+    is heuristically cacheable (RFC 9110 section 15.1) or the response is
+    ``public``: 10% of (Date - Last-Modified), at most 24 hours.  `status`
+    None means "already known storable" (a stored response).  `response_time`
+    stands in for a missing Date; without either, the lifetime is 0.
+    """
+    directives, targeted = _policy(resp_headers)
+    for name in ("s-maxage", "max-age"):
+        if name in directives:
+            return float(_delta_seconds(directives[name]) or 0)
+    date = parse_http_date(_field(resp_headers, "date"))
+    if date is None:
+        date = response_time
+    if not targeted:
+        expires_value = _field(resp_headers, "expires")
+        if expires_value is not None:
+            expires = parse_http_date(expires_value)
+            if expires is None or date is None:
+                return 0.0
+            return max(0.0, expires - date)
+    if status is not None and status not in HEURISTIC_STATUSES and "public" not in directives:
+        return 0.0
+    last_modified = parse_http_date(_field(resp_headers, "last-modified"))
+    if date is None or last_modified is None or last_modified >= date:
+        return 0.0
+    return min(HEURISTIC_FRACTION * (date - last_modified), HEURISTIC_CAP)
+
+
+def _age_header(resp_headers: Headers) -> int:
+    """RFC 9111 section 5.1: the first member of Age; an invalid value is ignored (0)."""
+    value = _field(resp_headers, "age")
+    if value is None:
+        return 0
+    return _delta_seconds(value.split(",", 1)[0].strip()) or 0
+
+
+def current_age(resp_headers: Headers, request_time: float, response_time: float, now: float) -> float:
+    """The stored response's age in seconds at `now`.  RFC 9111 section 4.2.3, exactly::
+
+        apparent_age = max(0, response_time - date_value);
+        response_delay = response_time - request_time;
+        corrected_age_value = age_value + response_delay;
+        corrected_initial_age = max(apparent_age, corrected_age_value);
+        resident_time = now - response_time;
+        current_age = corrected_initial_age + resident_time;
+
+    `request_time` is when the request that produced the stored response was
+    sent, `response_time` when the response was received.  A missing or
+    invalid Date is taken as `response_time` (RFC 9110 section 6.6.1: the
+    recipient records the time it received the message); an invalid Age is
+    ignored.
+    """
+    date_value = parse_http_date(_field(resp_headers, "date"))
+    if date_value is None:
+        date_value = response_time
+    apparent_age = max(0.0, response_time - date_value)
+    response_delay = response_time - request_time
+    corrected_age_value = _age_header(resp_headers) + response_delay
+    corrected_initial_age = max(apparent_age, corrected_age_value)
+    resident_time = now - response_time
+    return corrected_initial_age + resident_time
+
+
+class Action(enum.Enum):
+    """What the proxy does with a stored response (nginx status in brackets)."""
+
+    FRESH = "fresh"                                  # serve it [HIT]
+    STALE_WHILE_REVALIDATE = "stale-while-revalidate"  # serve it, refresh behind [UPDATING]
+    REVALIDATE = "revalidate"                        # conditional request first [REVALIDATED/EXPIRED]
+    FETCH = "fetch"                                  # unusable: full fetch [EXPIRED]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The verdict of :func:`decide`, with the numbers Age and Cache-Status report."""
+
+    action: Action
+    age: float          # current age, seconds (RFC 9111 section 4.2.3)
+    ttl: float          # freshness lifetime - age; negative when stale (RFC 9211 section 2.4)
+    reason: str         # fresh, stale, no-cache, must-revalidate, proxy-revalidate, s-maxage, swr
+
+
+def decide(resp_headers: Headers, request_time: float, response_time: float, now: float) -> Decision:
+    """What to do with a stored response for a new request.  RFC 9111 section 4.
+
+    In order:
+
+    * ``no-cache`` (with or without field names): REVALIDATE.  Section
+      5.2.2.4: "the response MUST NOT be used to satisfy any other request
+      without forwarding it for validation and receiving a successful
+      response"; the qualified form is treated as unqualified.
+    * fresh: FRESH.  Section 4.2: "response_is_fresh = (freshness_lifetime >
+      current_age)".
+    * stale with must-revalidate, proxy-revalidate or s-maxage: REVALIDATE.
+      Section 4.2.4: "A cache MUST NOT generate a stale response if it is
+      prohibited by ... a must-revalidate response directive, or an applicable
+      s-maxage or proxy-revalidate response directive"; section 5.2.2.10:
+      s-maxage "incorporates the semantics of the proxy-revalidate".
+    * stale by at most N seconds with ``stale-while-revalidate=N``:
+      STALE_WHILE_REVALIDATE.  RFC 5861 section 3: caches "MAY serve the
+      response in which it appears after it becomes stale, up to the
+      indicated number of seconds" (the bound is inclusive).
+    * otherwise: REVALIDATE.
+
+    REVALIDATE becomes FETCH when the stored response has no validator (ETag
+    or Last-Modified, section 4.3.1): there is nothing to make the request
+    conditional with.  `reason` still says why it could not be served.  The
+    request's own Cache-Control is deliberately not consulted (see module
+    docstring).
+    """
+    directives, _ = _policy(resp_headers)
+    lifetime = freshness_lifetime(resp_headers, response_time=response_time)
+    age = current_age(resp_headers, request_time, response_time, now)
+    ttl = lifetime - age
+    if "no-cache" in directives:
+        return _revalidate(resp_headers, age, ttl, "no-cache")
+    if ttl > 0:
+        return Decision(Action.FRESH, age, ttl, "fresh")
+    for name in _REVALIDATE_DIRECTIVES:
+        if name in directives:
+            return _revalidate(resp_headers, age, ttl, name)
+    window = _window(directives, "stale-while-revalidate")
+    if window is not None and -ttl <= window:
+        return Decision(Action.STALE_WHILE_REVALIDATE, age, ttl, "swr")
+    return _revalidate(resp_headers, age, ttl, "stale")
+
+
+def _revalidate(resp_headers: Headers, age: float, ttl: float, reason: str) -> Decision:
+    action = Action.REVALIDATE if _has_validator(resp_headers) else Action.FETCH
+    return Decision(action, age, ttl, reason)
+
+
+def stale_if_error_allowed(resp_headers: Headers, request_time: float, response_time: float,
+                           now: float) -> bool:
+    """May the stored response answer a request whose upstream fetch failed?
+
+    RFC 5861 section 4: with ``stale-if-error=N``, "when an error is
+    encountered, a cached stale response MAY be used to satisfy the request,
+    regardless of other freshness information", while stale by at most N
+    seconds (inclusive).  Never with no-cache, must-revalidate,
+    proxy-revalidate or s-maxage (RFC 9111 section 4.2.4 forbids generating
+    such a stale response; section 5.2.2.10 for s-maxage).  Which failures
+    count as errors (500, 502, 503, 504, unreachable) is the caller's call.
+    """
+    directives, _ = _policy(resp_headers)
+    if "no-cache" in directives or any(name in directives for name in _REVALIDATE_DIRECTIVES):
+        return False
+    window = _window(directives, "stale-if-error")
+    if window is None:
+        return False
+    staleness = (current_age(resp_headers, request_time, response_time, now)
+                 - freshness_lifetime(resp_headers, response_time=response_time))
+    return staleness <= window
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def conditional_headers(resp_headers: Headers) -> dict[str, str]:
+    """Request fields that revalidate a stored response.  RFC 9111 section 4.3.1.
+
+    "When generating a conditional request for validation, a cache ... MUST
+    send the relevant entity tags (using If-Match, If-None-Match, or If-Range)
+    if the entity tags were provided in the stored response(s) being
+    validated" and "SHOULD send the Last-Modified value (using
+    If-Modified-Since) if only a Last-Modified value has been provided"; both
+    are sent when both exist (If-None-Match takes precedence at the server).
+    An invalid Last-Modified is not echoed.
+    """
+    headers: dict[str, str] = {}
+    etag = _field(resp_headers, "etag")
+    if etag:
+        headers["If-None-Match"] = etag
+    last_modified = _field(resp_headers, "last-modified")
+    if last_modified and parse_http_date(last_modified) is not None:
+        headers["If-Modified-Since"] = last_modified
+    return headers
+
+
+def freshen(stored_headers: Headers, not_modified_headers: Headers) -> list[tuple[str, str]]:
+    """The stored response's header lines updated by a 304.  RFC 9111 sections 4.3.4 and 3.2.
+
+    Section 3.2: "the cache MUST add each header field in the provided
+    response to the stored response, replacing field values that are already
+    present, with the following exceptions: Header fields excepted from
+    storage in Section 3.1 [hop-by-hop, Connection-listed, Proxy-*] ...
+    Header fields that are automatically processed and removed by the
+    recipient [Content-Range] ... The Content-Length header field."
+
+    Replaced fields take the place of their first stored line; fields new to
+    the stored response are appended; every other stored line is kept, in
+    order, with repeats.  Date and Age always come from the 304 and are
+    dropped when it has none: they describe the old response, and keeping
+    them would make the refreshed response look old (RFC 9111 section 4.2.3
+    computes age from the response being stored).
+    """
+    nm_pairs = list(_pairs(not_modified_headers))
+    excluded = set(_NOT_UPDATED)
+    for name, value in nm_pairs:
+        if name.lower() == "connection":
+            excluded.update(option.strip(" \t").lower() for option in value.split(","))
+    updates: dict[str, list[tuple[str, str]]] = {}
+    for name, value in nm_pairs:
+        lname = name.lower()
+        if lname not in excluded:
+            updates.setdefault(lname, []).append((name, value))
+    replaced = set(updates) | {"date", "age"}
+    freshened: list[tuple[str, str]] = []
+    placed: set[str] = set()
+    for name, value in _pairs(stored_headers):
+        lname = name.lower()
+        if lname not in replaced:
+            freshened.append((name, value))
+        elif lname in updates and lname not in placed:
+            freshened.extend(updates[lname])
+            placed.add(lname)
+    for lname, lines in updates.items():
+        if lname not in placed:
+            freshened.extend(lines)
+    return freshened
+
+
+def _entity_tags(value: str) -> list[str]:
+    """Opaque tags of an entity-tag list (RFC 9110 section 8.8.3), W/ dropped; "*" kept as "*".
+
+    Lenient: an unquoted tag is taken as its own opaque value, so that an
+    origin's sloppy ETag still round-trips; empty members are skipped.
+    """
+    tags: list[str] = []
+    for member in _split_list(value, quoted_pairs=False):
+        member = member.strip(" \t")
+        if member == "*":
+            tags.append("*")
+            continue
+        if member.startswith("W/"):
+            member = member[2:]
+        if member.startswith('"') and member.endswith('"') and len(member) >= 2:
+            tags.append('"' + member[1:-1] + '"')     # keep quotes: distinct from a bare "*"
+        elif member:
+            tags.append('"' + member + '"')
+    return tags
+
+
+def client_not_modified(method: str, req_headers: Headers, resp_headers: Headers,
+                        *, status: int = 200) -> bool:
+    """Can the cache answer the client's conditional GET/HEAD with 304?
+
+    RFC 9110 section 13.2.2: "When the method is GET or HEAD, If-None-Match
+    is not present, and If-Modified-Since is present, evaluate the
+    If-Modified-Since precondition".  Section 13.1.2: If-None-Match uses the
+    weak comparison function; "If the field value is "*", the condition is
+    false if the origin server has a current representation", which a stored
+    response is.  Section 13.1.3: If-Modified-Since is ignored when not a
+    valid HTTP-date (or a list); the condition is false when "the selected
+    representation's last modification date is earlier or equal to the date
+    provided".  Section 13.2.1: preconditions only apply when the response
+    would be 2xx (`status` of the stored response).
+
+    Deliberately stricter than RFC 9111 section 4.3.2's SHOULD to fall back on
+    the stored Date: without ETag or Last-Modified nothing matches but "*", so
+    a client never gets a 304 on the strength of a date we made up.
+    """
+    if method not in ("GET", "HEAD") or not 200 <= status < 300:
+        return False
+    if_none_match = _field(req_headers, "if-none-match")
+    if if_none_match is not None:
+        wanted = _entity_tags(if_none_match)
+        if "*" in wanted:
+            return True
+        etag = _field(resp_headers, "etag")
+        if etag is None:
+            return False
+        stored = _entity_tags(etag)
+        return bool(stored) and stored[0] in wanted
+    since = parse_http_date(_field(req_headers, "if-modified-since"))
+    last_modified = parse_http_date(_field(resp_headers, "last-modified"))
+    return since is not None and last_modified is not None and last_modified <= since
+
+
+# --------------------------------------------------------------------------- Vary
+
+
+def vary_names(resp_headers: Headers) -> tuple[str, ...] | None:
+    """The request fields a response varies on.  RFC 9111 section 4.1.
+
+    Lower-cased, de-duplicated and sorted, so that equal Vary values give
+    equal tuples; () without Vary; None for "*": "A stored response with a
+    Vary header field value containing a member "*" always fails to match".
+    """
+    value = _field(resp_headers, "vary")
+    if value is None:
+        return ()
+    return _vary_names(value)
+
+
+@functools.lru_cache(maxsize=512)
+def _vary_names(value: str) -> tuple[str, ...] | None:
+    names = {member.strip(" \t").lower() for member in value.split(",")}
+    names.discard("")
+    if "*" in names:
+        return None
+    return tuple(sorted(names))
+
+
+def _normalise_value(name: str, value: str) -> str:
+    if '"' not in value:
+        value = _WS_RUN.sub(" ", _WS_AROUND_SEPARATOR.sub(r"\1", value))
+    value = value.strip(" \t")
+    return value.lower() if name in _CASE_INSENSITIVE_FIELDS else value
+
+
+def variant_key(names: tuple[str, ...], req_headers: Headers) -> str:
+    """A stable string identifying a request's values for the Vary `names`.  RFC 9111 section 4.1.
+
+    Two requests get the same key when their fields match per section 4.1:
+    "adding or removing whitespace, where allowed in the header field's
+    syntax; combining multiple header field lines with the same field name;
+    normalizing both header field values in a way that is known to have
+    identical semantics ... (e.g., ... case-normalization, where values are
+    defined to be case-insensitive)".  Accept-Encoding, Accept-Charset and
+    Accept-Language are lower-cased; whitespace around "," and ";" is removed
+    and other runs collapse to one space (not inside quoted strings).  An
+    absent field (``name``) is distinct from an empty one (``name=``).
+    """
+    parts: list[str] = []
+    for name in names:
+        name = name.lower()
+        value = _field(req_headers, name)
+        parts.append(name if value is None else f"{name}={_normalise_value(name, value)}")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- invalidation
+
+
+def _origin(url: str) -> tuple[str, str, int | None] | None:
+    """RFC 9110 section 4.3.1 origin (scheme, host, port), or None when unparsable."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if not scheme or not parts.hostname:
+        return None
+    if port is None:
+        port = {"http": 80, "https": 443}.get(scheme)
+    return scheme, parts.hostname.lower(), port
+
+
+def invalidation_targets(method: str, status: int, request_url: str, resp_headers: Headers) -> list[str]:
+    """Absolute URLs whose stored responses an unsafe request invalidates.  RFC 9111 section 4.4.
+
+    "A cache MUST invalidate the target URI ... when it receives a non-error
+    status code in response to an unsafe request method (including methods
+    whose safety is unknown)"; "the URI(s) in the Location and
+    Content-Location response header fields (if present) are candidates for
+    invalidation", but "a cache MUST NOT trigger an invalidation under these
+    conditions if the origin ... of the URI to be invalidated differs from that
+    of the target URI".  Non-error means 2xx and 3xx; safe methods are GET,
+    HEAD, OPTIONS and TRACE (RFC 9110 section 9.2.1, method names are case
+    sensitive).  Fragments are dropped; duplicates are listed once.
+    """
+    if method in _SAFE_METHODS or not 200 <= status < 400:
+        return []
+    targets = [request_url]
+    request_origin = _origin(request_url)
+    for name in ("location", "content-location"):
+        value = _field(resp_headers, name)
+        if not value or request_origin is None:
+            continue
+        target = urldefrag(urljoin(request_url, value.strip()))[0]
+        if _origin(target) == request_origin and target not in targets:
+            targets.append(target)
+    return targets
+
+
+# --------------------------------------------------------------------------- response fields
+
+
+def age_value(age: float) -> str:
+    """The Age field value.  RFC 9111 section 5.1.
+
+    ``Age = delta-seconds``: whole seconds, never negative; "If a cache
+    receives a value larger than the largest positive integer it can
+    represent, or if any of its age calculations overflows, it MUST transmit
+    an Age header field with a value of 2147483648 (2^31)".
+    """
+    if age != age or age <= 0:                      # NaN or not positive
+        return "0"
+    if age >= DELTA_SECONDS_MAX:
+        return str(DELTA_SECONDS_MAX)
+    return str(int(age))
+
+
+_SF_INTEGER_MAX = 999_999_999_999_999
+
+
+def _sf_string(value: str) -> str:
+    """An RFC 8941 section 4.1.6 sf-string; characters outside %x20-7E become "?"."""
+    out = ['"']
+    for char in value:
+        if char in ('"', "\\"):
+            out.append("\\" + char)
+        elif " " <= char <= "~":
+            out.append(char)
+        else:
+            out.append("?")
+    out.append('"')
+    return "".join(out)
+
+
+def _sf_token_or_string(value: str) -> str:
+    return value if _SF_TOKEN.match(value) else _sf_string(value)
+
+
+def _sf_integer(value: float) -> int:
+    """RFC 8941 section 3.3.1: at most 15 digits; floored, clamped (inf included)."""
+    if not math.isfinite(value):
+        return _SF_INTEGER_MAX if value > 0 else -_SF_INTEGER_MAX
+    return max(-_SF_INTEGER_MAX, min(_SF_INTEGER_MAX, math.floor(value)))
+
+
+def cache_status_entry(node: str, *, hit: bool, fwd: str | None = None, fwd_status: int | None = None,
+                       stored: bool = False, ttl: float | None = None, detail: str | None = None,
+                       collapsed: bool = False) -> str:
+    """One member of the Cache-Status list for this node.  RFC 9211 section 2.
+
+    ``Cache-Status = sf-list``; each member is the cache's name, "a String or
+    Token", with parameters ``hit`` (2.1), ``fwd`` (2.2, a Token such as
+    ``uri-miss``, ``stale``, ``bypass``), ``fwd-status`` (2.3, Integer),
+    ``ttl`` (2.4, Integer seconds, negative when stale), ``stored`` (2.5),
+    ``collapsed`` (2.6) and ``detail`` (2.8, "a String or a Token").  The
+    node name is a Token when it is one, otherwise a String; ttl is floored
+    to whole seconds.  A caller passing a `fwd` that is not a Token gets
+    ValueError: the RFC fixes its values.
+    """
+    parts = [_sf_token_or_string(node)]
+    if hit:
+        parts.append("hit")
+    if fwd is not None:
+        if not _SF_TOKEN.match(fwd):
+            raise ValueError(f"Cache-Status fwd must be a token, got {fwd!r}")
+        parts.append(f"fwd={fwd}")
+    if fwd_status is not None:
+        parts.append(f"fwd-status={int(fwd_status)}")
+    if ttl is not None and ttl == ttl:              # NaN has no ttl to report
+        parts.append(f"ttl={_sf_integer(ttl)}")
+    if stored:
+        parts.append("stored")
+    if collapsed:
+        parts.append("collapsed")
+    if detail:
+        parts.append(f"detail={_sf_token_or_string(detail)}")
+    return "; ".join(parts)

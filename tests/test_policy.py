@@ -1,0 +1,579 @@
+"""Table-driven tests of edge.policy: every case names the RFC section it checks.
+
+The clock is a parameter everywhere: NOW is fixed, and T0 (when the stored
+response was requested and received) is 100 s before it, so a response whose
+Date is T0 and that carries no Age is exactly 100 s old at NOW.
+"""
+
+from __future__ import annotations
+
+from email.utils import formatdate
+
+import pytest
+from multidict import CIMultiDict
+
+from edge.policy import (
+    Action,
+    Decision,
+    age_value,
+    cache_status_entry,
+    client_not_modified,
+    conditional_headers,
+    current_age,
+    decide,
+    effective_cache_control,
+    freshen,
+    freshness_lifetime,
+    invalidation_targets,
+    parse_cache_control,
+    parse_http_date,
+    stale_if_error_allowed,
+    storable,
+    variant_key,
+    vary_names,
+)
+
+NOW = 1_700_000_000.0
+T0 = NOW - 100
+
+
+def http_date(ts: float) -> str:
+    return formatdate(ts, usegmt=True)
+
+
+D0 = http_date(T0)
+
+
+def case(id_: str, *values):
+    return pytest.param(*values, id=id_)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize("value, expected", [
+    case("9111-5.2-token-argument", "max-age=60", {"max-age": "60"}),
+    case("9111-5.2-names-case-insensitive", "Max-Age=60, PUBLIC", {"max-age": "60", "public": None}),
+    case("9111-5.2-quoted-string-with-comma", 'no-cache="Set-Cookie, X-Foo", max-age=5',
+         {"no-cache": "Set-Cookie, X-Foo", "max-age": "5"}),
+    case("9110-5.6.4-quoted-pair-unescaped", r'private="a\"b", public', {"private": 'a"b', "public": None}),
+    case("9111-5.2.2.1-quoted-delta-accepted", 'max-age="5"', {"max-age": "5"}),
+    case("9111-4.2.1-duplicate-first-wins", "max-age=60, MAX-AGE=10", {"max-age": "60"}),
+    case("9111-5.2-garbage-ignored", ",, ;;; , =5, \u00e9=1, max-age=3", {"max-age": "3"}),
+    case("9111-5.2-unterminated-quote-ignored", 'no-cache="oops', {}),
+    case("9111-5.2-whitespace-tolerated", " s-maxage = 10\t,\tpublic ", {"s-maxage": "10", "public": None}),
+    case("9111-5.2-empty-argument-kept-invalid", "max-age=", {"max-age": ""}),
+    case("9111-5.2-absent", None, {}),
+    case("9111-5.2-empty", "", {}),
+])
+def test_parse_cache_control(value, expected):
+    assert parse_cache_control(value) == expected
+
+
+def test_parse_cache_control_returns_a_fresh_dict_each_call():
+    first = parse_cache_control("max-age=60")
+    first["max-age"] = "0"
+    assert parse_cache_control("max-age=60") == {"max-age": "60"}
+
+
+@pytest.mark.parametrize("value, expected", [
+    case("9110-5.6.7-imf-fixdate", "Sun, 06 Nov 1994 08:49:37 GMT", 784111777.0),
+    case("9110-5.6.7-rfc850-date", "Sunday, 06-Nov-94 08:49:37 GMT", 784111777.0),
+    case("9110-5.6.7-asctime-date", "Sun Nov  6 08:49:37 1994", 784111777.0),
+    case("9110-5.6.7-invalid-hour", "Sun, 06 Nov 1994 25:49:37 GMT", None),
+    case("9110-5.6.7-zero-is-invalid", "0", None),
+    case("9110-5.6.7-garbage", "yesterday", None),
+    case("9110-5.6.7-list-is-not-a-date", "Sun, 06 Nov 1994 08:49:37 GMT, Sun, 06 Nov 1994 08:49:37 GMT", None),
+    case("9110-5.6.7-absent", None, None),
+])
+def test_parse_http_date(value, expected):
+    assert parse_http_date(value) == expected
+
+
+@pytest.mark.parametrize("headers, expected", [
+    case("9213-2.2-without-cdn-cache-control-uses-cache-control",
+         {"Cache-Control": "max-age=60"}, {"max-age": "60"}),
+    case("9213-2.2-cdn-cache-control-replaces-cache-control",
+         {"Cache-Control": "no-store", "CDN-Cache-Control": "max-age=600"}, {"max-age": "600"}),
+    case("9213-4-unregistered-directive-still-overrides",
+         {"Cache-Control": "no-store", "CDN-Cache-Control": "none"}, {"none": None}),
+    case("9213-2.1-invalid-structured-field-ignored",
+         {"Cache-Control": "max-age=60", "CDN-Cache-Control": "Max-Age=600"}, {"max-age": "60"}),
+    case("9213-2.1-trailing-comma-is-a-parse-error",
+         {"Cache-Control": "max-age=60", "CDN-Cache-Control": "max-age=600,"}, {"max-age": "60"}),
+    case("9213-2.1-empty-field-ignored",
+         {"Cache-Control": "max-age=60", "CDN-Cache-Control": ""}, {"max-age": "60"}),
+    case("9213-2.1-boolean-false-is-absent",
+         {"CDN-Cache-Control": "no-store=?0, max-age=5"}, {"max-age": "5"}),
+    case("9213-2.1-parameters-ignored",
+         {"CDN-Cache-Control": "private;scope=x, max-age=5"}, {"private": None, "max-age": "5"}),
+    case("9213-2.1-string-value", {"CDN-Cache-Control": 'no-cache="set-cookie"'}, {"no-cache": "set-cookie"}),
+    case("9213-2.1-decimal-kept-as-text", {"CDN-Cache-Control": "max-age=1.5"}, {"max-age": "1.5"}),
+    case("8941-3.2-duplicate-key-last-wins", {"CDN-Cache-Control": "max-age=5, max-age=9"}, {"max-age": "9"}),
+    case("9110-5.3-repeated-lines-combined",
+         CIMultiDict([("CDN-Cache-Control", "max-age=5"), ("cdn-cache-control", "stale-if-error=10")]),
+         {"max-age": "5", "stale-if-error": "10"}),
+    case("9110-5.3-repeated-cache-control-lines-combined",
+         CIMultiDict([("Cache-Control", "public"), ("Cache-Control", "max-age=7")]),
+         {"public": None, "max-age": "7"}),
+    case("9111-5.2-no-cache-control", {}, {}),
+])
+def test_effective_cache_control(headers, expected):
+    assert effective_cache_control(headers) == expected
+
+
+# --------------------------------------------------------------------------- storing
+
+FRESH60 = {"Date": D0, "Cache-Control": "max-age=60"}
+
+
+@pytest.mark.parametrize("method, status, req, resp, expected", [
+    case("9111-3-explicit-max-age", "GET", 200, {}, FRESH60, (True, "explicit")),
+    case("9111-3-head-not-stored", "HEAD", 200, {}, FRESH60, (False, "method")),
+    case("9111-3-post-not-stored", "POST", 200, {}, FRESH60, (False, "method")),
+    case("9111-3.3-partial-not-stored", "GET", 206, {}, FRESH60, (False, "partial")),
+    case("9111-3-304-never-stored", "GET", 304, {}, FRESH60, (False, "status")),
+    case("9111-3-interim-not-final", "GET", 100, {}, FRESH60, (False, "status")),
+    case("9111-3-unknown-status", "GET", 599, {}, FRESH60, (False, "status")),
+    case("9111-3-401-credential-specific", "GET", 401, {}, {"Date": D0, "Cache-Control": "public, max-age=60"},
+         (False, "status")),
+    case("9111-5.2.1.5-request-no-store", "GET", 200, {"Cache-Control": "no-store"}, FRESH60, (False, "no-store")),
+    case("9111-5.2.2.5-response-no-store", "GET", 200, {}, {"Cache-Control": "no-store, max-age=60"},
+         (False, "no-store")),
+    case("9111-5.2.2.3-must-understand-overrides-no-store", "GET", 200, {},
+         {"Date": D0, "Cache-Control": "must-understand, no-store, max-age=60"}, (True, "explicit")),
+    case("9213-2.2-cdn-no-store-wins", "GET", 200, {},
+         {"Cache-Control": "max-age=60", "CDN-Cache-Control": "no-store"}, (False, "no-store")),
+    case("9213-2.2-cdn-max-age-overrides-no-store", "GET", 200, {},
+         {"Date": D0, "Cache-Control": "no-store", "CDN-Cache-Control": "max-age=600"}, (True, "explicit")),
+    case("9111-5.2.2.7-private", "GET", 200, {}, {"Cache-Control": "private, max-age=60"}, (False, "private")),
+    case("9111-5.2.2.7-qualified-private-treated-unqualified", "GET", 200, {},
+         {"Cache-Control": 'private="Set-Cookie", max-age=60'}, (False, "private")),
+    case("9213-2.2-cdn-private", "GET", 200, {},
+         {"Cache-Control": "public, max-age=60", "CDN-Cache-Control": "private"}, (False, "private")),
+    case("9111-3.5-authorization-needs-permission", "GET", 200, {"Authorization": "Basic eDp5"}, FRESH60,
+         (False, "authorization")),
+    case("9111-3.5-authorization-public", "GET", 200, {"Authorization": "Basic eDp5"},
+         {"Date": D0, "Cache-Control": "public, max-age=60"}, (True, "explicit")),
+    case("9111-3.5-authorization-must-revalidate", "GET", 200, {"authorization": "Bearer t"},
+         {"Date": D0, "Cache-Control": "max-age=60, must-revalidate"}, (True, "explicit")),
+    case("9111-3.5-authorization-s-maxage", "GET", 200, {"Authorization": "Bearer t"},
+         {"Date": D0, "Cache-Control": "s-maxage=60"}, (True, "explicit")),
+    case("9111-4.1-vary-star", "GET", 200, {}, {**FRESH60, "Vary": "*"}, (False, "vary-star")),
+    case("9111-4.1-vary-star-in-list", "GET", 200, {}, {**FRESH60, "Vary": "Accept, *"}, (False, "vary-star")),
+    case("9111-3-set-cookie-never-stored", "GET", 200, {}, {**FRESH60, "Set-Cookie": "session=1"},
+         (False, "set-cookie")),
+    case("9111-3-302-without-freshness", "GET", 302, {}, {"Date": D0, "ETag": '"a"'}, (False, "no-freshness")),
+    case("9111-3-302-with-max-age", "GET", 302, {}, FRESH60, (True, "explicit")),
+    case("9111-3-503-with-max-age", "GET", 503, {}, FRESH60, (True, "explicit")),
+    case("9111-3-public-makes-302-storable", "GET", 302, {}, {"Date": D0, "Cache-Control": "public", "ETag": '"a"'},
+         (True, "public")),
+    case("9110-15.1-heuristic-200-with-etag", "GET", 200, {}, {"Date": D0, "ETag": '"a"'}, (True, "heuristic")),
+    case("9110-15.1-heuristic-404-last-modified", "GET", 404, {},
+         {"Date": D0, "Last-Modified": http_date(T0 - 1000)}, (True, "heuristic")),
+    case("9111-3-no-validator-no-lifetime-not-stored", "GET", 200, {}, {"Date": D0}, (False, "zero-ttl")),
+    case("9111-3-max-age-0-without-validator", "GET", 200, {}, {"Date": D0, "Cache-Control": "max-age=0"},
+         (False, "zero-ttl")),
+    case("5861-3-max-age-0-with-swr-is-reusable", "GET", 200, {},
+         {"Date": D0, "Cache-Control": "max-age=0, stale-while-revalidate=30"}, (True, "explicit")),
+    case("5861-4-max-age-0-with-sie-is-reusable", "GET", 200, {},
+         {"Date": D0, "Cache-Control": "max-age=0, stale-if-error=30"}, (True, "explicit")),
+    case("9111-4.2.4-must-revalidate-disables-swr", "GET", 200, {},
+         {"Date": D0, "Cache-Control": "max-age=0, must-revalidate, stale-while-revalidate=30"},
+         (False, "zero-ttl")),
+    case("9111-5.2.2.4-no-cache-without-validator", "GET", 200, {},
+         {"Date": D0, "Cache-Control": "no-cache, max-age=60"}, (False, "zero-ttl")),
+    case("9111-5.2.2.4-no-cache-with-validator", "GET", 200, {},
+         {"Date": D0, "Cache-Control": "no-cache, max-age=60", "ETag": '"a"'}, (True, "explicit")),
+    case("9111-5.3-expires-future", "GET", 200, {}, {"Date": D0, "Expires": http_date(T0 + 60)},
+         (True, "explicit")),
+    case("9111-5.3-expires-invalid-without-validator", "GET", 200, {}, {"Date": D0, "Expires": "0"},
+         (False, "zero-ttl")),
+    case("9213-2.2-expires-ignored-under-cdn-cache-control", "GET", 302, {},
+         {"Date": D0, "Expires": http_date(T0 + 60), "CDN-Cache-Control": "must-revalidate"},
+         (False, "no-freshness")),
+    case("9110-5.3-multidict-request", "GET", 200, CIMultiDict([("Cache-Control", "max-age=0"),
+                                                                ("Cache-Control", "no-store")]),
+         FRESH60, (False, "no-store")),
+])
+def test_storable(method, status, req, resp, expected):
+    assert storable(method, status, req, resp) == expected
+
+
+# --------------------------------------------------------------------------- freshness and age
+
+
+@pytest.mark.parametrize("headers, kwargs, expected", [
+    case("9111-4.2.1-s-maxage-beats-max-age", {"Date": D0, "Cache-Control": "max-age=60, s-maxage=10"}, {}, 10.0),
+    case("9111-4.2.1-max-age-beats-expires",
+         {"Date": D0, "Cache-Control": "max-age=60", "Expires": http_date(T0 - 10)}, {}, 60.0),
+    case("9111-4.2.1-expires-minus-date", {"Date": D0, "Expires": http_date(T0 + 100)}, {}, 100.0),
+    case("9111-5.3-invalid-expires-is-expired", {"Date": D0, "Expires": "0"}, {}, 0.0),
+    case("9111-5.3-expires-before-date", {"Date": D0, "Expires": http_date(T0 - 100)}, {}, 0.0),
+    case("9111-4.2.1-invalid-max-age-is-stale",
+         {"Date": D0, "Cache-Control": "max-age=soon", "Expires": http_date(T0 + 100)}, {}, 0.0),
+    case("9111-4.2.1-invalid-s-maxage-is-stale", {"Date": D0, "Cache-Control": "s-maxage=-1, max-age=60"}, {}, 0.0),
+    case("9111-1.2.2-delta-seconds-overflow", {"Cache-Control": "max-age=99999999999999"}, {}, 2.0**31),
+    case("9111-4.2.2-heuristic-ten-percent", {"Date": D0, "Last-Modified": http_date(T0 - 1000)}, {}, 100.0),
+    case("9111-4.2.2-heuristic-capped-at-a-day",
+         {"Date": D0, "Last-Modified": http_date(T0 - 30 * 86400)}, {}, 86400.0),
+    case("9111-4.2.2-last-modified-after-date", {"Date": D0, "Last-Modified": http_date(T0 + 10)}, {}, 0.0),
+    case("9111-4.2.2-no-heuristic-for-302", {"Date": D0, "Last-Modified": http_date(T0 - 1000)},
+         {"status": 302}, 0.0),
+    case("9111-4.2.2-public-allows-heuristic",
+         {"Date": D0, "Cache-Control": "public", "Last-Modified": http_date(T0 - 1000)}, {"status": 302}, 100.0),
+    case("9111-4.2.2-heuristic-for-404", {"Date": D0, "Last-Modified": http_date(T0 - 500)}, {"status": 404}, 50.0),
+    case("9213-2.2-cdn-max-age-beats-cache-control",
+         {"Date": D0, "Cache-Control": "max-age=60", "CDN-Cache-Control": "max-age=600"}, {}, 600.0),
+    case("9213-2.2-expires-ignored-heuristic-used",
+         {"Date": D0, "CDN-Cache-Control": "public", "Expires": http_date(T0 + 5000),
+          "Last-Modified": http_date(T0 - 1000)}, {}, 100.0),
+    case("9110-6.6.1-missing-date-uses-response-time", {"Expires": http_date(T0 + 30)},
+         {"response_time": T0}, 30.0),
+    case("9111-4.2.1-missing-date-without-response-time", {"Expires": http_date(T0 + 30)}, {}, 0.0),
+    case("9111-4.2.1-no-freshness-information", {"Date": D0}, {}, 0.0),
+])
+def test_freshness_lifetime(headers, kwargs, expected):
+    assert freshness_lifetime(headers, **kwargs) == expected
+
+
+@pytest.mark.parametrize("headers, request_time, response_time, now, expected", [
+    case("9111-4.2.3-resident-time", {"Date": D0}, T0, T0, NOW, 100.0),
+    case("9111-4.2.3-upstream-age-increases-age", {"Date": D0, "Age": "40"}, T0, T0, NOW, 140.0),
+    case("9111-4.2.3-response-delay-added-to-age", {"Date": D0, "Age": "40"}, T0 - 3, T0, NOW, 143.0),
+    case("9111-4.2.3-response-delay-without-age", {"Date": D0}, T0 - 3, T0, NOW, 103.0),
+    case("9111-4.2.3-apparent-age-wins", {"Date": http_date(T0 - 50), "Age": "10"}, T0 - 1, T0, NOW, 150.0),
+    case("9111-4.2.3-date-in-future-clamped", {"Date": http_date(T0 + 500)}, T0, T0, NOW, 100.0),
+    case("9111-5.1-negative-age-ignored", {"Date": D0, "Age": "-5"}, T0, T0, NOW, 100.0),
+    case("9111-5.1-non-numeric-age-ignored", {"Date": D0, "Age": "1.5"}, T0, T0, NOW, 100.0),
+    case("9111-5.1-age-list-first-member", {"Date": D0, "Age": "30, 60"}, T0, T0, NOW, 130.0),
+    case("9110-6.6.1-missing-date-is-response-time", {}, T0, T0, NOW, 100.0),
+    case("9110-6.6.1-invalid-date-is-response-time", {"Date": "tomorrow"}, T0, T0, NOW, 100.0),
+    case("9111-4.2.3-just-received", {"Date": D0}, T0, T0, T0, 0.0),
+])
+def test_current_age(headers, request_time, response_time, now, expected):
+    assert current_age(headers, request_time, response_time, now) == pytest.approx(expected)
+
+
+ETAG = {"ETag": '"v1"'}
+
+
+@pytest.mark.parametrize("headers, request_time, expected", [
+    case("9111-4.2-fresh", {"Date": D0, "Cache-Control": "max-age=200"}, T0,
+         Decision(Action.FRESH, 100.0, 100.0, "fresh")),
+    case("9111-4.2-age-equal-to-lifetime-is-stale", {"Date": D0, "Cache-Control": "max-age=100", **ETAG}, T0,
+         Decision(Action.REVALIDATE, 100.0, 0.0, "stale")),
+    case("9111-4.3.1-stale-without-validator-fetches", {"Date": D0, "Cache-Control": "max-age=50"}, T0,
+         Decision(Action.FETCH, 100.0, -50.0, "stale")),
+    case("9111-4.3.1-last-modified-is-a-validator",
+         {"Date": D0, "Cache-Control": "max-age=50", "Last-Modified": http_date(T0 - 10)}, T0,
+         Decision(Action.REVALIDATE, 100.0, -50.0, "stale")),
+    case("9111-5.2.2.4-no-cache-revalidates-even-fresh",
+         {"Date": D0, "Cache-Control": "no-cache, max-age=1000", **ETAG}, T0,
+         Decision(Action.REVALIDATE, 100.0, 900.0, "no-cache")),
+    case("9111-5.2.2.4-qualified-no-cache-treated-unqualified",
+         {"Date": D0, "Cache-Control": 'no-cache="Set-Cookie", max-age=1000', **ETAG}, T0,
+         Decision(Action.REVALIDATE, 100.0, 900.0, "no-cache")),
+    case("9111-5.2.2.4-no-cache-without-validator-fetches",
+         {"Date": D0, "Cache-Control": "no-cache, max-age=1000"}, T0,
+         Decision(Action.FETCH, 100.0, 900.0, "no-cache")),
+    case("9111-5.2.2.2-must-revalidate-beats-swr",
+         {"Date": D0, "Cache-Control": "max-age=50, must-revalidate, stale-while-revalidate=1000", **ETAG}, T0,
+         Decision(Action.REVALIDATE, 100.0, -50.0, "must-revalidate")),
+    case("9111-5.2.2.8-proxy-revalidate-beats-swr",
+         {"Date": D0, "Cache-Control": "max-age=50, proxy-revalidate, stale-while-revalidate=1000", **ETAG}, T0,
+         Decision(Action.REVALIDATE, 100.0, -50.0, "proxy-revalidate")),
+    case("9111-5.2.2.10-s-maxage-implies-proxy-revalidate",
+         {"Date": D0, "Cache-Control": "s-maxage=50, stale-while-revalidate=1000", **ETAG}, T0,
+         Decision(Action.REVALIDATE, 100.0, -50.0, "s-maxage")),
+    case("9111-5.2.2.2-must-revalidate-fresh-is-served",
+         {"Date": D0, "Cache-Control": "max-age=150, must-revalidate", **ETAG}, T0,
+         Decision(Action.FRESH, 100.0, 50.0, "fresh")),
+    case("5861-3-swr-at-window-edge", {"Date": D0, "Cache-Control": "max-age=70, stale-while-revalidate=30"}, T0,
+         Decision(Action.STALE_WHILE_REVALIDATE, 100.0, -30.0, "swr")),
+    case("5861-3-swr-one-second-past-window",
+         {"Date": D0, "Cache-Control": "max-age=69, stale-while-revalidate=30", **ETAG}, T0,
+         Decision(Action.REVALIDATE, 100.0, -31.0, "stale")),
+    case("5861-3-swr-invalid-value-no-window",
+         {"Date": D0, "Cache-Control": "max-age=70, stale-while-revalidate=soon", **ETAG}, T0,
+         Decision(Action.REVALIDATE, 100.0, -30.0, "stale")),
+    case("9111-4.2.3-upstream-age-makes-stale", {"Date": D0, "Age": "50", "Cache-Control": "max-age=120", **ETAG},
+         T0, Decision(Action.REVALIDATE, 150.0, -30.0, "stale")),
+    case("9111-4.2.3-response-delay-makes-stale", {"Date": D0, "Cache-Control": "max-age=105"}, T0 - 10,
+         Decision(Action.FETCH, 110.0, -5.0, "stale")),
+    case("9213-2.2-cdn-cache-control-beats-cache-control",
+         {"Date": D0, "Cache-Control": "max-age=10", "CDN-Cache-Control": "max-age=600"}, T0,
+         Decision(Action.FRESH, 100.0, 500.0, "fresh")),
+    case("9213-2.2-cdn-cache-control-no-cache",
+         {"Date": D0, "Cache-Control": "max-age=600", "CDN-Cache-Control": "no-cache", **ETAG}, T0,
+         Decision(Action.REVALIDATE, 100.0, -100.0, "no-cache")),
+    case("9111-4.2.2-heuristic-fresh", {"Date": D0, "Last-Modified": http_date(T0 - 10000)}, T0,
+         Decision(Action.FRESH, 100.0, 900.0, "fresh")),
+    case("9111-4.2.2-heuristic-stale", {"Date": D0, "Last-Modified": http_date(T0 - 500)}, T0,
+         Decision(Action.REVALIDATE, 100.0, -50.0, "stale")),
+    case("9110-6.6.1-missing-date-uses-response-time", {"Cache-Control": "max-age=150"}, T0,
+         Decision(Action.FRESH, 100.0, 50.0, "fresh")),
+    case("9111-5.3-invalid-expires-is-stale", {"Date": D0, "Expires": "0", **ETAG}, T0,
+         Decision(Action.REVALIDATE, 100.0, -100.0, "stale")),
+    case("9111-4.2.1-expires-minus-date", {"Date": D0, "Expires": http_date(T0 + 300)}, T0,
+         Decision(Action.FRESH, 100.0, 200.0, "fresh")),
+    case("9110-5.3-multidict-stored-headers",
+         CIMultiDict([("Date", D0), ("Cache-Control", "public"), ("cache-control", "max-age=300")]), T0,
+         Decision(Action.FRESH, 100.0, 200.0, "fresh")),
+])
+def test_decide(headers, request_time, expected):
+    assert decide(headers, request_time, T0, NOW) == expected
+
+
+@pytest.mark.parametrize("headers, expected", [
+    case("5861-4-at-window-edge", {"Date": D0, "Cache-Control": "max-age=40, stale-if-error=60"}, True),
+    case("5861-4-one-second-past-window", {"Date": D0, "Cache-Control": "max-age=39, stale-if-error=60"}, False),
+    case("5861-4-fresh-response", {"Date": D0, "Cache-Control": "max-age=200, stale-if-error=60"}, True),
+    case("5861-4-no-directive", {"Date": D0, "Cache-Control": "max-age=40"}, False),
+    case("5861-4-invalid-value", {"Date": D0, "Cache-Control": "max-age=40, stale-if-error=1h"}, False),
+    case("9111-4.2.4-must-revalidate-forbids",
+         {"Date": D0, "Cache-Control": "max-age=40, stale-if-error=600, must-revalidate"}, False),
+    case("9111-4.2.4-proxy-revalidate-forbids",
+         {"Date": D0, "Cache-Control": "max-age=40, stale-if-error=600, proxy-revalidate"}, False),
+    case("9111-5.2.2.10-s-maxage-forbids", {"Date": D0, "Cache-Control": "s-maxage=40, stale-if-error=600"}, False),
+    case("9111-4.2.4-no-cache-forbids", {"Date": D0, "Cache-Control": "no-cache, stale-if-error=600"}, False),
+    case("9213-2.2-cdn-cache-control-without-sie",
+         {"Date": D0, "Cache-Control": "max-age=40, stale-if-error=600", "CDN-Cache-Control": "max-age=40"}, False),
+    case("9213-2.2-cdn-cache-control-with-sie",
+         {"Date": D0, "Cache-Control": "max-age=40", "CDN-Cache-Control": "max-age=40, stale-if-error=600"}, True),
+    case("5861-4-upstream-age-counts", {"Date": D0, "Age": "30", "Cache-Control": "max-age=40, stale-if-error=60"},
+         False),
+])
+def test_stale_if_error_allowed(headers, expected):
+    assert stale_if_error_allowed(headers, T0, T0, NOW) is expected
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("headers, expected", [
+    case("9111-4.3.1-etag-and-last-modified", {"ETag": '"a"', "Last-Modified": http_date(T0)},
+         {"If-None-Match": '"a"', "If-Modified-Since": http_date(T0)}),
+    case("9111-4.3.1-weak-etag-sent-as-is", {"ETag": 'W/"a"'}, {"If-None-Match": 'W/"a"'}),
+    case("9111-4.3.1-last-modified-only", {"last-modified": http_date(T0)}, {"If-Modified-Since": http_date(T0)}),
+    case("9111-4.3.1-invalid-last-modified-not-sent", {"Last-Modified": "yesterday"}, {}),
+    case("9111-4.3.1-no-validators", {"Date": D0}, {}),
+])
+def test_conditional_headers(headers, expected):
+    assert conditional_headers(headers) == expected
+
+
+D_NEW = http_date(NOW)
+STORED = [
+    ("Content-Type", "text/html"),
+    ("ETag", '"a"'),
+    ("Cache-Control", "max-age=60"),
+    ("X-A", "1"),
+    ("Set-By", "origin"),
+    ("X-A", "2"),
+    ("Date", D0),
+    ("Age", "30"),
+    ("Content-Length", "5"),
+]
+
+
+@pytest.mark.parametrize("stored, not_modified, expected", [
+    case("9111-3.2-replace-keep-and-append", STORED,
+         [("Date", D_NEW), ("Cache-Control", "max-age=120"), ("ETag", '"a"'), ("Content-Length", "0"),
+          ("Connection", "X-Hop"), ("X-Hop", "1"), ("Transfer-Encoding", "chunked"), ("X-New", "n"),
+          ("Content-Range", "bytes 0-0/5"), ("Proxy-Authenticate", "Basic")],
+         [("Content-Type", "text/html"), ("ETag", '"a"'), ("Cache-Control", "max-age=120"), ("X-A", "1"),
+          ("Set-By", "origin"), ("X-A", "2"), ("Date", D_NEW), ("Content-Length", "5"), ("X-New", "n")]),
+    case("9111-4.3.4-freshen-keeps-non-updated-fields", STORED, [("Date", D_NEW), ("Age", "3")],
+         [("Content-Type", "text/html"), ("ETag", '"a"'), ("Cache-Control", "max-age=60"), ("X-A", "1"),
+          ("Set-By", "origin"), ("X-A", "2"), ("Date", D_NEW), ("Age", "3"), ("Content-Length", "5")]),
+    case("9111-4.2.3-old-date-and-age-dropped", STORED, [("Cache-Control", "max-age=10")],
+         [("Content-Type", "text/html"), ("ETag", '"a"'), ("Cache-Control", "max-age=10"), ("X-A", "1"),
+          ("Set-By", "origin"), ("X-A", "2"), ("Content-Length", "5")]),
+    case("9111-3.2-repeated-field-replaced-as-a-whole", STORED, [("x-a", "3"), ("x-a", "4"), ("Date", D_NEW)],
+         [("Content-Type", "text/html"), ("ETag", '"a"'), ("Cache-Control", "max-age=60"), ("x-a", "3"),
+          ("x-a", "4"), ("Set-By", "origin"), ("Date", D_NEW), ("Content-Length", "5")]),
+    case("9111-3.2-multidict-inputs", CIMultiDict(STORED), CIMultiDict([("ETag", '"b"'), ("Date", D_NEW)]),
+         [("Content-Type", "text/html"), ("ETag", '"b"'), ("Cache-Control", "max-age=60"), ("X-A", "1"),
+          ("Set-By", "origin"), ("X-A", "2"), ("Date", D_NEW), ("Content-Length", "5")]),
+])
+def test_freshen(stored, not_modified, expected):
+    assert [tuple(pair) for pair in freshen(stored, not_modified)] == expected
+
+
+def test_freshen_result_feeds_decide():
+    """9111-4.3.4: after a 304 at NOW with max-age=120, the response is fresh again."""
+    updated = freshen(STORED, [("Date", D_NEW), ("Cache-Control", "max-age=120")])
+    assert decide(updated, NOW, NOW, NOW + 20) == Decision(Action.FRESH, 20.0, 100.0, "fresh")
+
+
+# --------------------------------------------------------------------------- client conditionals
+
+LM = http_date(T0 - 1000)
+STORED_V = {"ETag": '"a"', "Last-Modified": LM, "Date": D0}
+
+
+@pytest.mark.parametrize("method, req, resp, status, expected", [
+    case("9110-13.1.2-strong-match", "GET", {"If-None-Match": '"a"'}, STORED_V, 200, True),
+    case("9110-13.1.2-weak-request-matches-strong", "GET", {"If-None-Match": 'W/"a"'}, STORED_V, 200, True),
+    case("9110-13.1.2-strong-request-matches-weak", "GET", {"If-None-Match": '"a"'},
+         {"ETag": 'W/"a"'}, 200, True),
+    case("9110-13.1.2-list-member-matches", "GET", {"If-None-Match": '"x", W/"a"'}, STORED_V, 200, True),
+    case("9110-13.1.2-list-without-match", "GET", {"If-None-Match": '"x", "y"'}, STORED_V, 200, False),
+    case("9110-13.1.2-tag-is-case-sensitive", "GET", {"If-None-Match": '"A"'}, STORED_V, 200, False),
+    case("9110-13.1.2-comma-inside-tag", "GET", {"If-None-Match": '"x", "a,b"'}, {"ETag": '"a,b"'}, 200, True),
+    case("9110-8.8.3-backslash-is-plain-etagc", "GET", {"If-None-Match": '"x\\", "a"'}, {"ETag": '"a"'}, 200, True),
+    case("9110-13.1.2-star-matches-stored", "GET", {"If-None-Match": "*"}, STORED_V, 200, True),
+    case("9110-13.1.2-star-matches-without-validators", "GET", {"If-None-Match": "*"}, {"Date": D0}, 200, True),
+    case("9110-13.1.2-no-stored-etag-never-matches", "GET", {"If-None-Match": '"a"', "If-Modified-Since": D0},
+         {"Last-Modified": LM}, 200, False),
+    case("9110-13.2.2-if-none-match-takes-precedence", "GET",
+         {"If-None-Match": '"other"', "If-Modified-Since": D0}, STORED_V, 200, False),
+    case("9110-13.1.3-modified-since-later", "GET", {"If-Modified-Since": D0}, STORED_V, 200, True),
+    case("9110-13.1.3-modified-since-equal", "GET", {"If-Modified-Since": LM}, STORED_V, 200, True),
+    case("9110-13.1.3-modified-after-since", "GET", {"If-Modified-Since": http_date(T0 - 1001)}, STORED_V, 200,
+         False),
+    case("9110-13.1.3-invalid-date-ignored", "GET", {"If-Modified-Since": "yesterday"}, STORED_V, 200, False),
+    case("9110-13.1.3-list-value-ignored", "GET",
+         CIMultiDict([("If-Modified-Since", D0), ("If-Modified-Since", D0)]), STORED_V, 200, False),
+    case("9111-4.3.2-no-last-modified-never-matches", "GET", {"If-Modified-Since": D0}, {"Date": D0}, 200, False),
+    case("9110-13.1.3-head", "HEAD", {"If-Modified-Since": D0}, STORED_V, 200, True),
+    case("9110-13.1.3-post-ignored", "POST", {"If-None-Match": '"a"'}, STORED_V, 200, False),
+    case("9110-13.2.1-non-2xx-ignores-preconditions", "GET", {"If-None-Match": '"a"'}, STORED_V, 404, False),
+    case("9110-13.2.2-unconditional", "GET", {}, STORED_V, 200, False),
+])
+def test_client_not_modified(method, req, resp, status, expected):
+    assert client_not_modified(method, req, resp, status=status) is expected
+
+
+# --------------------------------------------------------------------------- Vary
+
+
+@pytest.mark.parametrize("headers, expected", [
+    case("9111-4.1-no-vary", {}, ()),
+    case("9111-4.1-one-field", {"Vary": "Accept-Encoding"}, ("accept-encoding",)),
+    case("9111-4.1-lower-sorted-deduplicated", {"Vary": "User-Agent, accept-encoding , Accept-Encoding"},
+         ("accept-encoding", "user-agent")),
+    case("9111-4.1-repeated-lines", CIMultiDict([("Vary", "Origin"), ("vary", "Accept")]), ("accept", "origin")),
+    case("9111-4.1-empty-members", {"Vary": " , ,"}, ()),
+    case("9111-4.1-star", {"Vary": "*"}, None),
+    case("9111-4.1-star-in-list", {"Vary": "Accept, *"}, None),
+])
+def test_vary_names(headers, expected):
+    assert vary_names(headers) == expected
+
+
+AE = ("accept-encoding",)
+
+
+@pytest.mark.parametrize("names, first, second, same", [
+    case("9111-4.1-same-values", AE, {"Accept-Encoding": "gzip, br"}, {"accept-encoding": "gzip, br"}, True),
+    case("9111-4.1-whitespace-removed", AE, {"Accept-Encoding": "gzip,br;q=0.5"},
+         {"Accept-Encoding": " gzip ,  br ; q=0.5 "}, True),
+    case("9111-4.1-case-insensitive-accept-encoding", AE, {"Accept-Encoding": "GZIP, Br"},
+         {"Accept-Encoding": "gzip, br"}, True),
+    case("9111-4.1-repeated-lines-combined", AE, CIMultiDict([("Accept-Encoding", "gzip"), ("Accept-Encoding", "br")]),
+         {"Accept-Encoding": "gzip, br"}, True),
+    case("9111-4.1-order-matters", AE, {"Accept-Encoding": "gzip, br"}, {"Accept-Encoding": "br, gzip"}, False),
+    case("9111-4.1-absent-differs-from-empty", AE, {}, {"Accept-Encoding": ""}, False),
+    case("9111-4.1-different-values", AE, {"Accept-Encoding": "gzip"}, {"Accept-Encoding": "br"}, False),
+    case("9111-4.1-case-sensitive-field", ("user-agent",), {"User-Agent": "Curl"}, {"User-Agent": "curl"}, False),
+    case("9111-4.1-whitespace-runs-collapsed", ("user-agent",), {"User-Agent": "a  b"}, {"User-Agent": "a b"}, True),
+    case("9111-4.1-quoted-whitespace-kept", ("x-q",), {"X-Q": 'a="x  y"'}, {"X-Q": 'a="x y"'}, False),
+    case("9111-4.1-unlisted-fields-ignored", AE, {"Accept-Encoding": "gzip", "User-Agent": "a"},
+         {"Accept-Encoding": "gzip", "User-Agent": "b"}, True),
+    case("9111-4.1-two-fields-one-differs", ("accept-encoding", "origin"),
+         {"Accept-Encoding": "gzip", "Origin": "https://a.example"},
+         {"Accept-Encoding": "gzip", "Origin": "https://b.example"}, False),
+    case("9111-4.1-no-vary-everything-matches", (), {"Accept-Encoding": "gzip"}, {}, True),
+])
+def test_variant_key(names, first, second, same):
+    key = variant_key(names, first)
+    assert isinstance(key, str)
+    assert key == variant_key(names, first)
+    assert (key == variant_key(names, second)) is same
+
+
+def test_variant_key_name_case_does_not_matter():
+    request = {"Accept-Encoding": "gzip"}
+    assert variant_key(("Accept-Encoding",), request) == variant_key(("accept-encoding",), request)
+
+
+# --------------------------------------------------------------------------- invalidation
+
+URL = "http://www.example.com/items"
+
+
+@pytest.mark.parametrize("method, status, headers, expected", [
+    case("9111-4.4-post-invalidates-target", "POST", 200, {}, [URL]),
+    case("9111-4.4-relative-location", "POST", 201, {"Location": "/items/1"},
+         [URL, "http://www.example.com/items/1"]),
+    case("9111-4.4-content-location-default-port", "PUT", 204, {"Content-Location": "http://WWW.example.com:80/x"},
+         [URL, "http://WWW.example.com:80/x"]),
+    case("9111-4.4-location-and-content-location", "DELETE", 200,
+         {"Location": "/a", "Content-Location": "b"},
+         [URL, "http://www.example.com/a", "http://www.example.com/b"]),
+    case("9111-4.4-other-host-not-invalidated", "POST", 303, {"Location": "http://evil.example/items"}, [URL]),
+    case("9111-4.4-other-scheme-not-invalidated", "POST", 303, {"Location": "https://www.example.com/items/1"},
+         [URL]),
+    case("9111-4.4-other-port-not-invalidated", "POST", 303, {"Location": "http://www.example.com:8080/a"}, [URL]),
+    case("9111-4.4-fragment-dropped", "POST", 302, {"Location": "/a#top"}, [URL, "http://www.example.com/a"]),
+    case("9111-4.4-duplicate-listed-once", "PUT", 200, {"Content-Location": URL}, [URL]),
+    case("9111-4.4-invalid-port-ignored", "POST", 302, {"Location": "http://www.example.com:99999/a"}, [URL]),
+    case("9111-4.4-error-status-no-invalidation", "POST", 500, {"Location": "/a"}, []),
+    case("9111-4.4-client-error-no-invalidation", "DELETE", 404, {}, []),
+    case("9111-4.4-informational-no-invalidation", "POST", 100, {}, []),
+    case("9110-9.2.1-get-safe", "GET", 200, {"Location": "/a"}, []),
+    case("9110-9.2.1-head-safe", "HEAD", 200, {}, []),
+    case("9110-9.2.1-options-safe", "OPTIONS", 200, {}, []),
+    case("9110-9.2.1-trace-safe", "TRACE", 200, {}, []),
+    case("9111-4.4-unknown-method-is-unsafe", "PURGE", 200, {}, [URL]),
+    case("9110-9.1-method-is-case-sensitive", "get", 200, {}, [URL]),
+])
+def test_invalidation_targets(method, status, headers, expected):
+    assert invalidation_targets(method, status, URL, headers) == expected
+
+
+# --------------------------------------------------------------------------- response fields
+
+
+@pytest.mark.parametrize("age, expected", [
+    case("9111-5.1-zero", 0.0, "0"),
+    case("9111-5.1-whole-seconds", 41.9, "41"),
+    case("9111-5.1-never-negative", -5.0, "0"),
+    case("9111-5.1-just-below-cap", 2147483647.5, "2147483647"),
+    case("9111-5.1-overflow-capped", 2.0**31 + 10, "2147483648"),
+    case("9111-5.1-infinity-capped", float("inf"), "2147483648"),
+    case("9111-5.1-nan-is-zero", float("nan"), "0"),
+])
+def test_age_value(age, expected):
+    assert age_value(age) == expected
+
+
+@pytest.mark.parametrize("node, kwargs, expected", [
+    case("9211-2.1-hit-with-ttl", "l1-east", {"hit": True, "ttl": 42}, "l1-east; hit; ttl=42"),
+    case("9211-2.2-miss-stored", "l1-east", {"hit": False, "fwd": "uri-miss", "fwd_status": 200, "stored": True},
+         "l1-east; fwd=uri-miss; fwd-status=200; stored"),
+    case("9211-2.2-stale-revalidated", "l1-east", {"hit": False, "fwd": "stale", "fwd_status": 304, "ttl": 60.0},
+         "l1-east; fwd=stale; fwd-status=304; ttl=60"),
+    case("9211-2.4-ttl-floored", "l2-a", {"hit": True, "ttl": 41.9}, "l2-a; hit; ttl=41"),
+    case("9211-2.4-negative-ttl-floored", "l2-a", {"hit": True, "ttl": -0.5}, "l2-a; hit; ttl=-1"),
+    case("8941-3.3.1-ttl-clamped", "l2-a", {"hit": True, "ttl": float("inf")}, "l2-a; hit; ttl=999999999999999"),
+    case("9211-2.6-collapsed", "l1-west", {"hit": False, "fwd": "miss", "collapsed": True},
+         "l1-west; fwd=miss; collapsed"),
+    case("9211-2.8-detail-token", "l1-west", {"hit": False, "fwd": "bypass", "detail": "no-store"},
+         "l1-west; fwd=bypass; detail=no-store"),
+    case("9211-2.8-detail-string", "l1-west", {"hit": False, "detail": "upstream timeout"},
+         'l1-west; detail="upstream timeout"'),
+    case("9211-2-node-not-a-token-is-a-string", "1node", {"hit": True}, '"1node"; hit'),
+    case("8941-4.1.6-string-escapes", 'my "cache"\\x', {"hit": True}, '"my \\"cache\\"\\\\x"; hit'),
+    case("8941-4.1.6-non-ascii-replaced", "n\u00f6de 1", {"hit": False}, '"n?de 1"'),
+    case("9211-2-bare-entry", "l1-east", {"hit": False}, "l1-east"),
+])
+def test_cache_status_entry(node, kwargs, expected):
+    assert cache_status_entry(node, **kwargs) == expected
+
+
+def test_cache_status_entry_rejects_non_token_fwd():
+    with pytest.raises(ValueError):
+        cache_status_entry("l1-east", hit=False, fwd="uri miss")
