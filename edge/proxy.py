@@ -209,10 +209,7 @@ class CacheNode:
             key, stored, _ = await self._find(ex)
             if stored is not None:
                 ex.cache_status = "HIT"
-                meta = stored.meta
-                now = self.clock()
-                age = policy.current_age(_multi(meta), meta.request_time, meta.response_time, now)
-                ttl = policy.freshness_lifetime(_multi(meta)) - age
+                age, ttl = self._age_and_ttl(stored.meta)
                 entry = policy.cache_status_entry(self.node.name, hit=True, ttl=ttl, collapsed=True)
                 return await self._deliver_stored(ex, stored, age, ttl, entry)
             return None     # another variant was stored, or it was evicted already
@@ -273,9 +270,7 @@ class CacheNode:
             flight.finish(Outcome.STORED)
         fresh = await self.store.get(key) or stored
         ex.cache_status = "REVALIDATED"
-        multi = _multi(fresh.meta)
-        age = policy.current_age(multi, request_time, response_time, self.clock())
-        ttl = policy.freshness_lifetime(multi) - age
+        age, ttl = self._age_and_ttl(fresh.meta)
         entry = policy.cache_status_entry(self.node.name, hit=False, fwd="stale", fwd_status=304, ttl=ttl)
         return await self._deliver_stored(ex, fresh, age, ttl, entry)
 
@@ -299,7 +294,7 @@ class CacheNode:
             flight.finish(Outcome.NOT_STORED)
 
         age = policy.current_age(multi, request_time, response_time, self.clock())
-        ttl = policy.freshness_lifetime(multi) - age if ok else None
+        ttl = policy.freshness_lifetime(multi, status=response.status) - age if ok else None
         entry = policy.cache_status_entry(self.node.name, hit=False, fwd=fwd, fwd_status=response.status,
                                           stored=ok, ttl=ttl, detail=None if ok else why)
         out_headers = self._client_headers(multi, age, entry, ex.cache_status)
@@ -443,8 +438,7 @@ class CacheNode:
         if not policy.stale_if_error_allowed(multi, meta.request_time, meta.response_time, now):
             return None
         ex.cache_status = "STALE"
-        age = policy.current_age(multi, meta.request_time, meta.response_time, now)
-        ttl = policy.freshness_lifetime(multi) - age
+        age, ttl = self._age_and_ttl(meta)
         entry = policy.cache_status_entry(self.node.name, hit=True, ttl=ttl, fwd_status=status,
                                           detail="stale-if-error")
         return await self._deliver_stored(ex, stored, age, ttl, entry)
@@ -504,6 +498,12 @@ class CacheNode:
 
     # --------------------------------------------------------------- deliver
 
+    def _age_and_ttl(self, meta: Meta) -> tuple[float, float]:
+        """Current age and remaining freshness of a stored response, now."""
+        multi = _multi(meta)
+        age = policy.current_age(multi, meta.request_time, meta.response_time, self.clock())
+        return age, policy.freshness_lifetime(multi, status=meta.status) - age
+
     def _client_headers(self, stored: CIMultiDict[str], age: float | None, entry: str,
                         cache_status: str) -> CIMultiDict[str]:
         headers = CIMultiDict((k, v) for k, v in stored.items() if k.lower() not in NODE_RESPONSE_FIELDS)
@@ -527,7 +527,7 @@ class CacheNode:
         meta = stored.meta
         multi = _multi(meta)
         headers = self._client_headers(multi, age, entry, ex.cache_status)
-        if meta.status == 200 and policy.client_not_modified(request.method, request.headers, multi):
+        if policy.client_not_modified(request.method, request.headers, multi, status=meta.status):
             # RFC 9110 15.4.5: a 304 carries the validators and caching fields, no content fields.
             for name in ("Content-Type", "Content-Encoding", "Content-Language", "Content-Range"):
                 headers.popall(name, None)
