@@ -21,6 +21,7 @@ a Prometheus scrape config.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import json
 import os
@@ -243,6 +244,7 @@ class Launcher:
                 # Its own process group: a terminal's Ctrl-C reaches only the
                 # launcher, which then stops the children in an orderly way.
                 process_group=0,
+                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             raise StartFailure(f"{member.name}: cannot run {' '.join(command)}: "
@@ -510,3 +512,19 @@ def try_commands(topology: config.Topology, config_path: Path | None) -> list[st
     config_arg = f" --config {config_path}" if config_path is not None else ""
     commands.append(f"edge prometheus-config{config_arg} > prometheus.yml")
     return commands
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the launcher dies, even by SIGKILL (Linux).
+
+    Without it a killed launcher would leave every node running.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass    # not Linux: the launcher's own signal handling still stops the nodes
+

@@ -295,6 +295,19 @@ async def test_up_survives_a_dead_node_and_stops_on_ctrl_c(
     assert processes_naming(str(topology_path)) == []
 
 
+async def test_nodes_stop_when_the_launcher_is_killed(tmp_path: Path, start_up) -> None:
+    topology_path = write_topology(tmp_path, subnet=16, with_dns=False)
+    run = await start_up(topology_path)
+    await run.read_until_ready()
+    pids = run.started_pids()
+    run.process.kill()                    # no chance to clean up: the kernel must tell the children
+    await run.process.wait()
+    async with asyncio.timeout(STOP_DEADLINE):
+        while [pid for pid in pids.values() if alive(pid)]:
+            await asyncio.sleep(0.05)
+    assert processes_naming(str(topology_path)) == []
+
+
 async def test_up_refuses_a_busy_address_and_starts_nothing(tmp_path: Path, start_up) -> None:
     topology_path = write_topology(tmp_path, subnet=21, with_dns=False)
     l1 = config.load(topology_path).node("l1-a")
