@@ -146,3 +146,19 @@ async def test_parent_5xx_of_its_own_fails_over_but_origin_5xx_passes_through(cd
     # The origin's own 503 is an answer: passed through, parents stay up.
     assert status == 503 and h["X-Origin-Hits"] == "1"
     assert parent_up(cdn, "l1-1", "l2-a") and parent_up(cdn, "l1-1", "l2-b")
+
+
+@pytest.mark.parametrize("go_direct", [True, False])
+async def test_all_parents_down_goes_direct_only_when_allowed(tmp_path, http, go_direct):
+    c = Cluster.create(tmp_path, "35", l2=1, l1=1, extra_node="" if go_direct else "go_direct = false")
+    try:
+        c.start("origin", "l2-a", "l1-1")
+        c.node("l2-a").stop()
+        path = f"/gen/direct-{uuid.uuid4().hex}?cc=max-age=60"
+        status, h = await get(http, c.url("l1-1", path))
+        if go_direct:
+            assert status == 200 and tiers(h) == ["l1-1"] and h["X-Origin-Hits"] == "1"
+        else:
+            assert status == 502 and "l1-1; error=connection_refused" in h["Proxy-Status"]
+    finally:
+        c.stop_all()
