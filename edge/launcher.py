@@ -509,6 +509,8 @@ def try_commands(topology: config.Topology, config_path: Path | None) -> list[st
     if topology.dns is not None and site_host:
         listen = topology.dns.listen
         commands.append(f"dig @{listen.host} -p {listen.port} {site_host}")
+        client = next((str(net.network_address + 1) for net, _ in topology.coverage), "127.0.0.1")
+        commands.append(f"curl -s '{topology.dns.admin.url}/explain?name={site_host}&client={client}'")
     config_arg = f" --config {config_path}" if config_path is not None else ""
     commands.append(f"edge prometheus-config{config_arg} > prometheus.yml")
     return commands
