@@ -25,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     run = with_config(sub.add_parser("run", help="run one node of the topology in the foreground"))
-    run.add_argument("node", metavar="NODE", help="node name from the topology, or 'dns' for the scheduler")
+    run.add_argument("node", metavar="NODE", nargs="?",
+                     help="node name from the topology, or 'dns' for the scheduler")
+    run.add_argument("--node", dest="node_option", metavar="NODE", help="the same, as an option")
     with_config(sub.add_parser("up", help="start every node of the topology and wait; Ctrl-C stops all"))
     with_config(sub.add_parser("check", help="validate the topology file and print its nodes"))
     with_config(sub.add_parser("prometheus-config", help="print a Prometheus scrape config for the topology"))
@@ -33,7 +35,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        if (args.node is None) == (args.node_option is None):
+            parser.error("run: give the node name once, as NODE or --node NODE")
+        args.node = args.node or args.node_option
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

@@ -1,0 +1,113 @@
+"""The topology loader: the default loads, and every mistake names the file, the key and the problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge import config
+from tests.cluster import REPO
+
+MINIMAL = """
+[sites.example]
+hosts = ["www.example.com"]
+origin = "http://127.0.0.10:8080"
+[nodes.origin]
+role = "origin"
+listen = "127.0.0.10:8080"
+admin = "127.0.0.10:8091"
+[nodes.l2-a]
+role = "l2"
+listen = "127.0.2.1:8080"
+admin = "127.0.2.1:8091"
+[nodes.l1]
+role = "l1"
+listen = "127.0.1.1:8080"
+admin = "127.0.1.1:8091"
+"""
+
+
+def test_default_topology_is_the_documented_one():
+    topology = config.load()
+    assert config.load(REPO / "deploy" / "local.toml").nodes == topology.nodes
+    roles = {n.name: (n.role, str(n.listen), str(n.admin)) for n in topology.nodes}
+    assert roles == {
+        "origin": ("origin", "127.0.0.10:8080", "127.0.0.10:8091"),
+        "l2-a": ("l2", "127.0.2.1:8080", "127.0.2.1:8091"),
+        "l2-b": ("l2", "127.0.2.2:8080", "127.0.2.2:8091"),
+        "l1-east": ("l1", "127.0.1.1:8080", "127.0.1.1:8091"),
+        "l1-west": ("l1", "127.0.1.2:8080", "127.0.1.2:8091"),
+    }
+    assert topology.node("l1-east").parents == ("l2-a", "l2-b")
+    assert str(topology.dns.listen) == "127.0.5.1:8053"
+    assert topology.sites[0].cdn_name == "www.example.com.cdn.example.net"
+
+
+def test_minimal_topology_defaults():
+    topology = config.parse(MINIMAL, "t.toml", Path("/srv"))
+    l1 = topology.node("l1")
+    assert l1.parents == ("l2-a",) and l1.parent_policy.go_direct
+    assert topology.cache_dir(l1) == Path("/srv/var/cache/l1")
+    assert topology.dns is None
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "key", "problem"),
+    [
+        ('role = "l1"', 'role = "edge"', "nodes.l1.role", "expected one of origin, l2, l1"),
+        ('listen = "127.0.1.1:8080"', 'listen = "127.0.1.1"', "nodes.l1.listen", "expected HOST:PORT"),
+        ('listen = "127.0.1.1:8080"', 'listen = "localhost:80"', "nodes.l1.listen", "expected an IP address"),
+        ('admin = "127.0.1.1:8091"', 'admin = "127.0.2.1:8091"', "nodes.l1.admin", "already used by nodes.l2-a.admin"),
+        ('role = "l1"', 'role = "l1"\nparents = ["l2-z"]', "nodes.l1.parents", "'l2-z' is not an l2 node"),
+        ('role = "l1"', 'role = "l1"\nmemory_size = "lots"', "nodes.l1.memory_size", "expected a size"),
+        ('role = "l1"', 'role = "l1"\nparent_fall = 0', "nodes.l1.parent_fall", "at least 1"),
+        ('role = "l1"', 'role = "l1"\ncolour = "red"', "nodes.l1.colour", "unknown key"),
+        ('role = "l2"', 'role = "l2"\nparents = ["l1"]', "nodes.l2-a.parents", "only an l1 node has parents"),
+        ('origin = "http://127.0.0.10:8080"', 'origin = "ftp://x"', "sites.example.origin", "http://"),
+        ('hosts = ["www.example.com"]', 'hosts = []', "sites.example.hosts", "non-empty list"),
+        ('hosts = ["www.example.com"]', 'hosts = ["bad host!"]', "sites.example.hosts", "not a valid DNS name"),
+        ('role = "l1"', 'role = "l1"\nregion = "mars"', "nodes.l1.region", "unknown region 'mars'"),
+        ('[nodes.origin]', '[coverage]\n"10.0.0.0/33" = "east"\n[nodes.origin]', 'coverage."10.0.0.0/33"', "not a CIDR"),
+    ],
+)
+def test_mistakes_name_file_key_and_problem(replace, by, key, problem):
+    assert replace in MINIMAL
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(MINIMAL.replace(replace, by, 1), "topo.toml", Path("."))
+    assert (err.value.source, err.value.key) == ("topo.toml", key)
+    assert problem in err.value.problem
+    assert str(err.value).startswith(f"topo.toml: {key}: ")
+
+
+def test_site_lookup_ignores_port_and_case_and_falls_back_to_default():
+    text = MINIMAL + '[sites.catchall]\nhosts = ["other.example.com"]\norigin = "http://127.0.0.10:8080"\ndefault = true\n'
+    topology = config.parse(text, "t.toml", Path("."))
+    assert topology.site_for_host("WWW.EXAMPLE.COM:8080").name == "example"
+    assert topology.site_for_host("nobody.example.org").name == "catchall"
+    assert config.parse(MINIMAL, "t.toml", Path(".")).site_for_host("nobody.example.org") is None
+
+
+def test_cli_prints_one_line_and_exits_2_on_a_bad_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(MINIMAL.replace('role = "l1"', 'role = "l3"'))
+    result = subprocess.run([sys.executable, "-m", "edge", "run", "l1", "--config", str(bad)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"edge: config error: {bad}: nodes.l1.role: "
+                                     "expected one of origin, l2, l1, got 'l3'")
+
+
+def test_cli_names_a_node_that_cannot_bind(tmp_path):
+    import socket
+    topo = tmp_path / "t.toml"
+    topo.write_text(MINIMAL.replace("127.0.0.10", "127.0.36.10"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.36.10", 8080))
+        busy.listen()
+        result = subprocess.run([sys.executable, "-m", "edge", "run", "origin", "--config", str(topo)],
+                                capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert result.returncode == 1
+    assert "edge: origin: cannot start:" in result.stderr and "Traceback" not in result.stderr
