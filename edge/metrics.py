@@ -26,7 +26,8 @@ class StoreCollector(Collector):
 
     def collect(self):
         objects = GaugeMetricFamily("edge_cache_objects", "Objects held, per cache tier.", labels=["tier"])
-        size = GaugeMetricFamily("edge_cache_bytes", "Body bytes held, per cache tier.", labels=["tier"])
+        size = GaugeMetricFamily("edge_cache_bytes", "Bytes counted against each tier's size limit (body plus per-entry overhead).",
+                                 labels=["tier"])
         evictions = CounterMetricFamily("edge_cache_evictions", "Objects evicted to make room, per cache tier.",
                                         labels=["tier"])
         for tier in self._tiers():

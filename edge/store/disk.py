@@ -1,0 +1,728 @@
+"""The disk tier: one pair of files per entry, an LRU index in memory, bounded in bytes.
+
+Layout (like nginx's ``levels=2``): an entry for ``key`` lives in
+``<dir>/<h[:2]>/<h>.meta`` and ``<dir>/<h[:2]>/<h>.body`` where ``h`` is the
+sha256 hex digest of the key.  The meta file is JSON (format version, the
+key itself, the :class:`Meta` fields).  An entry is valid only when its meta
+parses, names the same key, and the body file is exactly ``meta.size`` bytes.
+
+Commit protocol (crash safe without fsync for everything but power loss):
+the body is streamed to ``.tmp-<instance>-<random>`` in the entry's
+directory; on commit the new meta is written to another temp file, the old
+meta is unlinked (from here the old entry is invalid, so a crash can never
+pair an old meta with a new body), the body is renamed into place and then
+the meta: that last rename is the commit point.  ``fsync=True`` also syncs
+the files and the directory, which only matters for power loss; without it
+a machine crash may leave a zero-filled body of the right length, which no
+size check can see (the kernel's ``auto_da_alloc`` makes this rare).
+
+Every file operation runs in a thread (``asyncio.to_thread`` or aiofiles).
+Operations on one entry are serialised by a striped asyncio lock, so a
+reader never sees the body of one version with the meta of another.
+
+The byte budget charges each entry its body plus its meta file; a commit
+that would exceed it evicts least-recently-used entries (both files).  The
+index is rebuilt by a background scan on :meth:`DiskStore.start`; the LRU
+order it restores is the order of meta-file modification (the last store or
+revalidation), since hits do not touch the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import logging
+import os
+import secrets
+import weakref
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiofiles.os
+import aiofiles.threadpool
+
+from edge.store.base import DEFAULT_CHUNK_SIZE, CachedObject, CorruptEntry, Meta
+
+log = logging.getLogger("edge.store.disk")
+
+FORMAT_VERSION = 1
+TEMP_PREFIX = ".tmp-"
+_LOCK_STRIPES = 256
+_HEX = frozenset("0123456789abcdef")
+
+
+def key_hash(key: str) -> str:
+    """The file name of a key's entry ("surrogatepass": a key may be any str)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _short(key: str) -> str:
+    return key if len(key) <= 120 else key[:117] + "..."
+
+
+class _Entry:
+    """What the index knows about an entry: its charge and which version it is."""
+
+    __slots__ = ("charge", "version")
+
+    def __init__(self, charge: int, version: int):
+        self.charge = charge
+        self.version = version
+
+
+class DiskStore:
+    name = "disk"
+
+    def __init__(self, directory: Path, max_bytes: int, *, fsync: bool = False):
+        if max_bytes < 0:
+            raise ValueError("disk store size must not be negative")
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.fsync = fsync
+        # Runs once at startup, before any traffic: a plain mkdir is fine here.
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.directory, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as exc:
+            raise OSError(exc.errno, f"cache directory {self.directory}: {exc.strerror or exc}",
+                          str(self.directory)) from None
+        self._index: OrderedDict[str, _Entry] = OrderedDict()
+        self._bytes = 0
+        self._evictions = 0
+        self._versions = itertools.count(1)
+        self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
+        # Temp files carry this instance's token: the rebuild deletes everyone
+        # else's (left by a crash) but never those of a writer running now.
+        self._temp_prefix = f"{TEMP_PREFIX}{secrets.token_hex(4)}-"
+        self._subdirs_ready: set[str] = set()
+        # Hashes stored, deleted, evicted or adopted since the rebuild began: the
+        # scan's view of them may be stale, so the merge must not act on them.
+        self._touched: set[str] | None = set()
+        self._index_complete = False     # True once a full scan merged: unindexed means absent
+        self._rebuild_task: asyncio.Task[None] | None = None
+        self._writers: weakref.WeakSet[DiskWriter] = weakref.WeakSet()
+        self.rebuilt = asyncio.Event()   # set when the start-up scan has finished
+        self.rebuild_errors = 0          # subdirectories the scan could not read
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start rebuilding the index in the background; returns at once."""
+        if self._rebuild_task is None and not self.rebuilt.is_set():
+            self._rebuild_task = asyncio.create_task(
+                self._rebuild(), name=f"disk cache index rebuild {self.directory}")
+
+    async def close(self) -> None:
+        task, self._rebuild_task = self._rebuild_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+        for writer in list(self._writers):
+            await writer.abort()
+
+    # ------------------------------------------------------------------ reads
+
+    async def get(self, key: str) -> CachedObject | None:
+        if key not in self._index and self._index_complete:
+            return None
+        h = key_hash(key)
+        meta_path, body_path = self._paths(h)
+        async with self._lock(h):
+            try:
+                found = await asyncio.to_thread(_read_entry, meta_path, body_path, key)
+            except CorruptEntry as exc:
+                await self._discard_locked(key, h, str(exc))
+                return None
+            if found is None:
+                if self._index_drop(key):
+                    self._touch(h)
+                    log.warning("disk cache: entry for %s vanished from %s", _short(key), meta_path)
+                return None
+            meta, meta_len = found
+            entry = self._index.get(key)
+            if entry is None:            # on disk but not indexed yet: adopt it
+                entry = self._index_put(key, meta.size + meta_len)
+                self._touch(h)
+            else:
+                self._index.move_to_end(key)
+            return DiskObject(meta, self, key, h, entry.version)
+
+    async def _open_body(self, obj: DiskObject) -> Any:
+        """Open the body of exactly the version ``obj`` was looked up as."""
+        meta_path, body_path = self._paths(obj.hash)
+        async with self._lock(obj.hash):
+            entry = self._index.get(obj.key)
+            if entry is None or entry.version != obj.version:
+                raise CorruptEntry("entry was replaced or removed after it was looked up")
+            try:
+                raw = await asyncio.to_thread(_open_body_checked, body_path, obj.meta.size)
+            except (OSError, CorruptEntry) as exc:
+                await self._discard_locked(obj.key, obj.hash, f"cannot open body: {exc}")
+                raise CorruptEntry(f"cannot open body: {exc}") from None
+        return aiofiles.threadpool.wrap(raw)
+
+    async def _discard_version(self, obj: DiskObject, problem: str) -> None:
+        """Drop an entry found corrupt while reading, unless it was replaced meanwhile."""
+        async with self._lock(obj.hash):
+            entry = self._index.get(obj.key)
+            if entry is not None and entry.version == obj.version:
+                await self._discard_locked(obj.key, obj.hash, problem)
+
+    async def _discard_locked(self, key: str, h: str, problem: str) -> None:
+        log.warning("disk cache: dropping entry for %s (%s): %s", _short(key), h, problem)
+        self._index_drop(key)
+        self._touch(h)
+        await asyncio.to_thread(_remove_quietly, *self._paths(h))
+
+    # ------------------------------------------------------------------ writes
+
+    def writer(self, key: str, size_hint: int | None = None) -> DiskWriter:
+        writer = DiskWriter(self, key, size_hint)
+        self._writers.add(writer)
+        return writer
+
+    async def _temp_path(self, h: str, fresh_dir: bool = False) -> Path:
+        """A new temp file name beside the entry, creating its subdirectory if needed."""
+        sub = h[:2]
+        if fresh_dir or sub not in self._subdirs_ready:
+            await aiofiles.os.makedirs(self.directory / sub, exist_ok=True)
+            self._subdirs_ready.add(sub)
+        return self._temp_name(h)
+
+    def _temp_name(self, h: str) -> Path:
+        return self.directory / h[:2] / f"{self._temp_prefix}{secrets.token_hex(8)}"
+
+    async def _install(self, key: str, h: str, tmp_body: Path, meta_bytes: bytes,
+                       charge: int) -> bool:
+        """Move a finished body and its meta into place; the meta rename commits."""
+        meta_path, body_path = self._paths(h)
+        tmp_meta = self._temp_name(h)        # beside tmp_body: the directory exists
+        async with self._lock(h):
+            self._touch(h)
+            try:
+                await asyncio.to_thread(_install_files, tmp_body, tmp_meta, meta_bytes,
+                                        meta_path, body_path, self.fsync)
+            except OSError as exc:
+                log.warning("disk cache: cannot store %s in %s: %s", _short(key), meta_path, exc)
+                self._index_drop(key)
+                await asyncio.to_thread(_remove_quietly, tmp_body, tmp_meta, meta_path, body_path)
+                return False
+            self._index_put(key, charge)
+        await self._evict_to_budget()
+        return True
+
+    async def update_meta(self, key: str, meta: Meta) -> bool:
+        """Rewrite only the meta (after a 304); False if absent or the size differs."""
+        if key not in self._index and self._index_complete:
+            return False
+        h = key_hash(key)
+        meta_path, body_path = self._paths(h)
+        meta_bytes = _encode_meta(key, meta)
+        tmp_meta = self._temp_name(h)        # used only if the entry (so its directory) exists
+        async with self._lock(h):
+            self._touch(h)
+            try:
+                outcome = await asyncio.to_thread(_rewrite_meta, key, meta.size, meta_bytes,
+                                                  tmp_meta, meta_path, body_path, self.fsync)
+            except CorruptEntry as exc:
+                await self._discard_locked(key, h, str(exc))
+                return False
+            except OSError as exc:
+                log.warning("disk cache: cannot update %s: %s", meta_path, exc)
+                return False
+            if outcome == "absent":
+                self._index_drop(key)
+                return False
+            if outcome == "size differs":
+                return False
+            entry = self._index.get(key)
+            charge = meta.size + len(meta_bytes)
+            if entry is None:
+                self._index_put(key, charge)
+            else:                         # same body, same version: readers stay valid
+                self._bytes += charge - entry.charge
+                entry.charge = charge
+                self._index.move_to_end(key)
+        return True
+
+    async def delete(self, key: str) -> bool:
+        if key not in self._index and self._index_complete:
+            return False
+        h = key_hash(key)
+        async with self._lock(h):
+            indexed = self._index_drop(key)
+            self._touch(h)
+            try:
+                existed = await asyncio.to_thread(_remove_files, *self._paths(h))
+            except OSError as exc:
+                log.warning("disk cache: cannot delete entry %s: %s", h, exc)
+                existed = True
+        return indexed or existed
+
+    async def _evict_to_budget(self) -> None:
+        victims = []
+        while self._bytes > self.max_bytes and self._index:
+            key, entry = self._index.popitem(last=False)
+            self._bytes -= entry.charge
+            self._evictions += 1
+            victims.append(key)
+        for key in victims:
+            h = key_hash(key)
+            async with self._lock(h):
+                if key in self._index:   # stored again meanwhile: the files are the new entry
+                    continue
+                self._touch(h)
+                await asyncio.to_thread(_remove_quietly, *self._paths(h))
+
+    # ------------------------------------------------------------------ index
+
+    def _paths(self, h: str) -> tuple[Path, Path]:
+        sub = self.directory / h[:2]
+        return sub / f"{h}.meta", sub / f"{h}.body"
+
+    def _lock(self, h: str) -> asyncio.Lock:
+        return self._locks[int(h[:2], 16) % _LOCK_STRIPES]
+
+    def _touch(self, h: str) -> None:
+        if self._touched is not None:
+            self._touched.add(h)
+
+    def _index_put(self, key: str, charge: int) -> _Entry:
+        old = self._index.pop(key, None)
+        if old is not None:
+            self._bytes -= old.charge
+        entry = self._index[key] = _Entry(charge, next(self._versions))
+        self._bytes += charge
+        return entry
+
+    def _index_drop(self, key: str) -> bool:
+        old = self._index.pop(key, None)
+        if old is None:
+            return False
+        self._bytes -= old.charge
+        return True
+
+    async def _rebuild(self) -> None:
+        try:
+            await self._merge(await self._scan())
+        except Exception:
+            # Unexpected: keep serving with direct lookups rather than die silently.
+            log.exception("disk cache %s: index rebuild failed", self.directory)
+            self.rebuild_errors += 1
+            self.rebuilt.set()
+
+    async def _scan(self) -> _ScanResult:
+        """Read every subdirectory, one thread hop each, so close() can stop it between."""
+        result = _ScanResult()
+        try:
+            subdirs = await asyncio.to_thread(_list_subdirs, self.directory)
+        except OSError as exc:
+            log.error("disk cache %s: cannot list the cache directory: %s", self.directory, exc)
+            self.rebuild_errors += 1
+            result.complete = False
+            return result
+        for sub in subdirs:
+            try:
+                found, bad = await asyncio.to_thread(
+                    _scan_subdir, self.directory / sub, sub, self._temp_prefix)
+            except OSError as exc:
+                log.error("disk cache %s: cannot scan %s: %s", self.directory, sub, exc)
+                self.rebuild_errors += 1
+                result.complete = False
+                continue
+            result.found.extend(found)
+            result.bad.extend(bad)
+            self._subdirs_ready.add(sub)
+        return result
+
+    async def _merge(self, result: _ScanResult) -> None:
+        """Add what the scan found, skipping every hash touched since the scan began."""
+        touched = self._touched if self._touched is not None else set()
+        # Newest first, each pushed to the LRU front: the oldest ends up evicted
+        # first, and everything used since start-up stays more recent.
+        result.found.sort(reverse=True)
+        for _mtime, key, h, charge in result.found:
+            if h in touched or key in self._index:
+                continue
+            self._index[key] = _Entry(charge, next(self._versions))
+            self._index.move_to_end(key, last=False)
+            self._bytes += charge
+        removed = 0
+        for h in result.bad:
+            async with self._lock(h):
+                if h not in touched:
+                    await asyncio.to_thread(_remove_quietly, *self._paths(h))
+                    removed += 1
+        if removed:
+            log.warning("disk cache %s: removed %d broken entries", self.directory, removed)
+        log.info("disk cache %s: index rebuilt: %d entries, %d bytes",
+                 self.directory, len(self._index), self._bytes)
+        # With a subdirectory unreadable the index stays incomplete: lookups
+        # keep checking the files, so nothing on disk is silently ignored.
+        if result.complete:
+            self._touched = None
+            self._index_complete = True
+        self.rebuilt.set()
+        await self._evict_to_budget()
+
+    # ------------------------------------------------------------------ gauges
+
+    def keys(self) -> list[str]:
+        """Indexed keys from least to most recently used (a snapshot, for operators)."""
+        return list(self._index)
+
+    def tiers(self) -> list[DiskStore]:
+        return [self]
+
+    @property
+    def objects(self) -> int:
+        return len(self._index)
+
+    @property
+    def evictions(self) -> int:
+        return self._evictions
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+
+class _ScanResult:
+    """What the start-up scan saw; merged into the index on the event loop."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[int, str, str, int]] = []    # (mtime_ns, key, hash, charge)
+        self.bad: list[str] = []                            # hashes of broken entries
+        self.complete = True
+
+
+class DiskObject(CachedObject):
+    """A disk hit: the meta is read, the body is opened and streamed on demand."""
+
+    __slots__ = ("store", "key", "hash", "version")
+
+    def __init__(self, meta: Meta, store: DiskStore, key: str, h: str, version: int):
+        super().__init__(meta, None)
+        self.store = store
+        self.key = key
+        self.hash = h
+        self.version = version
+
+    async def chunks(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> AsyncIterator[bytes]:
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        file = await self.store._open_body(self)
+        remaining = self.meta.size
+        problem = ""
+        try:
+            while remaining > 0:
+                try:
+                    data = await file.read(min(chunk_size, remaining))
+                except OSError as exc:
+                    problem = f"read error: {exc}"
+                    break
+                if not data:
+                    problem = f"body ended {remaining} bytes short of {self.meta.size}"
+                    break
+                remaining -= len(data)
+                yield data
+        finally:
+            try:
+                await file.close()
+            except OSError:
+                pass
+        if problem:
+            await self.store._discard_version(self, problem)
+            raise CorruptEntry(problem)
+
+
+class DiskWriter:
+    """Streams a body to a temp file; commit moves it into place."""
+
+    def __init__(self, store: DiskStore, key: str, size_hint: int | None):
+        self._store = store
+        self._key = key
+        self._hash = key_hash(key)
+        self._tmp: Path | None = None
+        self._file: Any = None
+        self.written = 0
+        self.failed = False          # a disk error happened (logged)
+        # Something that can never fit is not written at all.
+        self.dropped = size_hint is not None and size_hint > store.max_bytes
+        self._done = False
+
+    async def write(self, chunk: bytes) -> None:
+        if self._done:
+            raise RuntimeError("write after commit or abort")
+        self.written += len(chunk)
+        if self.dropped:
+            return
+        if self.written > self._store.max_bytes:
+            self.dropped = True      # outgrew the whole tier: stop spending disk on it
+            await self._discard_temp()
+            return
+        try:
+            if self._file is None:
+                await self._open_temp()
+            await self._file.write(chunk)
+        except OSError as exc:
+            self._fail(exc)
+            await self._discard_temp()
+
+    async def commit(self, meta: Meta) -> bool:
+        if self._done:
+            raise RuntimeError("commit after commit or abort")
+        self._done = True
+        store = self._store
+        meta_bytes = _encode_meta(self._key, meta)
+        charge = meta.size + len(meta_bytes)
+        if self.dropped or meta.size != self.written or charge > store.max_bytes:
+            await self._discard_temp()
+            # Commit means "this response replaces the stored one": never leave
+            # the old version behind to be served in its place.
+            await store.delete(self._key)
+            return False
+        try:
+            if self._file is None:       # an empty body: nothing was written yet
+                await self._open_temp()
+            if store.fsync:
+                await self._file.flush()
+                await asyncio.to_thread(os.fsync, self._file.fileno())
+            await self._file.close()
+            self._file = None
+        except OSError as exc:
+            self._fail(exc)
+            await self._discard_temp()
+            await store.delete(self._key)
+            return False
+        tmp, self._tmp = self._tmp, None
+        assert tmp is not None
+        # Shielded: once the renames start, a cancelled caller must not leave
+        # files in place that the index does not know about.
+        return await asyncio.shield(store._install(self._key, self._hash, tmp, meta_bytes, charge))
+
+    async def abort(self) -> None:
+        self._done = True
+        await self._discard_temp()
+
+    async def _open_temp(self) -> None:
+        self._tmp = await self._store._temp_path(self._hash)
+        try:
+            self._file = await aiofiles.open(self._tmp, "wb")
+        except FileNotFoundError:        # the subdirectory was removed under us
+            self._tmp = await self._store._temp_path(self._hash, fresh_dir=True)
+            self._file = await aiofiles.open(self._tmp, "wb")
+
+    def _fail(self, exc: OSError) -> None:
+        log.warning("disk cache: cannot write %s for %s: %s; not caching it",
+                    self._tmp, _short(self._key), exc)
+        self.failed = True
+        self.dropped = True
+
+    async def _discard_temp(self) -> None:
+        file, self._file = self._file, None
+        tmp, self._tmp = self._tmp, None
+        if file is not None:
+            try:
+                await file.close()
+            except OSError:
+                pass
+        if tmp is not None:
+            try:
+                await aiofiles.os.remove(tmp)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("disk cache: cannot remove temp file %s: %s", tmp, exc)
+
+
+# ---------------------------------------------------------------------------- file helpers
+# These run in worker threads (asyncio.to_thread), never on the event loop.
+
+def _encode_meta(key: str, meta: Meta) -> bytes:
+    record = {"format": FORMAT_VERSION, "key": key, **meta.to_dict()}
+    return json.dumps(record, separators=(",", ":")).encode("ascii")
+
+
+def _decode_meta(raw: bytes) -> tuple[str, Meta]:
+    try:
+        record = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptEntry(f"meta is not JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise CorruptEntry("meta is not a JSON object")
+    if record.get("format") != FORMAT_VERSION:
+        raise CorruptEntry(f"meta format {record.get('format')!r} is not {FORMAT_VERSION}")
+    key = record.get("key")
+    if not isinstance(key, str):
+        raise CorruptEntry("meta has no key")
+    return key, Meta.from_dict(record)
+
+
+def _read_entry(meta_path: Path, body_path: Path, key: str) -> tuple[Meta, int] | None:
+    """The entry's meta and meta length; None if absent; CorruptEntry if invalid."""
+    try:
+        with open(meta_path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CorruptEntry(f"cannot read meta: {exc}") from None
+    stored_key, meta = _decode_meta(raw)
+    if stored_key != key:
+        raise CorruptEntry("meta names another key")
+    try:
+        size = os.stat(body_path).st_size
+    except OSError as exc:
+        raise CorruptEntry(f"body unreadable: {exc.strerror or exc}") from None
+    if size != meta.size:
+        raise CorruptEntry(f"body is {size} bytes, meta says {meta.size}")
+    return meta, len(raw)
+
+
+def _open_body_checked(body_path: Path, size: int) -> Any:
+    file = open(body_path, "rb")
+    actual = os.fstat(file.fileno()).st_size
+    if actual != size:
+        file.close()
+        raise CorruptEntry(f"body is {actual} bytes, meta says {size}")
+    return file
+
+
+def _write_file(path: Path, data: bytes, fsync: bool) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _install_files(tmp_body: Path, tmp_meta: Path, meta_bytes: bytes,
+                   meta_path: Path, body_path: Path, fsync: bool) -> None:
+    try:
+        _write_file(tmp_meta, meta_bytes, fsync)
+        _unlink(meta_path)               # the old entry stops being valid first
+        os.replace(tmp_body, body_path)
+        os.replace(tmp_meta, meta_path)  # the commit point
+    except OSError:
+        _unlink(tmp_meta)
+        raise
+    if fsync:
+        _fsync_dir(meta_path.parent)
+
+
+def _rewrite_meta(key: str, size: int, meta_bytes: bytes, tmp_meta: Path,
+                  meta_path: Path, body_path: Path, fsync: bool) -> str:
+    current = _read_entry(meta_path, body_path, key)
+    if current is None:
+        return "absent"
+    if current[0].size != size:
+        return "size differs"
+    try:
+        _write_file(tmp_meta, meta_bytes, fsync)
+        os.replace(tmp_meta, meta_path)
+    except OSError:
+        _unlink(tmp_meta)
+        raise
+    return "ok"
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _remove_files(meta_path: Path, body_path: Path) -> bool:
+    """Remove an entry, meta first so that it stops being valid at once."""
+    removed_meta = _unlink(meta_path)
+    removed_body = _unlink(body_path)
+    return removed_meta or removed_body
+
+
+def _remove_quietly(*paths: Path) -> None:
+    for path in paths:
+        try:
+            _unlink(path)
+        except OSError as exc:
+            log.warning("disk cache: cannot remove %s: %s", path, exc)
+
+
+def _is_hash(name: str) -> bool:
+    return len(name) == 64 and set(name) <= _HEX
+
+
+def _list_subdirs(directory: Path) -> list[str]:
+    with os.scandir(directory) as entries:
+        return sorted(e.name for e in entries
+                      if len(e.name) == 2 and set(e.name) <= _HEX and e.is_dir(follow_symlinks=False))
+
+
+def _scan_subdir(path: Path, sub: str, own_temp_prefix: str
+                 ) -> tuple[list[tuple[int, str, str, int]], list[str]]:
+    """Valid entries (mtime_ns, key, hash, charge) and broken entries' hashes in one subdirectory.
+
+    Stale temp files (a crashed writer's) are deleted here; files that are
+    not ours are left alone.
+    """
+    metas: dict[str, tuple[str, int]] = {}
+    bodies: dict[str, int] = {}
+    with os.scandir(path) as entries:
+        for e in entries:
+            name = e.name
+            if name.startswith(TEMP_PREFIX):
+                if not name.startswith(own_temp_prefix):
+                    try:
+                        _unlink(Path(e.path))
+                    except OSError as exc:
+                        log.warning("disk cache: cannot remove stale temp file %s: %s", e.path, exc)
+                continue
+            stem, _, ext = name.partition(".")
+            if not _is_hash(stem) or stem[:2] != sub:
+                continue
+            try:
+                if ext == "meta":
+                    metas[stem] = (e.path, e.stat(follow_symlinks=False).st_mtime_ns)
+                elif ext == "body":
+                    bodies[stem] = e.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue
+    found, bad = [], []
+    for h in sorted(metas.keys() | bodies.keys()):
+        if h not in metas or h not in bodies:   # an interrupted commit or delete
+            bad.append(h)
+            continue
+        meta_path, mtime = metas[h]
+        try:
+            with open(meta_path, "rb") as f:
+                raw = f.read()
+            key, meta = _decode_meta(raw)
+        except (OSError, CorruptEntry):
+            bad.append(h)
+            continue
+        if key_hash(key) != h or bodies[h] != meta.size:
+            bad.append(h)
+            continue
+        found.append((mtime, key, h, meta.size + len(raw)))
+    return found, bad

@@ -1,0 +1,685 @@
+"""Cache storage: memory LRU, disk LRU with atomic files and rebuild, the tiered stack.
+
+Everything here uses real files under tmp_path and the real stores; damage
+(truncated bodies, garbage meta, stale temp files) is done to the files
+themselves, the way a crash or a full disk would leave them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from edge.store import (ENTRY_OVERHEAD, CachedObject, CorruptEntry, DiskStore, MemoryStore, Meta,
+                        TieredStore, key_hash)
+
+KiB = 1024
+MiB = 1024 * 1024
+
+
+def make_meta(body: bytes, url: str = "http://www.example.com/a.js", status: int = 200,
+              extra: tuple[tuple[str, str], ...] = ()) -> Meta:
+    headers = (("Content-Type", "application/javascript"),
+               ("X-Digest", hashlib.sha256(body).hexdigest()),
+               ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")) + extra
+    return Meta(status=status, headers=headers, request_time=1_700_000_000.0,
+                response_time=1_700_000_000.25, size=len(body), url=url)
+
+
+def digest_of(meta: Meta) -> str:
+    return dict(meta.headers)["X-Digest"]
+
+
+async def put(store, key: str, body: bytes, chunk: int = 64 * KiB, meta: Meta | None = None) -> bool:
+    writer = store.writer(key, size_hint=len(body))
+    for start in range(0, len(body), chunk):
+        await writer.write(body[start:start + chunk])
+    return await writer.commit(meta or make_meta(body))
+
+
+async def read_all(obj: CachedObject, chunk_size: int = 256 * KiB) -> bytes:
+    return b"".join([part async for part in obj.chunks(chunk_size)])
+
+
+def files_under(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
+def entry_paths(directory: Path, key: str) -> tuple[Path, Path]:
+    h = key_hash(key)
+    return directory / h[:2] / f"{h}.meta", directory / h[:2] / f"{h}.body"
+
+
+def body_of(n: int, seed: int) -> bytes:
+    """n deterministic bytes that differ per seed."""
+    block = hashlib.sha256(seed.to_bytes(8, "big")).digest()
+    return (block * (n // len(block) + 1))[:n]
+
+
+@pytest.fixture
+async def open_disk(tmp_path):
+    """Make DiskStores that are closed after the test, started or not."""
+    stores: list[DiskStore] = []
+
+    async def make(directory: Path | None = None, max_bytes: int = 64 * MiB, start: bool = True,
+                   wait: bool = True) -> DiskStore:
+        store = DiskStore(directory or tmp_path / "cache", max_bytes)
+        stores.append(store)
+        if start:
+            await store.start()
+            if wait:
+                await asyncio.wait_for(store.rebuilt.wait(), 5)
+        return store
+
+    yield make
+    for store in stores:
+        await store.close()
+
+
+# ---------------------------------------------------------------------------- Meta
+
+def test_meta_round_trips_through_json_with_repeats_and_odd_characters():
+    meta = make_meta(b"xyz", url="http://h/\u00e9t\u00e9?q=\udcff",
+                     extra=(("X-Odd", "caf\u00e9 \udc80"), ("x-odd", "second")))
+    again = Meta.from_json(meta.to_json())
+    assert again == meta
+    assert [name for name, _ in again.headers].count("Set-Cookie") == 2
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"status":-1,"headers":[],"request_time":1,"response_time":1,"size":0}',
+    b'{"status":1000,"headers":[],"request_time":1,"response_time":1,"size":0}',
+    b"", b"not json", b"[]", b'{"status": 200}', b"\xff\xfe",
+    b'{"status":"200","headers":[],"request_time":1,"response_time":1,"size":0}',
+    b'{"status":200,"headers":[["a"]],"request_time":1,"response_time":1,"size":0}',
+    b'{"status":200,"headers":[],"request_time":1,"response_time":1,"size":-1}',
+    b'{"status":200,"headers":[],"request_time":NaN,"response_time":1,"size":0}',
+    b'{"status":true,"headers":[],"request_time":1,"response_time":1,"size":0}',
+])
+def test_meta_from_garbage_raises_corrupt_entry(raw):
+    with pytest.raises(CorruptEntry):
+        Meta.from_json(raw)
+
+
+# ---------------------------------------------------------------------------- memory
+
+async def test_memory_is_bounded_in_bytes_and_evicts_least_recently_used():
+    charge = 1000 + ENTRY_OVERHEAD
+    memory = MemoryStore(max_bytes=3 * charge, max_object_bytes=10_000)
+    for i in range(3):
+        assert await put(memory, f"k{i}", body_of(1000, i))
+    assert (memory.objects, memory.bytes, memory.evictions) == (3, 3 * charge, 0)
+
+    assert await memory.get("k0") is not None        # k0 becomes most recently used
+    assert await put(memory, "k3", body_of(1000, 3))
+    assert await put(memory, "k4", body_of(1000, 4))
+    assert await memory.get("k1") is None and await memory.get("k2") is None
+    for key, seed in (("k0", 0), ("k3", 3), ("k4", 4)):
+        hit = await memory.get(key)
+        assert hit is not None and hit.body == body_of(1000, seed)
+    assert (memory.objects, memory.bytes, memory.evictions) == (3, 3 * charge, 2)
+
+
+async def test_memory_counts_empty_objects_against_the_bound():
+    memory = MemoryStore(max_bytes=10 * ENTRY_OVERHEAD, max_object_bytes=MiB)
+    for i in range(100):
+        assert await put(memory, f"empty{i}", b"")
+    assert memory.objects == 10
+    assert memory.evictions == 90
+    assert memory.bytes == 10 * ENTRY_OVERHEAD
+
+
+async def test_memory_get_shares_the_body_without_copying():
+    memory = MemoryStore(max_bytes=MiB, max_object_bytes=MiB)
+    body = body_of(5000, 1)
+    assert memory.put("k", make_meta(body), body)
+    first, second = await memory.get("k"), await memory.get("k")
+    assert first.body is body and second.body is body
+    assert await read_all(first, chunk_size=1024) == body   # re-readable, chunked
+    assert [len(c) async for c in first.chunks(2048)] == [2048, 2048, 904]
+
+
+async def test_memory_writer_drops_a_body_above_max_object_bytes():
+    memory = MemoryStore(max_bytes=MiB, max_object_bytes=10 * KiB)
+    assert await put(memory, "k", b"old")
+    writer = memory.writer("k")                       # no size hint: find out while streaming
+    await writer.write(b"a" * 6 * KiB)
+    assert writer.buffered == 6 * KiB
+    await writer.write(b"a" * 6 * KiB)
+    assert writer.buffered == 0 and writer.dropped    # the buffer is gone, not kept growing
+    await writer.write(b"a" * 6 * KiB)
+    assert writer.buffered == 0
+    assert not await writer.commit(make_meta(b"a" * 18 * KiB))
+    assert await memory.get("k") is None              # the superseded "old" is not served
+    assert memory.bytes == 0
+
+    hinted = memory.writer("big", size_hint=11 * KiB)
+    await hinted.write(b"b" * KiB)
+    assert hinted.buffered == 0
+    assert not await hinted.commit(make_meta(b"b" * KiB))
+
+    exact = b"c" * 10 * KiB                           # the limit itself fits
+    assert await put(memory, "edge", exact)
+    assert (await memory.get("edge")).body == exact
+
+
+async def test_memory_commit_refuses_a_size_mismatch_and_abort_keeps_nothing():
+    memory = MemoryStore(max_bytes=MiB, max_object_bytes=MiB)
+    writer = memory.writer("k")
+    await writer.write(b"12345")
+    assert not await writer.commit(make_meta(b"123456"))
+    assert await memory.get("k") is None
+
+    writer = memory.writer("k")
+    await writer.write(b"12345")
+    await writer.abort()
+    assert writer.buffered == 0 and memory.objects == 0
+
+
+async def test_memory_update_meta_keeps_the_body():
+    memory = MemoryStore(max_bytes=MiB, max_object_bytes=MiB)
+    body = b"hello"
+    assert await put(memory, "k", body)
+    fresh = make_meta(body, extra=(("Age", "0"),))
+    assert await memory.update_meta("k", fresh)
+    hit = await memory.get("k")
+    assert hit.meta == fresh and hit.body == body
+    assert not await memory.update_meta("absent", fresh)
+    assert not await memory.update_meta("k", make_meta(b"other length"))
+
+
+# ---------------------------------------------------------------------------- disk
+
+KEYS = [
+    "GET|www.example.com|/a.js",
+    "GET|www.example.com|/" + "long/" * 2000 + "?q=" + "x" * 5000,
+    "GET|h|/caf\u00e9/\u65e5\u672c/\U0001f600|\x00|\n|../../etc/passwd",
+    "weird \udc80 surrogate",
+]
+
+
+async def test_disk_round_trip_with_any_key(tmp_path, open_disk):
+    disk = await open_disk()
+    for i, key in enumerate(KEYS):
+        body = body_of(300 * KiB + i, i)
+        assert await put(disk, key, body, chunk=100 * KiB)
+        hit = await disk.get(key)
+        assert hit is not None and hit.body is None       # streamed from the file, not held
+        assert hit.meta == make_meta(body)
+        assert await read_all(hit, chunk_size=64 * KiB) == body
+        assert await read_all(hit) == body                # chunks() can be read again
+        meta_path, body_path = entry_paths(tmp_path / "cache", key)
+        assert body_path.read_bytes() == body
+        assert json.loads(meta_path.read_bytes())["key"] == key
+    assert disk.objects == len(KEYS)
+    assert await disk.get("never stored") is None
+    assert [f for f in files_under(tmp_path / "cache") if ".tmp-" in f] == []
+
+
+async def test_disk_empty_body(open_disk):
+    disk = await open_disk()
+    assert await put(disk, "empty", b"", meta=make_meta(b"", status=204))
+    hit = await disk.get("empty")
+    assert hit.meta.status == 204 and await read_all(hit) == b""
+
+
+async def test_a_status_0_marker_survives_a_disk_restart(tmp_path, open_disk):
+    # The proxy records a URL's Vary names as a bodiless entry with status 0.
+    marker = Meta(status=0, headers=(("Vary", "Accept-Language"),), request_time=1.0,
+                  response_time=2.0, size=0)
+    first = await open_disk(tmp_path / "cache")
+    writer = first.writer("marker", size_hint=0)
+    assert await writer.commit(marker)
+    await first.close()
+    again = await open_disk(tmp_path / "cache")
+    assert again.objects == 1 and (await again.get("marker")).meta == marker
+
+
+async def test_disk_lru_byte_bound_evicts_and_deletes_files(tmp_path, open_disk):
+    directory = tmp_path / "cache"
+    probe = await open_disk(directory / "probe")
+    await put(probe, "k0", body_of(100 * KiB, 0))
+    charge = probe.bytes                  # body + meta file, the same for every key below
+    assert charge > 100 * KiB
+
+    disk = await open_disk(directory / "lru", max_bytes=3 * charge + 10)
+    for i in range(3):
+        assert await put(disk, f"k{i}", body_of(100 * KiB, i))
+    assert await disk.get("k0") is not None               # k0 is now the most recent
+    assert await put(disk, "k3", body_of(100 * KiB, 3))
+    assert await put(disk, "k4", body_of(100 * KiB, 4))
+
+    assert disk.evictions == 2 and disk.objects == 3 and disk.bytes == 3 * charge
+    assert disk.bytes <= disk.max_bytes
+    for gone in ("k1", "k2"):
+        assert await disk.get(gone) is None
+        assert not any(p.exists() for p in entry_paths(directory / "lru", gone))
+    for kept in ("k0", "k3", "k4"):
+        assert all(p.exists() for p in entry_paths(directory / "lru", kept))
+    assert len(files_under(directory / "lru")) == 6
+
+
+async def test_disk_never_stores_an_object_larger_than_the_whole_tier(tmp_path, open_disk):
+    disk = await open_disk(max_bytes=200 * KiB)
+    assert await put(disk, "small", b"s" * KiB)
+    writer = disk.writer("big")                           # no hint: it outgrows the tier mid-way
+    for _ in range(5):
+        await writer.write(b"b" * 64 * KiB)
+    assert writer.dropped
+    assert [f for f in files_under(tmp_path / "cache") if ".tmp-" in f] == []  # stopped writing
+    assert not await writer.commit(make_meta(b"b" * 320 * KiB))
+    assert await disk.get("big") is None
+    assert await disk.get("small") is not None and disk.evictions == 0
+
+    hinted = disk.writer("big2", size_hint=300 * KiB)
+    await hinted.write(b"x")
+    assert hinted.dropped and not await hinted.commit(make_meta(b"x"))
+    assert len(files_under(tmp_path / "cache")) == 2
+
+
+async def test_disk_commit_refuses_a_size_mismatch(tmp_path, open_disk):
+    disk = await open_disk()
+    writer = disk.writer("k")
+    await writer.write(b"12345")
+    assert not await writer.commit(make_meta(b"123456"))
+    assert await disk.get("k") is None
+    assert files_under(tmp_path / "cache") == []
+
+
+async def test_disk_abort_leaves_nothing_behind(tmp_path, open_disk):
+    disk = await open_disk()
+    assert await put(disk, "kept", b"kept")
+    before = files_under(tmp_path / "cache")
+    writer = disk.writer("k")
+    await writer.write(b"partial" * 1000)
+    assert len(files_under(tmp_path / "cache")) == len(before) + 1   # the temp file
+    await writer.abort()
+    assert files_under(tmp_path / "cache") == before
+    assert await disk.get("k") is None and disk.objects == 1
+
+
+async def test_disk_update_meta_rewrites_only_the_meta(tmp_path, open_disk):
+    directory = tmp_path / "cache"
+    disk = await open_disk(directory)
+    body = body_of(50 * KiB, 7)
+    assert await put(disk, "k", body)
+    meta_path, body_path = entry_paths(directory, "k")
+    body_inode = body_path.stat().st_ino
+    fresh = Meta(status=200, headers=make_meta(body).headers + (("ETag", '"v2"'),),
+                 request_time=1_800_000_000.0, response_time=1_800_000_001.0, size=len(body),
+                 url="http://www.example.com/a.js")
+    assert await disk.update_meta("k", fresh)
+    assert body_path.stat().st_ino == body_inode          # the body file was not rewritten
+    hit = await disk.get("k")
+    assert hit.meta == fresh and await read_all(hit) == body
+    assert not await disk.update_meta("absent", fresh)
+    assert not await disk.update_meta("k", make_meta(b"different size"))
+    assert (await disk.get("k")).meta == fresh
+
+    await disk.close()
+    again = await open_disk(directory)                    # and it survives a restart
+    assert (await again.get("k")).meta == fresh
+
+
+async def test_disk_restart_rebuilds_index_and_lru_order(tmp_path, open_disk):
+    directory = tmp_path / "cache"
+    first = await open_disk(directory)
+    for i in range(4):
+        assert await put(first, f"k{i}", body_of(10 * KiB, i))
+    charge, total = first.bytes // 4, first.bytes
+    await first.close()
+    # The LRU order after a restart follows the meta files' modification
+    # times: make k2 the oldest and k0 the newest.
+    for age, key in enumerate(["k0", "k3", "k1", "k2"]):
+        os.utime(entry_paths(directory, key)[0], ns=(10**18 - age * 10**12,) * 2)
+
+    second = await open_disk(directory, max_bytes=total)
+    assert (second.objects, second.bytes) == (4, total)
+    for i in range(4):
+        hit = await second.get(f"k{i}")
+        assert await read_all(hit) == body_of(10 * KiB, i)
+    third = await open_disk(directory, max_bytes=total)   # fresh order, untouched by gets
+    assert await put(third, "k4", body_of(10 * KiB, 4))
+    assert third.evictions == 1 and third.bytes == total
+    assert await third.get("k2") is None                  # the oldest went first
+    assert not any(p.exists() for p in entry_paths(directory, "k2"))
+    assert charge * 4 == total
+
+
+async def test_disk_get_works_before_the_rebuild_finishes(tmp_path, open_disk):
+    directory = tmp_path / "cache"
+    first = await open_disk(directory)
+    for i in range(3):
+        assert await put(first, f"k{i}", body_of(KiB, i))
+    total = first.bytes
+    await first.close()
+
+    second = await open_disk(directory, start=False)      # nothing scanned yet
+    assert not second.rebuilt.is_set() and second.objects == 0
+    hit = await second.get("k1")
+    assert hit is not None and await read_all(hit) == body_of(KiB, 1)
+    assert second.objects == 1                            # adopted into the index
+    assert await second.get("absent") is None
+    assert await second.delete("k2")                      # acts on the files, indexed or not
+    assert not any(p.exists() for p in entry_paths(directory, "k2"))
+
+    await second.start()
+    await asyncio.wait_for(second.rebuilt.wait(), 5)
+    assert second.objects == 2                            # k1 not counted twice, k2 stays gone
+    assert second.bytes == total * 2 // 3
+    assert await second.get("k2") is None
+
+
+async def test_disk_rebuild_does_not_resurrect_keys_changed_during_the_scan(tmp_path, open_disk):
+    directory = tmp_path / "cache"
+    first = await open_disk(directory)
+    for key in ("deleted", "restored", "kept"):
+        assert await put(first, key, body_of(KiB, len(key)))
+    await first.close()
+    # A body with no meta (a commit interrupted by a crash) is broken...
+    half_done = entry_paths(directory, "half-done")[1]
+    half_done.parent.mkdir(exist_ok=True)
+    half_done.write_bytes(b"old")
+
+    disk = await open_disk(directory, max_bytes=MiB, start=False)
+    scan = await disk._scan()                             # the scan sees them all...
+    assert sorted(key for _, key, _, _ in scan.found) == ["deleted", "kept", "restored"]
+    assert scan.bad == [key_hash("half-done")]
+    assert await disk.delete("deleted")                   # ...then traffic changes them
+    new_body = body_of(2 * KiB, 99)
+    assert await put(disk, "restored", new_body)
+    assert await put(disk, "half-done", b"stored properly")   # ...and repairs that one
+    await disk._merge(scan)
+
+    assert disk.rebuilt.is_set()
+    assert sorted(disk.keys()) == ["half-done", "kept", "restored"]
+    assert disk.bytes == sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    assert await disk.get("deleted") is None
+    assert not any(p.exists() for p in entry_paths(directory, "deleted"))
+    assert await read_all(await disk.get("restored")) == new_body
+    assert await read_all(await disk.get("kept")) == body_of(KiB, 4)
+    assert await read_all(await disk.get("half-done")) == b"stored properly"
+
+
+async def test_disk_truncated_body_is_a_miss_and_removed(tmp_path, open_disk):
+    directory = tmp_path / "cache"
+    disk = await open_disk(directory)
+    body = body_of(100 * KiB, 3)
+    assert await put(disk, "k", body)
+    meta_path, body_path = entry_paths(directory, "k")
+    with open(body_path, "r+b") as f:
+        f.truncate(60 * KiB)
+    assert await disk.get("k") is None
+    assert not meta_path.exists() and not body_path.exists()
+    assert disk.objects == 0 and disk.bytes == 0
+
+
+async def test_disk_body_truncated_after_lookup_raises_corrupt_entry_mid_read(tmp_path, open_disk):
+    directory = tmp_path / "cache"
+    disk = await open_disk(directory)
+    body = body_of(100 * KiB, 3)
+    assert await put(disk, "k", body)
+    hit = await disk.get("k")
+    meta_path, body_path = entry_paths(directory, "k")
+    # Truncated between lookup and read: opened fine, runs short while reading.
+    stream = hit.chunks(16 * KiB)
+    first = await anext(stream)
+    assert first == body[:16 * KiB]
+    with open(body_path, "r+b") as f:
+        f.truncate(40 * KiB)
+    with pytest.raises(CorruptEntry):
+        async for _ in stream:
+            pass
+    assert not meta_path.exists() and not body_path.exists()
+    assert await disk.get("k") is None and disk.objects == 0
+
+
+async def test_disk_entry_replaced_between_lookup_and_read_is_never_mixed(tmp_path, open_disk):
+    disk = await open_disk()
+    old, new = body_of(64 * KiB, 1), body_of(64 * KiB, 2)  # same size: only content differs
+    assert await put(disk, "k", old)
+    hit = await disk.get("k")
+    assert await put(disk, "k", new)
+    with pytest.raises(CorruptEntry):                     # old headers never go out with new bytes
+        await read_all(hit)
+    fresh = await disk.get("k")                           # the new entry was not dropped for it
+    assert await read_all(fresh) == new and fresh.meta == make_meta(new)
+
+    stale = await disk.get("k")
+    assert await disk.delete("k")
+    with pytest.raises(CorruptEntry):
+        await read_all(stale)
+
+
+async def test_disk_garbage_meta_is_a_miss_and_removed(tmp_path, open_disk):
+    directory = tmp_path / "cache"
+    disk = await open_disk(directory)
+    for key in ("live", "restart", "otherkey"):
+        assert await put(disk, key, b"body of " + key.encode())
+    meta_live, body_live = entry_paths(directory, "live")
+    meta_live.write_bytes(b'{"format": 1, "key": "live", "status": ')       # torn JSON
+    assert await disk.get("live") is None                                  # an indexed entry
+    assert not meta_live.exists() and not body_live.exists()
+
+    # A meta naming another key is as bad as garbage.
+    meta_other, _ = entry_paths(directory, "otherkey")
+    record = json.loads(meta_other.read_bytes())
+    record["key"] = "someone else"
+    meta_other.write_bytes(json.dumps(record).encode())
+    assert await disk.get("otherkey") is None and not meta_other.exists()
+
+    meta_restart, body_restart = entry_paths(directory, "restart")
+    meta_restart.write_bytes(b"\x00\xff garbage")
+    await disk.close()
+    again = await open_disk(directory)                                     # removed by the scan
+    assert not meta_restart.exists() and not body_restart.exists()
+    assert again.objects == 0 and files_under(directory) == []
+
+
+async def test_disk_start_removes_stale_temp_files_but_not_a_live_writers(tmp_path, open_disk):
+    directory = tmp_path / "cache"
+    first = await open_disk(directory)
+    assert await put(first, "k", b"kept")
+    sub = key_hash("k")[:2]
+    stale = [directory / sub / ".tmp-deadbeef-0001", directory / "00" / ".tmp-cafe-0002"]
+    stale[1].parent.mkdir(exist_ok=True)
+    for path in stale:
+        path.write_bytes(b"left by a crash")
+    orphan_body = entry_paths(directory, "orphan")[1]     # a body whose commit never finished
+    orphan_body.parent.mkdir(exist_ok=True)
+    orphan_body.write_bytes(b"no meta")
+    unrelated = directory / sub / "README"
+    unrelated.write_text("not ours")
+    await first.close()
+
+    second = await open_disk(directory, start=False)
+    writer = second.writer("in-flight")                   # writing while the scan runs
+    await writer.write(b"new body")
+    await second.start()
+    await asyncio.wait_for(second.rebuilt.wait(), 5)
+    assert not any(p.exists() for p in stale) and not orphan_body.exists()
+    assert unrelated.exists()                             # files that are not ours are left alone
+    assert await writer.commit(make_meta(b"new body"))
+    assert await read_all(await second.get("in-flight")) == b"new body"
+    assert await read_all(await second.get("k")) == b"kept"
+
+
+async def test_disk_concurrent_writers_last_commit_wins_and_readers_never_see_a_torn_entry(
+        tmp_path, open_disk):
+    directory = tmp_path / "cache"
+    disk = await open_disk(directory)
+    a, b = body_of(200 * KiB, 1), body_of(200 * KiB, 2)  # same size: only content tells them apart
+    wa, wb = disk.writer("k"), disk.writer("k")
+    for start in range(0, len(a), 50 * KiB):              # interleaved streams
+        await wa.write(a[start:start + 50 * KiB])
+        await wb.write(b[start:start + 50 * KiB])
+    assert await wb.commit(make_meta(b))
+    assert await wa.commit(make_meta(a))                  # a commits last, so a wins
+    hit = await disk.get("k")
+    assert await read_all(hit) == a and digest_of(hit.meta) == hashlib.sha256(a).hexdigest()
+
+    bodies = [body_of(64 * KiB, seed) for seed in range(10, 30)]
+    stop = asyncio.Event()
+    reads = 0
+
+    async def reader() -> None:
+        nonlocal reads
+        while not stop.is_set():
+            hit = await disk.get("k")
+            assert hit is not None
+            try:
+                data = await read_all(hit, chunk_size=16 * KiB)
+            except CorruptEntry:
+                continue                                  # replaced between lookup and read
+            assert hashlib.sha256(data).hexdigest() == digest_of(hit.meta)
+            reads += 1
+
+    readers = [asyncio.create_task(reader()) for _ in range(3)]
+    results = await asyncio.gather(*(put(disk, "k", body, chunk=16 * KiB) for body in bodies))
+    stop.set()
+    await asyncio.gather(*readers)
+    assert all(results) and reads > 0
+    final = await disk.get("k")
+    data = await read_all(final)
+    assert data in bodies and hashlib.sha256(data).hexdigest() == digest_of(final.meta)
+    assert len(files_under(directory)) == 2 and disk.objects == 1
+    assert disk.bytes == sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+async def test_disk_unusable_directory_raises_oserror_naming_it(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(OSError) as info:
+        DiskStore(blocker / "cache", MiB)
+    assert str(blocker / "cache") in str(info.value)
+
+
+# ---------------------------------------------------------------------------- tiered
+
+async def test_tiered_large_object_streams_to_disk_and_never_into_memory(tmp_path, open_disk):
+    memory = MemoryStore(max_bytes=16 * MiB, max_object_bytes=MiB)
+    disk = await open_disk(max_bytes=256 * MiB)
+    tiered = TieredStore(memory, disk)
+    size = 64 * MiB
+    expected = hashlib.sha256()
+
+    tracemalloc.start()
+    try:
+        writer = tiered.writer("big")                     # no size hint: learnt while streaming
+        for i in range(size // MiB):
+            chunk = i.to_bytes(4, "big") * (MiB // 4)
+            expected.update(chunk)
+            await writer.write(chunk)
+            assert memory.bytes == 0 and writer.memory.buffered <= MiB
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * MiB                                 # never held whole (64 MiB) anywhere
+    meta = Meta(status=200, headers=(("X-Digest", expected.hexdigest()),),
+                request_time=1.0, response_time=2.0, size=size, url="http://h/big")
+    assert await writer.commit(meta)
+
+    assert memory.bytes == 0 and memory.objects == 0 and memory.peek("big") is None
+    hit = await tiered.get("big")
+    assert hit is not None and hit.body is None           # served from the file
+    got = hashlib.sha256()
+    async for part in hit.chunks(MiB):
+        got.update(part)
+    assert got.hexdigest() == expected.hexdigest()
+    assert memory.bytes == 0                              # not promoted either
+    assert tiered.tiers() == [memory, disk]
+
+
+async def test_tiered_promotes_small_disk_hits_into_memory(tmp_path, open_disk):
+    directory = tmp_path / "cache"
+    first = TieredStore(MemoryStore(MiB, 64 * KiB), await open_disk(directory))
+    body = body_of(10 * KiB, 5)
+    assert await put(first, "k", body)
+    assert first.memory.peek("k").body == body and first.disk.objects == 1
+    await first.close()
+
+    memory = MemoryStore(MiB, 64 * KiB)                   # a restarted node: memory is empty
+    tiered = TieredStore(memory, await open_disk(directory))
+    hit = await tiered.get("k")
+    assert hit.body == body and hit.meta == make_meta(body)
+    assert memory.peek("k") is not None and memory.peek("k").body == body
+    assert (await tiered.get("k")).body is memory.peek("k").body   # now a memory hit
+
+
+async def test_tiered_replacing_a_small_version_with_a_large_one_leaves_no_stale_copy(open_disk):
+    memory = MemoryStore(MiB, 64 * KiB)
+    tiered = TieredStore(memory, await open_disk())
+    assert await put(tiered, "k", b"small old version")
+    large = body_of(200 * KiB, 8)
+    assert await put(tiered, "k", large)
+    assert memory.peek("k") is None
+    hit = await tiered.get("k")
+    assert hit.body is None and await read_all(hit) == large
+
+    assert await tiered.update_meta("k", make_meta(large, extra=(("Age", "1"),)))
+    assert dict((await tiered.get("k")).meta.headers)["Age"] == "1"
+    assert await tiered.delete("k")
+    assert await tiered.get("k") is None and not await tiered.delete("k")
+
+
+async def test_tiered_promotions_racing_commits_never_leave_an_old_version_in_memory(open_disk):
+    # Memory holds one object, so reading "filler" pushes "k" out and the next
+    # read of "k" promotes it from disk while new versions are being committed.
+    memory = MemoryStore(max_bytes=300 * KiB + ENTRY_OVERHEAD, max_object_bytes=300 * KiB)
+    tiered = TieredStore(memory, await open_disk())
+    assert await put(tiered, "filler", body_of(200 * KiB, 0))
+    versions = [body_of(200 * KiB, seed) for seed in range(1, 41)]
+    stop = asyncio.Event()
+
+    async def reader(key: str) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0)                        # a memory hit never yields by itself
+            hit = await tiered.get(key)
+            if hit is None:                               # replaced while being promoted
+                continue
+            try:
+                data = await read_all(hit)
+            except CorruptEntry:
+                continue
+            assert hashlib.sha256(data).hexdigest() == digest_of(hit.meta)
+
+    readers = [asyncio.create_task(reader(key)) for key in ("k", "filler", "k")]
+    for body in versions:
+        assert await put(tiered, "k", body, chunk=200 * KiB)
+        await asyncio.sleep(0)
+    stop.set()
+    await asyncio.gather(*readers)
+    latest = hashlib.sha256(versions[-1]).hexdigest()
+    held = memory.peek("k")
+    assert held is None or digest_of(held.meta) == latest
+    assert digest_of((await tiered.get("k")).meta) == latest
+
+
+async def test_tiered_disk_failure_keeps_serving_from_memory(tmp_path, open_disk):
+    directory = tmp_path / "cache"
+    disk = await open_disk(directory)
+    tiered = TieredStore(MemoryStore(MiB, 64 * KiB), disk)
+    # The entry's subdirectory cannot be created (a file is in the way): every
+    # disk write for this key fails, the way a full or broken disk would.
+    (directory / key_hash("k")[:2]).write_text("in the way")
+    body = body_of(10 * KiB, 9)
+    assert await put(tiered, "k", body)                   # no exception into the caller
+    hit = await tiered.get("k")
+    assert hit.body == body and disk.objects == 0
+    assert [f for f in files_under(directory) if ".tmp-" in f] == []
+
+
+async def test_tiered_abort_leaves_nothing_behind(tmp_path, open_disk):
+    memory = MemoryStore(MiB, 64 * KiB)
+    tiered = TieredStore(memory, await open_disk())
+    writer = tiered.writer("k")
+    await writer.write(b"partial")
+    await writer.abort()
+    assert await tiered.get("k") is None
+    assert memory.objects == 0 and files_under(tmp_path / "cache") == []
