@@ -85,7 +85,7 @@ async def _cache_node(topology: Topology, node: Node, stack: AsyncExitStack) -> 
     stack.push_async_callback(store.close)
     metrics.watch_store(store.tiers)
 
-    session = make_session(node.parent_policy.timeout)
+    session = make_session(node.parent_policy.timeout, node.listen.host)
     stack.push_async_callback(session.close)
     upstreams = UpstreamPool(topology, node, session, metrics)
     await upstreams.start()

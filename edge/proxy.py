@@ -220,10 +220,8 @@ class CacheNode:
     def _upstream_headers(self, ex: Exchange, cache_fill: bool) -> CIMultiDict[str]:
         request = ex.request
         headers = strip_hop_by_hop(request.headers, CLIENT_ONLY_REQUEST_FIELDS if cache_fill else frozenset())
-        headers.add("Via", self.via)
-        peer = request.remote or ""
-        prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
-        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        _append(headers, "Via", self.via)
+        _append(headers, "X-Forwarded-For", request.remote or "")
         return headers
 
     async def _fetch(self, ex: Exchange, stale: tuple[str, CachedObject] | None, fwd: str,
@@ -509,9 +507,8 @@ class CacheNode:
         headers = CIMultiDict((k, v) for k, v in stored.items() if k.lower() not in NODE_RESPONSE_FIELDS)
         if age is not None:
             headers["Age"] = policy.age_value(age)
-        headers.add("Via", self.via)
-        prior = ", ".join(headers.popall("Cache-Status", ()))
-        headers["Cache-Status"] = f"{prior}, {entry}" if prior else entry
+        _append(headers, "Via", self.via)
+        _append(headers, "Cache-Status", entry)
         headers["X-Cache"] = cache_status
         return headers
 
@@ -584,6 +581,12 @@ class CacheNode:
 
     def _error(self, status: int, text: str) -> web.Response:
         return web.Response(status=status, text=f"{status} {text}\n", headers={"Via": self.via})
+
+
+def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
+    """Add a member to a list-valued field, folding repeated lines into one (RFC 9110 5.3)."""
+    prior = ", ".join(headers.popall(name, ()))
+    headers[name] = f"{prior}, {value}" if prior else value
 
 
 def _multi(meta: Meta) -> CIMultiDict[str]:

@@ -156,7 +156,7 @@ async def test_via_and_forwarded_for_added(cluster, http):
     url = cluster.url("l1-1", unique() + "?cc=no-store")
     _, h, _ = await get(http, url, headers={"X-Forwarded-For": "192.0.2.7"})
     assert h["X-Origin-Via"] == "1.1 l1-1"
-    assert h["X-Origin-XFF"] == "192.0.2.7, 127.0.0.1"
+    assert h["X-Origin-XFF"] == "192.0.2.7, 127.0.0.1"  # the test client connects from 127.0.0.1
 
 
 async def test_stale_while_revalidate_serves_stale_and_refreshes(cluster, http):

@@ -62,6 +62,10 @@ async def test_l1_to_owner_l2_to_origin_then_l2_hit_from_other_l1(cdn, http):
     status, h = await get(http, cdn.url("l1-1", path))
     assert status == 200 and h["X-Origin-Hits"] == "1"
     assert tiers(h) == [owner, "l1-1"]
+    assert h["Via"] == f"1.1 {owner}, 1.1 l1-1"
+    # What the origin received: every hop in Via, and the L1 (from its own IP) in X-Forwarded-For.
+    assert h["X-Origin-Via"] == f"1.1 l1-1, 1.1 {owner}"
+    assert h["X-Origin-XFF"] == "127.0.0.1, 127.0.33.31"
     assert "fwd=uri-miss" in h["Cache-Status"].split(",")[0]
     status, h = await get(http, cdn.url("l1-2", path))
     assert status == 200 and h["X-Origin-Hits"] == "1"     # the owner L2 had it

@@ -45,9 +45,15 @@ class UpstreamError(Exception):
         self.error, self.detail, self.tried = error, detail, tried
 
 
-def make_session(timeout: float) -> aiohttp.ClientSession:
-    """The process's one upstream session: keep-alive, no decompression, no added headers."""
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
+def make_session(timeout: float, source_ip: str | None = None) -> aiohttp.ClientSession:
+    """The process's one upstream session: keep-alive, no decompression, no added headers.
+
+    Connections leave from `source_ip` (the node's own address) so parents and
+    origins see which node asked, as they would across hosts.
+    """
+    local_addr = (source_ip, 0) if source_ip and source_ip not in ("0.0.0.0", "::") else None
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300,
+                                     local_addr=local_addr)
     return aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,       # bodies are stored and relayed exactly as received
