@@ -13,10 +13,10 @@ import os
 import time
 from contextlib import AsyncExitStack
 
-from aiohttp import http_parser, web, web_protocol
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from edge import admin
+from edge import admin, request_parser
 from edge.config import Node, Topology
 from edge.metrics import NodeMetrics
 from edge.proxy import CacheNode, make_app
@@ -28,19 +28,8 @@ log = logging.getLogger("edge.node")
 ADMIN_TOKEN_ENV = "EDGE_ADMIN_TOKEN"
 
 
-def accept_extension_methods() -> None:
-    """Parse requests with aiohttp's pure-Python parser, which accepts any method token.
-
-    The C parser (llhttp) answers 400 to methods outside its fixed list, but a
-    proxy must forward extension methods (RFC 9110 9.1), as nginx and Varnish
-    do.  Only the server side is switched; responses from upstreams are still
-    parsed by the C parser.
-    """
-    web_protocol.HttpRequestParser = http_parser.HttpRequestParserPy
-
-
 async def serve(topology: Topology, node: Node, stop: asyncio.Event) -> None:
-    accept_extension_methods()
+    request_parser.install()
     async with AsyncExitStack() as stack:
         if node.role == "origin":
             traffic, admin_app = _origin_apps(node)

@@ -243,3 +243,17 @@ async def test_metrics_pass_promtool(cluster, http, node):
     text = cluster.node(node).metrics()
     check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_extension_method_then_get_on_one_connection(cluster):
+    """The connection that met an extension method keeps serving ordinary requests."""
+    host, port = cluster.node("l1-1").traffic.split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"BREW /gen/coffee HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: 3\r\n\r\nabc")
+        first = s.recv(65536)
+        s.sendall(b"GET /gen/tea?cc=no-store HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n")
+        second = b""
+        while chunk := s.recv(65536):
+            second += chunk
+    assert first.startswith(b"HTTP/1.1 200") and b"X-Origin-Method: BREW" in first
+    assert second.startswith(b"HTTP/1.1 200") and b"X-Origin-Method: GET" in second
