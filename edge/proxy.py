@@ -225,7 +225,12 @@ class CacheNode:
         return headers
 
     async def _fetch(self, ex: Exchange, stale: tuple[str, CachedObject] | None, fwd: str,
-                     flight: Flight | None) -> web.StreamResponse:
+                     flight: Flight | None, deliver: bool = True) -> web.StreamResponse | None:
+        """Fetch from upstream, store what may be stored, and answer the client if `deliver`.
+
+        Without `deliver` (a background refresh) nothing is written to the
+        client and None is returned.
+        """
         headers = self._upstream_headers(ex, cache_fill=True)
         if stale is not None:
             headers.update(policy.conditional_headers(_multi(stale[1].meta)))
@@ -235,6 +240,9 @@ class CacheNode:
         except UpstreamError as exc:
             if flight:
                 flight.finish(Outcome.FAILED)
+            if not deliver:
+                log.info("background refresh of %s failed: %s", ex.primary, exc)
+                return None
             if stale is not None:
                 served = await self._stale_if_error(ex, stale[1], None)
                 if served is not None:
@@ -243,21 +251,22 @@ class CacheNode:
         try:
             response_time = self.clock()
             if response.status == 304 and stale is not None:
-                return await self._revalidated(ex, stale, response, request_time, response_time, flight)
+                return await self._revalidated(ex, stale, response, request_time, response_time, flight, deliver)
             if response.status >= 500 and stale is not None:
-                served = await self._stale_if_error(ex, stale[1], response.status)
-                if served is not None:
+                served = await self._stale_if_error(ex, stale[1], response.status) if deliver else None
+                if served is not None or not deliver:
                     if flight:
                         flight.finish(Outcome.FAILED)
                     return served
             if stale is not None:
                 ex.cache_status = "EXPIRED"
-            return await self._store_and_deliver(ex, response, request_time, response_time, fwd, flight)
+            return await self._store_and_deliver(ex, response, request_time, response_time, fwd, flight, deliver)
         finally:
             response.release()
 
     async def _revalidated(self, ex: Exchange, stale: tuple[str, CachedObject], response: aiohttp.ClientResponse,
-                           request_time: float, response_time: float, flight: Flight | None) -> web.StreamResponse:
+                           request_time: float, response_time: float, flight: Flight | None,
+                           deliver: bool) -> web.StreamResponse | None:
         """RFC 9111 4.3.4: a 304 freshens the stored headers; the stored body is served."""
         key, stored = stale
         headers = policy.freshen(stored.meta.headers, response.headers)
@@ -266,6 +275,8 @@ class CacheNode:
         await self.store.update_meta(key, meta)
         if flight:
             flight.finish(Outcome.STORED)
+        if not deliver:
+            return None
         fresh = await self.store.get(key) or stored
         ex.cache_status = "REVALIDATED"
         age, ttl = self._age_and_ttl(fresh.meta)
@@ -273,7 +284,8 @@ class CacheNode:
         return await self._deliver_stored(ex, fresh, age, ttl, entry)
 
     async def _store_and_deliver(self, ex: Exchange, response: aiohttp.ClientResponse, request_time: float,
-                                 response_time: float, fwd: str, flight: Flight | None) -> web.StreamResponse:
+                                 response_time: float, fwd: str, flight: Flight | None,
+                                 deliver: bool) -> web.StreamResponse | None:
         request = ex.request
         stored_headers = _storable_headers(response.headers, response_time)
         multi = CIMultiDict(stored_headers)
@@ -317,22 +329,23 @@ class CacheNode:
                 committed = await writer.commit(meta_of(len(body)))
                 if flight:
                     flight.finish(Outcome.STORED if committed else Outcome.NOT_STORED)
-            return await self._respond(ex, status, out_headers, body)
+            return await self._respond(ex, status, out_headers, body) if deliver else None
 
         # Large or unknown length: stream to the client and to the store at once.
         client = web.StreamResponse(status=status, headers=out_headers)
         if length is not None:
             client.content_length = length
-        client_alive = True
+        client_alive = deliver
         try:
-            await client.prepare(request)
-            if request.method == "HEAD":
-                await client.write_eof()
-                client_alive = False
+            if deliver:
+                await client.prepare(request)
+                if request.method == "HEAD":
+                    await client.write_eof()
+                    client_alive = False
         except (ConnectionError, aiohttp.ClientConnectionResetError):
             client_alive = False
         if writer is None and not client_alive:
-            return client
+            return client if deliver else None
         written = 0
         try:
             async for chunk in response.content.iter_chunked(SMALL_CHUNK):
@@ -352,9 +365,9 @@ class CacheNode:
                 await writer.abort()
             if flight:
                 flight.finish(Outcome.FAILED)
-            if request.transport is not None:
+            if deliver and request.transport is not None:
                 request.transport.abort()   # the client must see a truncated response, not a short one
-            return client
+            return client if deliver else None
         if writer:
             committed = await writer.commit(meta_of(written))
             if flight:
@@ -364,7 +377,7 @@ class CacheNode:
                 await client.write_eof()
             except (ConnectionError, aiohttp.ClientConnectionResetError):
                 pass
-        return client
+        return client if deliver else None
 
     async def _write_vary_marker(self, primary: str, headers: CIMultiDict[str],
                                  request_time: float, response_time: float) -> None:
@@ -383,45 +396,16 @@ class CacheNode:
         if flight is None:
             return   # a refresh is already under way
 
+        # Its own Exchange: the client's request is answered (and counted) meanwhile.
+        background = replace(ex, cache_status="UPDATING")
+
         async def refresh() -> None:
-            headers = self._upstream_headers(ex, cache_fill=True)
-            headers.update(policy.conditional_headers(_multi(stored.meta)))
-            request_time = self.clock()
             try:
-                response, _ = await self.upstreams.send("GET", ex.primary, ex.site, ex.raw_target, headers)
-            except UpstreamError as exc:
-                log.info("background refresh of %s failed: %s", ex.primary, exc)
-                flight.finish(Outcome.FAILED)
-                return
-            try:
-                response_time = self.clock()
-                if response.status == 304:
-                    merged = _with_date(policy.freshen(stored.meta.headers, response.headers), response_time)
-                    await self.store.update_meta(key, replace(stored.meta, headers=tuple(merged),
-                                                              request_time=request_time, response_time=response_time))
-                    flight.finish(Outcome.STORED)
-                    return
-                headers_out = _storable_headers(response.headers, response_time)
-                multi = CIMultiDict(headers_out)
-                ok, _ = policy.storable("GET", response.status, ex.request.headers, multi)
-                if not ok or policy.vary_names(multi) != policy.vary_names(_multi(stored.meta)):
-                    flight.finish(Outcome.NOT_STORED)
-                    return
-                writer = self.store.writer(key, size_hint=response.content_length)
-                size = 0
-                async for chunk in response.content.iter_chunked(SMALL_CHUNK):
-                    size += len(chunk)
-                    await writer.write(chunk)
-                committed = await writer.commit(Meta(status=response.status, headers=tuple(headers_out),
-                                                     request_time=request_time, response_time=response_time,
-                                                     size=size, url=stored.meta.url))
-                flight.finish(Outcome.STORED if committed else Outcome.NOT_STORED)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                await self._fetch(background, (key, stored), "stale", flight, deliver=False)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 log.info("background refresh of %s broke: %s", ex.primary, exc)
-                flight.finish(Outcome.FAILED)
             finally:
-                flight.finish(Outcome.FAILED)
-                response.release()
+                flight.finish(Outcome.FAILED)   # no-op when the refresh said how it went
 
         task = asyncio.create_task(refresh())
         self._background.add(task)

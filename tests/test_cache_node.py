@@ -8,6 +8,7 @@ says 1 after several requests came from the cache.
 from __future__ import annotations
 
 import asyncio
+import http.client as httplib
 import socket
 import subprocess
 import uuid
@@ -248,12 +249,17 @@ async def test_metrics_pass_promtool(cluster, http, node):
 def test_extension_method_then_get_on_one_connection(cluster):
     """The connection that met an extension method keeps serving ordinary requests."""
     host, port = cluster.node("l1-1").traffic.split(":")
-    with socket.create_connection((host, int(port)), timeout=5) as s:
-        s.sendall(b"BREW /gen/coffee HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: 3\r\n\r\nabc")
-        first = s.recv(65536)
-        s.sendall(b"GET /gen/tea?cc=no-store HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n")
-        second = b""
-        while chunk := s.recv(65536):
-            second += chunk
-    assert first.startswith(b"HTTP/1.1 200") and b"X-Origin-Method: BREW" in first
-    assert second.startswith(b"HTTP/1.1 200") and b"X-Origin-Method: GET" in second
+    conn = httplib.HTTPConnection(host, int(port), timeout=5)
+    try:
+        conn.request("BREW", "/gen/coffee", body=b"abc", headers=HOST)
+        first = conn.getresponse()
+        first.read()
+        sock = conn.sock
+        conn.request("GET", "/gen/tea?cc=no-store", headers=HOST)
+        second = conn.getresponse()
+        second.read()
+        assert conn.sock is sock, "the connection was not kept alive"
+    finally:
+        conn.close()
+    assert (first.status, first.headers["X-Origin-Method"]) == (200, "BREW")
+    assert (second.status, second.headers["X-Origin-Method"]) == (200, "GET")
