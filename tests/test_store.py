@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from edge.store.disk import SMALL_BODY
 from edge.store import (ENTRY_OVERHEAD, CachedObject, CorruptEntry, DiskStore, MemoryStore, Meta,
                         TieredStore, key_hash)
 
@@ -296,12 +297,16 @@ async def test_disk_abort_leaves_nothing_behind(tmp_path, open_disk):
     disk = await open_disk()
     assert await put(disk, "kept", b"kept")
     before = files_under(tmp_path / "cache")
+    small = disk.writer("small")
+    await small.write(b"partial" * 1000)          # small bodies wait in memory until commit
+    assert files_under(tmp_path / "cache") == before
+    await small.abort()
     writer = disk.writer("k")
-    await writer.write(b"partial" * 1000)
+    await writer.write(b"p" * (SMALL_BODY + 1))
     assert len(files_under(tmp_path / "cache")) == len(before) + 1   # the temp file
     await writer.abort()
     assert files_under(tmp_path / "cache") == before
-    assert await disk.get("k") is None and disk.objects == 1
+    assert await disk.get("k") is None and await disk.get("small") is None and disk.objects == 1
 
 
 async def test_disk_update_meta_rewrites_only_the_meta(tmp_path, open_disk):

@@ -204,15 +204,18 @@ class DiskStore:
         return self.directory / h[:2] / f"{self._temp_prefix}{secrets.token_hex(8)}"
 
     async def _install(self, key: str, h: str, tmp_body: Path, meta_bytes: bytes,
-                       charge: int) -> bool:
-        """Move a finished body and its meta into place; the meta rename commits."""
+                       charge: int, body: bytes | None = None) -> bool:
+        """Move a finished body and its meta into place; the meta rename commits.
+
+        With `body`, the body is first written to `tmp_body` in the same thread hop.
+        """
         meta_path, body_path = self._paths(h)
         tmp_meta = self._temp_name(h)        # beside tmp_body: the directory exists
         async with self._lock(h):
             self._touch(h)
             try:
                 await asyncio.to_thread(_install_files, tmp_body, tmp_meta, meta_bytes,
-                                        meta_path, body_path, self.fsync)
+                                        meta_path, body_path, self.fsync, body)
             except OSError as exc:
                 log.warning("disk cache: cannot store %s in %s: %s", _short(key), meta_path, exc)
                 self._index_drop(key)
@@ -447,6 +450,9 @@ class DiskObject(CachedObject):
             raise CorruptEntry(problem)
 
 
+SMALL_BODY = 256 * 1024   # bodies up to this size are written at commit, in one thread hop
+
+
 class DiskWriter:
     """Streams a body to a temp file; commit moves it into place."""
 
@@ -461,6 +467,9 @@ class DiskWriter:
         # Something that can never fit is not written at all.
         self.dropped = size_hint is not None and size_hint > store.max_bytes
         self._done = False
+        # Small bodies wait in memory and reach the disk in one thread hop at
+        # commit, instead of an open, writes and a close through aiofiles.
+        self._buffer: list[bytes] = []
 
     async def write(self, chunk: bytes) -> None:
         if self._done:
@@ -472,9 +481,15 @@ class DiskWriter:
             self.dropped = True      # outgrew the whole tier: stop spending disk on it
             await self._discard_temp()
             return
+        if self._file is None and self.written <= SMALL_BODY:
+            self._buffer.append(chunk)
+            return
         try:
             if self._file is None:
                 await self._open_temp()
+                buffered, self._buffer = b"".join(self._buffer), []
+                if buffered:
+                    await self._file.write(buffered)
             await self._file.write(chunk)
         except OSError as exc:
             self._fail(exc)
@@ -493,9 +508,11 @@ class DiskWriter:
             # the old version behind to be served in its place.
             await store.delete(self._key)
             return False
+        if self._file is None:           # a small (or empty) body, still in memory
+            body, self._buffer = b"".join(self._buffer), []
+            tmp = await store._temp_path(self._hash)
+            return await asyncio.shield(store._install(self._key, self._hash, tmp, meta_bytes, charge, body))
         try:
-            if self._file is None:       # an empty body: nothing was written yet
-                await self._open_temp()
             if store.fsync:
                 await self._file.flush()
                 await asyncio.to_thread(os.fsync, self._file.fileno())
@@ -531,6 +548,7 @@ class DiskWriter:
         self.dropped = True
 
     async def _discard_temp(self) -> None:
+        self._buffer = []
         file, self._file = self._file, None
         tmp, self._tmp = self._tmp, None
         if file is not None:
@@ -617,14 +635,18 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _install_files(tmp_body: Path, tmp_meta: Path, meta_bytes: bytes,
-                   meta_path: Path, body_path: Path, fsync: bool) -> None:
+                   meta_path: Path, body_path: Path, fsync: bool, body: bytes | None = None) -> None:
     try:
+        if body is not None:
+            _write_file(tmp_body, body, fsync)
         _write_file(tmp_meta, meta_bytes, fsync)
         _unlink(meta_path)               # the old entry stops being valid first
         os.replace(tmp_body, body_path)
         os.replace(tmp_meta, meta_path)  # the commit point
     except OSError:
         _unlink(tmp_meta)
+        if body is not None:
+            _unlink(tmp_body)
         raise
     if fsync:
         _fsync_dir(meta_path.parent)
@@ -642,6 +664,8 @@ def _rewrite_meta(key: str, size: int, meta_bytes: bytes, tmp_meta: Path,
         os.replace(tmp_meta, meta_path)
     except OSError:
         _unlink(tmp_meta)
+        if body is not None:
+            _unlink(tmp_body)
         raise
     return "ok"
 
