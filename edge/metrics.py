@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "PURGE"})
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -63,8 +64,23 @@ class NodeMetrics:
                                      ["reason"], registry=registry)
         self.loops = Counter("edge_loops_detected", "Requests refused with 508 because this node was in Via.",
                              registry=registry)
+        self._request_children: dict[tuple[str, str], tuple] = {}
         self.refused = Counter("edge_refused_requests", "Requests refused before proxying, by reason.",
                                ["reason"], registry=registry)
+
+    def request_done(self, cache_status: str, method: str, duration: float, body_bytes: int) -> None:
+        """Count one client request; the labelled children are looked up once and kept."""
+        if method not in METHODS:
+            method = "OTHER"      # extension methods must not grow the label set without bound
+        key = (cache_status, method)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (self.requests.labels(cache_status, method),
+                                                       self.request_duration.labels(cache_status))
+        children[0].inc()
+        children[1].observe(duration)
+        if body_bytes:
+            self.response_bytes.inc(body_bytes)
 
     def watch_store(self, tiers: Callable[[], Iterable]) -> None:
         self.registry.register(StoreCollector(tiers))

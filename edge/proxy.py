@@ -96,6 +96,7 @@ class CacheNode:
         self.upstreams, self.metrics, self.clock = upstreams, metrics, clock
         self.flights = Coalescer()
         self.inflight = 0
+        metrics.inflight.set_function(lambda: self.inflight)
         self.via = f"1.1 {node.name}"
         self._background: set[asyncio.Task] = set()
 
@@ -108,7 +109,6 @@ class CacheNode:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.inflight += 1
-        self.metrics.inflight.inc()
         started = time.monotonic()
         status = "ERROR"
         response: web.StreamResponse | None = None
@@ -117,13 +117,10 @@ class CacheNode:
             return response
         finally:
             self.inflight -= 1
-            self.metrics.inflight.dec()
-            self.metrics.requests.labels(status, request.method).inc()
-            self.metrics.request_duration.labels(status).observe(time.monotonic() - started)
-            if response is not None:
+            sent = 0
+            if response is not None and request.method != "HEAD":
                 sent = response.content_length if response.content_length is not None else response.body_length
-                if request.method != "HEAD" and sent:
-                    self.metrics.response_bytes.inc(sent)
+            self.metrics.request_done(status, request.method, time.monotonic() - started, sent or 0)
 
     async def _recv(self, request: web.Request, started: float) -> tuple[web.StreamResponse, str]:
         raw_target = request.raw_path
@@ -159,7 +156,7 @@ class CacheNode:
         stored = await self.store.get(ex.primary)
         if stored is None or stored.meta.status != VARY_MARKER_STATUS:
             return ex.primary, stored, ()
-        names = policy.vary_names(_multi(stored.meta))
+        names = policy.vary_names(stored.meta.fields)
         if names is None:
             return ex.primary, None, None
         key = variant_store_key(ex.primary, policy.variant_key(names, ex.request.headers))
@@ -170,7 +167,7 @@ class CacheNode:
         if stored is None:
             return await self._miss(ex, None, "uri-miss" if key == ex.primary else "vary-miss")
         meta = stored.meta
-        headers = _multi(meta)
+        headers = meta.fields
         decision = policy.decide(headers, meta.request_time, meta.response_time, self.clock())
         if decision.action is policy.Action.FRESH:
             ex.cache_status = "HIT"
@@ -233,7 +230,7 @@ class CacheNode:
         """
         headers = self._upstream_headers(ex, cache_fill=True)
         if stale is not None:
-            headers.update(policy.conditional_headers(_multi(stale[1].meta)))
+            headers.update(policy.conditional_headers(stale[1].meta.fields))
         request_time = self.clock()
         try:
             response, upstream = await self.upstreams.send("GET", ex.primary, ex.site, ex.raw_target, headers)
@@ -384,7 +381,7 @@ class CacheNode:
         vary = ", ".join(headers.getall("Vary", ()))
         current = await self.store.get(primary)
         if current is not None and current.meta.status == VARY_MARKER_STATUS \
-                and policy.vary_names(_multi(current.meta)) == policy.vary_names(headers):
+                and policy.vary_names(current.meta.fields) == policy.vary_names(headers):
             return
         writer = self.store.writer(primary, size_hint=0)
         await writer.commit(Meta(status=VARY_MARKER_STATUS, headers=(("Vary", vary),),
@@ -415,7 +412,7 @@ class CacheNode:
                               status: int | None) -> web.StreamResponse | None:
         """RFC 5861 4: serve the stale copy when the upstream fails, if the response allows it."""
         meta = stored.meta
-        multi = _multi(meta)
+        multi = meta.fields
         now = self.clock()
         if not policy.stale_if_error_allowed(multi, meta.request_time, meta.response_time, now):
             return None
@@ -482,13 +479,15 @@ class CacheNode:
 
     def _age_and_ttl(self, meta: Meta) -> tuple[float, float]:
         """Current age and remaining freshness of a stored response, now."""
-        multi = _multi(meta)
+        multi = meta.fields
         age = policy.current_age(multi, meta.request_time, meta.response_time, self.clock())
         return age, policy.freshness_lifetime(multi, status=meta.status) - age
 
-    def _client_headers(self, stored: CIMultiDict[str], age: float | None, entry: str,
+    def _client_headers(self, stored: CIMultiDict[str] | CIMultiDictProxy[str], age: float | None, entry: str,
                         cache_status: str) -> CIMultiDict[str]:
-        headers = CIMultiDict((k, v) for k, v in stored.items() if k.lower() not in NODE_RESPONSE_FIELDS)
+        headers = CIMultiDict(stored)
+        for name in NODE_RESPONSE_FIELDS:
+            headers.popall(name, None)
         if age is not None:
             headers["Age"] = policy.age_value(age)
         _append(headers, "Via", self.via)
@@ -506,7 +505,7 @@ class CacheNode:
                               entry: str) -> web.StreamResponse:
         request = ex.request
         meta = stored.meta
-        multi = _multi(meta)
+        multi = meta.fields
         headers = self._client_headers(multi, age, entry, ex.cache_status)
         if policy.client_not_modified(request.method, request.headers, multi, status=meta.status):
             # RFC 9110 15.4.5: a 304 carries the validators and caching fields, no content fields.
@@ -571,11 +570,6 @@ def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
     """Add a member to a list-valued field, folding repeated lines into one (RFC 9110 5.3)."""
     prior = ", ".join(headers.popall(name, ()))
     headers[name] = f"{prior}, {value}" if prior else value
-
-
-def _multi(meta: Meta) -> CIMultiDict[str]:
-    """A stored response's fields, case-insensitive, for `policy`."""
-    return CIMultiDict(meta.headers)
 
 
 def _sf_escape(text: str) -> str:

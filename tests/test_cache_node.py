@@ -263,3 +263,11 @@ def test_extension_method_then_get_on_one_connection(cluster):
         conn.close()
     assert (first.status, first.headers["X-Origin-Method"]) == (200, "BREW")
     assert (second.status, second.headers["X-Origin-Method"]) == (200, "GET")
+
+
+async def test_extension_methods_share_one_metric_label(cluster, http):
+    for method in ("BREW", "WHEN", "FROBNICATE"):
+        await get(http, cluster.url("l1-1", unique()), method=method)
+    text = cluster.node("l1-1").metrics()
+    assert 'edge_requests_total{cache_status="BYPASS",method="OTHER"}' in text
+    assert 'method="BREW"' not in text

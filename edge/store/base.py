@@ -14,7 +14,10 @@ import json
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
+
+from multidict import CIMultiDict, CIMultiDictProxy
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 
@@ -36,6 +39,15 @@ class Meta:
     response_time: float                    # when the response arrived
     size: int                               # body length in bytes
     url: str = ""                           # for operators (status and purge listings)
+
+    @cached_property
+    def fields(self) -> CIMultiDictProxy[str]:
+        """The headers as a read-only case-insensitive multidict, built once per Meta.
+
+        The memory tier hands out the same Meta on every hit, so the hit path
+        does not rebuild it per request.
+        """
+        return CIMultiDictProxy(CIMultiDict(self.headers))
 
     def to_dict(self) -> dict[str, Any]:
         return {
