@@ -36,32 +36,30 @@ are counted as ``other``), ``origin_path_requests_total{path}`` (path without
 query; after :data:`MAX_PATH_LABELS` distinct paths new ones count as
 ``other``) and ``origin_response_bytes_total``.
 
-Known limit: aiohttp's C parser (llhttp) accepts the registered methods
-(WebDAV, ``PURGE``, ...) but answers 400 to made-up ones such as ``FOO``
-before the app sees them.
+Made-up methods such as ``FOO`` reach the app when it runs under ``edge run``
+(see edge.request_parser); a bare aiohttp server answers them 400.
+
+Pure parts live beside this module: :mod:`origin.conditional` (validators,
+preconditions, ranges) and :mod:`origin.synthetic` (the /gen/ bodies and
+query).
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import enum
 import hashlib
 import mimetypes
 import os
-import re
 import stat
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timezone
 from pathlib import Path
 from typing import BinaryIO
 
 import cachetools
 from aiohttp import hdrs, web
-from multidict import MultiMapping
 from prometheus_client import CollectorRegistry, Counter
 
 SERVER_NAME = "edge-origin"
@@ -72,390 +70,25 @@ MAX_PATH_LABELS = 1000              # distinct `path` label values before "other
 BODY_CACHE_BYTES = 64 * 2**20       # byte budget of the small-body LRU
 BODY_CACHE_OBJECT_MAX = 1 * 2**20   # bigger synthetic bodies are streamed, not cached
 FILE_CHUNK = 256 * 2**10            # read size for content-directory files
-FIXED_LAST_MODIFIED = 1767225600    # lm=1: Thu, 01 Jan 2026 00:00:00 GMT
-MAX_SIZE = 2**40                    # 1 TiB: "several GiB" with room to spare
-MAX_DELAY_MS = 600_000
-MAX_EXPIRES = 100 * 365 * 86400
-MAX_RANGE_SPECS = 100               # more than this and the Range header is ignored
 STANDARD_METHODS = frozenset({
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "PURGE",
 })
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
-
-# --------------------------------------------------------------------------
-# RFC 9110 section 8.8 and 13: validators and conditional requests (pure)
-# --------------------------------------------------------------------------
-
-_ENTITY_TAG = re.compile(r'(W/)?"([\x21\x23-\x7e\x80-\xff]*)"')
-_ETAGC = re.compile(r'[\x21\x23-\x7e\x80-\xff]*')
-
-
-def parse_entity_tags(value: str) -> list[tuple[bool, str]] | None:
-    """Parse an ``If-Match``/``If-None-Match`` list (RFC 9110 section 13.1.1-2).
-
-    Returns ``[(is_weak, opaque_tag), ...]``, or ``None`` for ``*``.  Members
-    that are not entity-tags are dropped: they can never match.
-    """
-    if value.strip() == "*":
-        return None
-    tags = []
-    for member in value.split(","):
-        match = _ENTITY_TAG.fullmatch(member.strip())
-        if match:
-            tags.append((match.group(1) is not None, match.group(2)))
-    return tags
-
-
-def _parse_one_tag(etag: str) -> tuple[bool, str] | None:
-    match = _ENTITY_TAG.fullmatch(etag.strip())
-    return (match.group(1) is not None, match.group(2)) if match else None
-
-
-def etag_matches(header: str, etag: str | None, *, weak: bool) -> bool:
-    """Whether ``header`` (a list or ``*``) matches the current ``etag``.
-
-    RFC 9110 section 8.8.3.2: strong comparison needs both tags strong and
-    equal; weak comparison only needs the opaque tags equal.  ``*`` matches
-    any current representation (there always is one when we have an etag or
-    a file).
-    """
-    tags = parse_entity_tags(header)
-    if tags is None:
-        return True
-    current = _parse_one_tag(etag) if etag else None
-    if current is None:
-        return False
-    current_weak, current_opaque = current
-    for tag_weak, opaque in tags:
-        if opaque != current_opaque:
-            continue
-        if weak or not (tag_weak or current_weak):
-            return True
-    return False
-
-
-def parse_http_date(value: str | None) -> int | None:
-    """An HTTP-date (RFC 9110 section 5.6.7) as a Unix time, or None if invalid."""
-    if not value:
-        return None
-    try:
-        parsed = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return int(parsed.timestamp())
-
-
-def http_date(timestamp: float) -> str:
-    """IMF-fixdate, the preferred HTTP-date format (RFC 9110 section 5.6.7)."""
-    return email.utils.formatdate(timestamp, usegmt=True)
-
-
-def evaluate_preconditions(method: str, *, etag: str | None, last_modified: int | None,
-                           if_match: str | None = None, if_unmodified_since: str | None = None,
-                           if_none_match: str | None = None,
-                           if_modified_since: str | None = None) -> int | None:
-    """The status a conditional request ends in, or None to proceed normally.
-
-    RFC 9110 section 13.2.2, in its order: If-Match (strong comparison, false
-    -> 412); else If-Unmodified-Since (modified since -> 412); If-None-Match
-    (weak comparison, true -> 304 for GET/HEAD, 412 otherwise); else, for GET
-    and HEAD only, If-Modified-Since (not modified -> 304).  A date condition
-    is ignored when the date is invalid or the resource has no
-    Last-Modified.  Callers evaluate this only when the response would
-    otherwise be 2xx (section 13.2.1).
-    """
-    if if_match is not None:
-        if not etag_matches(if_match, etag, weak=False):
-            return 412
-    elif if_unmodified_since is not None and last_modified is not None:
-        since = parse_http_date(if_unmodified_since)
-        if since is not None and last_modified > since:
-            return 412
-    if if_none_match is not None:
-        if etag_matches(if_none_match, etag, weak=True):
-            return 304 if method in ("GET", "HEAD") else 412
-    elif if_modified_since is not None and method in ("GET", "HEAD") and last_modified is not None:
-        since = parse_http_date(if_modified_since)
-        if since is not None and last_modified <= since:
-            return 304
-    return None
-
-
-# --------------------------------------------------------------------------
-# RFC 9110 section 14: byte ranges (pure)
-# --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ByteRange:
-    """An inclusive byte range ``first..last`` of a representation."""
-
-    first: int
-    last: int
-
-    @property
-    def length(self) -> int:
-        return self.last - self.first + 1
-
-    def content_range(self, complete_length: int) -> str:
-        """The Content-Range value of a 206 (RFC 9110 section 14.4)."""
-        return f"bytes {self.first}-{self.last}/{complete_length}"
-
-
-class RangeOutcome(enum.Enum):
-    FULL = "full"                   # ignore Range: answer 200 with the whole body
-    UNSATISFIABLE = "unsatisfiable"  # answer 416 with Content-Range: bytes */length
-
-
-_RANGE_SPEC = re.compile(r"(\d*)-(\d*)")
-
-
-def select_range(method: str, range_header: str | None, if_range: str | None, length: int,
-                 etag: str | None, last_modified: int | None) -> ByteRange | RangeOutcome:
-    """Decide how to answer a Range request (RFC 9110 sections 13.1.5, 14.1.1, 14.2).
-
-    Only GET has range semantics; anything but a syntactically valid ``bytes``
-    range set is ignored.  If-Range must match with strong comparison (an
-    entity-tag) or equal Last-Modified exactly (a date), else the whole body is
-    sent.  One satisfiable range gives a 206; several ranges are answered with
-    the whole body (a server MAY ignore Range, and it spares multipart); when
-    no range is satisfiable the answer is 416.  An empty representation has no
-    satisfiable range except a suffix, which would select nothing, so it is
-    answered in full.
-    """
-    if method != "GET" or range_header is None:
-        return RangeOutcome.FULL
-    if if_range is not None:
-        if_range = if_range.strip()
-        if if_range.startswith(('"', "W/")):
-            current = _parse_one_tag(etag) if etag else None
-            wanted = _parse_one_tag(if_range)
-            if current is None or wanted is None or current[0] or wanted[0] or current[1] != wanted[1]:
-                return RangeOutcome.FULL
-        else:
-            date = parse_http_date(if_range)
-            if date is None or last_modified is None or date != last_modified:
-                return RangeOutcome.FULL
-    unit, sep, specs_text = range_header.partition("=")
-    if not sep or unit.strip().lower() != "bytes":
-        return RangeOutcome.FULL
-    specs = [spec.strip() for spec in specs_text.split(",") if spec.strip()]
-    if not specs or len(specs) > MAX_RANGE_SPECS:
-        return RangeOutcome.FULL
-    satisfiable: list[ByteRange] = []
-    for spec in specs:
-        match = _RANGE_SPEC.fullmatch(spec)
-        if not match or not (match.group(1) or match.group(2)):
-            return RangeOutcome.FULL
-        first_text, last_text = match.groups()
-        try:
-            first = int(first_text) if first_text else None
-            last = int(last_text) if last_text else None
-        except ValueError:          # more digits than int() accepts
-            return RangeOutcome.FULL
-        if first is None:           # suffix-range: the last `last` bytes
-            assert last is not None
-            if length == 0 and last > 0:
-                return RangeOutcome.FULL
-            if last > 0:
-                satisfiable.append(ByteRange(max(0, length - last), length - 1))
-        else:
-            if last is not None and last < first:
-                return RangeOutcome.FULL    # invalid int-range: the whole set is invalid
-            if first < length:
-                satisfiable.append(ByteRange(first, length - 1 if last is None else min(last, length - 1)))
-    if not satisfiable:
-        return RangeOutcome.UNSATISFIABLE
-    if len(specs) > 1:
-        return RangeOutcome.FULL
-    return satisfiable[0]
-
-
-# --------------------------------------------------------------------------
-# Synthetic bodies (pure)
-# --------------------------------------------------------------------------
-
-LINE_BYTES = 64
-TAG_CHARS = 46                      # tag + " " + 16 hex digits + "\n" = 64
-_BLOCK_LINES = 4096                 # 0x1000: a line number is 13 block digits + 3 in-block digits
-_BLOCK_BYTES = _BLOCK_LINES * LINE_BYTES
-_IN_BLOCK_HEX = [b"%03x" % k for k in range(_BLOCK_LINES)]
-
-
-def synthetic_tag(path: str, preamble: bytes = b"") -> bytes:
-    """The 46 hex characters that mark every line of one synthetic object."""
-    digest = hashlib.sha256(path.encode("utf-8", "surrogateescape") + b"\0" + preamble)
-    return digest.hexdigest()[:TAG_CHARS].encode("ascii")
-
-
-def synthetic_lines(tag: bytes, start: int, end: int) -> Iterator[bytes]:
-    """Bytes ``start..end-1`` of the endless line pattern, in chunks of <= 256 KiB.
-
-    Line *n* is ``tag + b" " + b"%016x" % n + b"\\n"``.  Within one block of
-    4096 lines only the last three hex digits change, so a block is built
-    with a single ``bytes.join`` instead of 4096 formatting calls.
-    """
-    while start < end:
-        block = start // _BLOCK_BYTES
-        block_start = block * _BLOCK_BYTES
-        stop = min(end, block_start + _BLOCK_BYTES)
-        first_line = (start - block_start) // LINE_BYTES
-        last_line = (stop - block_start + LINE_BYTES - 1) // LINE_BYTES
-        head = tag + b" " + b"%013x" % block
-        data = head + (b"\n" + head).join(_IN_BLOCK_HEX[first_line:last_line]) + b"\n"
-        offset = block_start + first_line * LINE_BYTES
-        if start != offset or stop != offset + len(data):
-            data = data[start - offset:stop - offset]
-        yield data
-        start = stop
-
-
-def synthetic_body(tag: bytes, start: int, end: int, preamble: bytes = b"") -> Iterator[bytes]:
-    """Bytes ``start..end-1`` of a synthetic object: ``preamble`` over the line pattern.
-
-    The preamble replaces the first ``len(preamble)`` bytes, so the pattern
-    keeps its offsets and the total size does not depend on the preamble.
-    """
-    if start < len(preamble):
-        yield preamble[start:end]
-        start = len(preamble)
-    if start < end:
-        yield from synthetic_lines(tag, start, end)
-
-
-def vary_preamble(field_names: tuple[str, ...], headers: MultiMapping[str]) -> bytes:
-    """The body lines naming the request header values a Vary'd object was chosen by.
-
-    An absent header and an empty one are different variants (RFC 9111
-    section 4.1), so they are written differently.
-    """
-    lines = []
-    for name in field_names:
-        values = headers.getall(name, [])
-        if values:
-            lines.append(f"{name}: {', '.join(values)}\n")
-        else:
-            lines.append(f"{name} (absent)\n")
-    return "".join(lines).encode("utf-8", "surrogateescape")
-
-
-# --------------------------------------------------------------------------
-# /gen/ query parameters (pure)
-# --------------------------------------------------------------------------
-
-class BadParameter(ValueError):
-    """A query parameter of /gen/ with a value we cannot honour; the text is for the client."""
-
-
-@dataclass(frozen=True)
-class GenSpec:
-    """What a /gen/ URL asks for."""
-
-    size: int = 1024
-    status: int = 200
-    cache_control: str | None = None
-    cdn_cache_control: str | None = None
-    expires: int | None = None          # seconds from now; negative is in the past
-    etag: str | None = None             # "derive" (etag=1) or a full entity-tag
-    last_modified: int | None = None    # Unix time
-    vary: str | None = None             # the Vary header value
-    vary_fields: tuple[str, ...] = ()   # its field names, lower case, "*" left out
-    location: str | None = None
-    age: int | None = None
-    delay: float = 0.0                  # seconds
-
-
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\ud7ff\ue000-\U0010ffff]*")
-
-
-def _header_value(query: Mapping[str, str], name: str) -> str | None:
-    value = query.get(name)
-    if value is not None and not _FIELD_VALUE.fullmatch(value):
-        raise BadParameter(f"{name}: control characters are not allowed in a header value")
-    return value
-
-
-def _integer(query: Mapping[str, str], name: str, low: int, high: int) -> int | None:
-    text = query.get(name)
-    if text is None:
-        return None
-    try:
-        value = int(text.strip()) if re.fullmatch(r"\s*[+-]?\d{1,20}\s*", text) else None
-    except ValueError:
-        value = None
-    if value is None or not low <= value <= high:
-        raise BadParameter(f"{name}: expected an integer from {low} to {high}, got {text!r}")
-    return value
-
-
-def parse_gen_query(query: Mapping[str, str]) -> GenSpec:
-    """Validate the query string of a /gen/ request; raise BadParameter on a bad value.
-
-    ``size`` body bytes (default 1024); ``status`` 200-599 (a redirect gets
-    ``Location`` from ``location`` or the same URL without ``status``);
-    ``cc`` Cache-Control and ``cdncc`` CDN-Cache-Control (RFC 9213), verbatim;
-    ``expires`` seconds from now; ``etag=1`` a strong ETag derived from path,
-    size and variant, other values used as the tag (quoted unless already an
-    entity-tag, so ``etag=W/"v1"`` gives a weak one); ``lm=1`` Last-Modified
-    of 2026-01-01, or a Unix time; ``vary`` a Vary value; ``age`` an Age
-    header; ``delay`` milliseconds to wait before answering.
-    """
-    size = _integer(query, "size", 0, MAX_SIZE)
-    status = _integer(query, "status", 200, 599)
-    expires = _integer(query, "expires", -MAX_EXPIRES, MAX_EXPIRES)
-    age = _integer(query, "age", 0, 2**31)
-
-    delay_text = query.get("delay")
-    delay = 0.0
-    if delay_text is not None:
-        try:
-            delay_ms = float(delay_text)
-        except ValueError:
-            delay_ms = -1.0
-        if not 0 <= delay_ms <= MAX_DELAY_MS:   # also rejects nan
-            raise BadParameter(f"delay: expected milliseconds from 0 to {MAX_DELAY_MS}, got {delay_text!r}")
-        delay = delay_ms / 1000
-
-    etag_text = _header_value(query, "etag")
-    etag = None
-    if etag_text == "1":
-        etag = "derive"
-    elif etag_text is not None:
-        if _ENTITY_TAG.fullmatch(etag_text):
-            etag = etag_text
-        elif etag_text and _ETAGC.fullmatch(etag_text):
-            etag = f'"{etag_text}"'
-        else:
-            raise BadParameter(f"etag: {etag_text!r} is neither 1 nor a valid entity-tag")
-
-    lm_text = query.get("lm")
-    last_modified = None
-    if lm_text == "1":
-        last_modified = FIXED_LAST_MODIFIED
-    elif lm_text is not None:
-        last_modified = _integer(query, "lm", 0, 253402300799)   # up to year 9999
-
-    vary = _header_value(query, "vary")
-    vary_fields: tuple[str, ...] = ()
-    if vary is not None:
-        names = [name.strip() for name in vary.split(",") if name.strip()]
-        if not names or not all(name == "*" or _TOKEN.fullmatch(name) for name in names):
-            raise BadParameter(f"vary: expected '*' or comma-separated header names, got {vary!r}")
-        vary_fields = tuple(dict.fromkeys(name.lower() for name in names if name != "*"))
-
-    return GenSpec(
-        size=1024 if size is None else size,
-        status=200 if status is None else status,
-        cache_control=_header_value(query, "cc"),
-        cdn_cache_control=_header_value(query, "cdncc"),
-        expires=expires, etag=etag, last_modified=last_modified,
-        vary=vary, vary_fields=vary_fields,
-        location=_header_value(query, "location"), age=age, delay=delay,
-    )
-
+from origin.conditional import (
+    ByteRange,
+    RangeOutcome,
+    evaluate_preconditions,
+    http_date,
+    select_range,
+)
+from origin.synthetic import (
+    BadParameter,
+    parse_gen_query,
+    synthetic_body,
+    synthetic_tag,
+    vary_preamble,
+)
 
 # --------------------------------------------------------------------------
 # Content directory paths (pure) and file access (in worker threads)

@@ -25,10 +25,19 @@ from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from origin.app import (
-    FIXED_LAST_MODIFIED, ByteRange, BadParameter, OriginMetrics, PathRejected, RangeOutcome,
-    evaluate_preconditions, make_app, parse_gen_query, select_range, synthetic_body,
-    url_path_segments, vary_preamble,
+from origin.app import OriginMetrics, PathRejected, make_app, url_path_segments
+from origin.conditional import (
+    ByteRange,
+    RangeOutcome,
+    evaluate_preconditions,
+    select_range,
+)
+from origin.synthetic import (
+    FIXED_LAST_MODIFIED,
+    BadParameter,
+    parse_gen_query,
+    synthetic_body,
+    vary_preamble,
 )
 
 CACHE_CONTROL = "public, max-age=60"
