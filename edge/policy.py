@@ -56,7 +56,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timezone
 from email.utils import parsedate_to_datetime
-from typing import Any
 from urllib.parse import urldefrag, urljoin, urlsplit
 
 from edge import structured_fields

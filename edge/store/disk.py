@@ -664,8 +664,6 @@ def _rewrite_meta(key: str, size: int, meta_bytes: bytes, tmp_meta: Path,
         os.replace(tmp_meta, meta_path)
     except OSError:
         _unlink(tmp_meta)
-        if body is not None:
-            _unlink(tmp_body)
         raise
     return "ok"
 
