@@ -2,7 +2,8 @@
 # Install everything the tests need, from scratch, and run them.
 #   Debian packages: curl and dig (dnsutils) drive the nodes as an operator
 #   would; promtool (prometheus) checks the metrics exposition.
-#   Python: a virtualenv in .venv with the package and its test extras.
+#   Python: a virtualenv in .venv with the package and its test extras;
+#   ruff (pyflakes rules) first, then pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,4 +29,5 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test]'
+.venv/bin/ruff check edge origin tests benchmarks
 exec .venv/bin/python -m pytest -q "$@"
