@@ -1,0 +1,54 @@
+"""Where everything listens and which CPU it runs on.
+
+All addresses are on loopback, in 127.0.60.0-127.0.69.255, so a benchmark
+run collides with no other test or topology on the machine.  The server
+under test is pinned to one CPU and the load generator to the other, as the
+issue asks; helper processes (origin, L2, the idle edges the DNS scheduler
+checks) share the server's CPU so that the client's CPU reading stays clean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SERVER_CPU = 0
+CLIENT_CPU = 1
+
+SITE_HOST = "bench.example.com"        # through the origin with delay/size knobs
+FAST_SITE_HOST = "fast.example.com"     # through the fast static origin (miss path)
+SITE_CDN_NAME = "bench.example.com.cdn.example.net"   # what the DNS benchmark asks for
+FAST_CDN_NAME = "fast.example.com.cdn.example.net"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+ORIGIN = Endpoint("127.0.60.1", 8080)
+ORIGIN_ADMIN = Endpoint("127.0.60.1", 8091)
+FAST_ORIGIN = Endpoint("127.0.60.2", 8080)
+L2 = Endpoint("127.0.61.1", 8080)
+L2_ADMIN = Endpoint("127.0.61.1", 8091)
+L1 = Endpoint("127.0.62.1", 8080)               # the edge under test, region east
+L1_ADMIN = Endpoint("127.0.62.1", 8091)
+L1_WEST = Endpoint("127.0.62.2", 8080)          # a second edge, so DNS has a choice
+L1_WEST_ADMIN = Endpoint("127.0.62.2", 8091)
+DNS = Endpoint("127.0.63.1", 8053)
+DNS_ADMIN = Endpoint("127.0.63.1", 8091)
+NGINX_L1 = Endpoint("127.0.64.1", 8080)
+NGINX_L2 = Endpoint("127.0.64.2", 8080)
+VARNISH = Endpoint("127.0.65.1", 8080)
+ATS = Endpoint("127.0.66.1", 8080)
+KNOT = Endpoint("127.0.67.1", 8053)
+CEILING = Endpoint("127.0.68.1", 8080)
+DNS_CLIENT_EAST = "127.0.69.1"                  # inside the east coverage block
+DNS_CLIENT_WEST = "127.0.69.129"                # inside the west coverage block

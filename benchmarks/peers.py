@@ -1,0 +1,87 @@
+"""Render the configuration files (peers' and our topology) into a run directory.
+
+The files in ``benchmarks/peers/`` and ``benchmarks/topology.toml`` are
+templates with ``{{name}}`` placeholders for addresses and paths; every
+placeholder must be known, so a typo fails loudly instead of producing a
+config that silently listens somewhere else.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from benchmarks import layout
+
+BENCH_DIR = Path(__file__).resolve().parent
+PEERS_DIR = BENCH_DIR / "peers"
+TOPOLOGY_TEMPLATE = BENCH_DIR / "topology.toml"
+
+_PLACEHOLDER = re.compile(r"\{\{([a-z_0-9]+)\}\}")
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def fill(text: str, values: dict[str, str], source: str = "<template>") -> str:
+    """Replace every ``{{name}}``; an unknown name is an error."""
+    def substitute(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in values:
+            raise TemplateError(f"{source}: unknown placeholder {{{{{name}}}}}")
+        return values[name]
+    return _PLACEHOLDER.sub(substitute, text)
+
+
+def values(run_dir: Path) -> dict[str, str]:
+    """Every placeholder the templates may use."""
+    return {
+        "run_dir": str(run_dir),
+        "peers_dir": str(PEERS_DIR),
+        "origin": str(layout.ORIGIN),
+        "origin_host": layout.ORIGIN.host,
+        "origin_port": str(layout.ORIGIN.port),
+        "fast_origin": str(layout.FAST_ORIGIN),
+        "nginx_l1": str(layout.NGINX_L1),
+        "nginx_l2": str(layout.NGINX_L2),
+        "ats_host": layout.ATS.host,
+        "ats_port": str(layout.ATS.port),
+        "knot_host": layout.KNOT.host,
+        "knot_port": str(layout.KNOT.port),
+    }
+
+
+def render(template: Path, destination: Path, run_dir: Path) -> Path:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.write_text(fill(template.read_text(), values(run_dir), str(template)))
+    return destination
+
+
+def render_all(run_dir: Path) -> dict[str, Path]:
+    """Write every config into ``run_dir``; returns them by role."""
+    out = {
+        "topology": render(TOPOLOGY_TEMPLATE, run_dir / "topology.toml", run_dir),
+        "nginx_l1": render(PEERS_DIR / "nginx.conf", run_dir / "nginx-l1.conf", run_dir),
+        "nginx_l2": render(PEERS_DIR / "nginx-l2.conf", run_dir / "nginx-l2.conf", run_dir),
+        "fast_origin": render(PEERS_DIR / "fast-origin.conf", run_dir / "fast-origin.conf", run_dir),
+        "varnish": render(PEERS_DIR / "varnish.vcl", run_dir / "varnish.vcl", run_dir),
+        "knot": render(PEERS_DIR / "knot.conf", run_dir / "knot.conf", run_dir),
+        "ats_runroot": render(PEERS_DIR / "ats" / "runroot.yaml", run_dir / "ats" / "runroot.yaml", run_dir),
+    }
+    for name in ("records.config", "remap.config", "storage.config", "ip_allow.yaml", "logging.yaml"):
+        render(PEERS_DIR / "ats" / name, run_dir / "ats" / "etc" / name, run_dir)
+    # ATS expects these to exist, even empty.
+    for name in ("plugin.config", "parent.config", "cache.config", "hosting.config", "sni.yaml",
+                 "ssl_multicert.config", "volume.config", "strategies.yaml", "splitdns.config",
+                 "socks.config"):
+        (run_dir / "ats" / "etc" / name).touch()
+    for directory in ("nginx-l1", "nginx-l2", "fast-origin/www", "knot", "ats/cache", "ats/run",
+                      "ats/log", "ats/var", "ats/data", "varnish", "state"):
+        (run_dir / directory).mkdir(parents=True, exist_ok=True)
+    # nginx's workers run as www-data: the master (root) creates the temp and
+    # cache directories itself and hands them over, so they are not made here;
+    # everything else must be readable by the unprivileged workers.
+    run_dir.chmod(0o755)
+    (run_dir / "fast-origin" / "www" / "object").write_bytes(bytes(i % 251 for i in range(1024)))
+    return out

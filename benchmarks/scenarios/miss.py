@@ -1,0 +1,81 @@
+"""The miss path: always-new URLs through L1 -> L2 -> origin, vs nginx chained alike.
+
+Every request has a URL never seen before (wrk's Lua counter), so each one
+goes L1 miss -> L2 miss -> origin and is stored at both tiers.  The origin is
+a fast static nginx (peers/fast-origin.conf) shared by both chains, so the
+figure is the cost of the two cache tiers.  The whole chain (L1, L2,
+origin) runs on the server CPU; wrk on the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from benchmarks import layout, report, wrk
+from benchmarks.context import Bench
+from benchmarks.loadrun import LoadRun, run_wrk
+from benchmarks.scenarios.hit import NOISY_OTHER_LOAD, rotated
+from benchmarks.servers import HttpTarget
+
+OURS = HttpTarget("edge L1 -> L2", layout.L1, host=layout.FAST_SITE_HOST)
+NGINX = HttpTarget("nginx -> nginx", layout.NGINX_L1, host=layout.FAST_SITE_HOST)
+REFERENCE = NGINX.label
+
+
+@dataclass
+class MissRuns:
+    target: HttpTarget
+    loads: list[LoadRun] = field(default_factory=list)
+
+    @property
+    def rps(self) -> float:
+        return report.median([run.result.rps for run in self.loads])
+
+    @property
+    def p99_ms(self) -> float:
+        return report.median([run.result.p99_ms for run in self.loads])
+
+    @property
+    def errors(self) -> int:
+        return sum(run.result.socket_errors + run.result.errors_status for run in self.loads)
+
+
+def measure(bench: Bench, targets: list[HttpTarget]) -> list[MissRuns]:
+    runs = {t.label: MissRuns(t) for t in targets}
+    for round_index in range(bench.settings.rounds):
+        for target in rotated(targets, round_index):
+            tag = target.label.split()[0].lower()
+            script = wrk.lua_script(unique_prefix=f"/gen/miss-{tag}-r{round_index}-")
+            load = run_wrk(bench, target.url("/"), target.host, script, "miss",
+                           groups=bench.groups.get(target.label))
+            runs[target.label].loads.append(load)
+            result = load.result
+            bench.log(f"miss {target.label} round {round_index + 1}: {result.rps:,.0f} req/s "
+                      f"p99 {result.p99_ms:.2f} ms, client CPU {load.client_busy:.0%}")
+            bench.record_run("miss", target.label, round_index + 1, result.rps, f"p99 {result.p99_ms:.2f} ms",
+                             load.client_busy, load.server_own, load.other_load, load.steal, "-",
+                             result.socket_errors + result.errors_status)
+            if result.socket_errors or result.errors_status:
+                bench.problem(f"miss {target.label}: {result.socket_errors} socket errors, "
+                              f"{result.errors_status} responses >= 400")
+    return list(runs.values())
+
+
+def table(all_runs: list[MissRuns]) -> report.Table:
+    out = report.Table("Miss path (always-new 1 KiB URLs, L1 -> L2 -> origin, wrk -t1 -c50)",
+                       ["chain", "req/s", "vs nginx", "p99 ms", "chain CPU", "other on server CPU",
+                        "client CPU", "errors", "note"])
+    reference = next((r.rps for r in all_runs if r.target.label == REFERENCE), 0.0)
+    for runs in all_runs:
+        client = max((run.client_busy for run in runs.loads), default=0.0)
+        own = report.median([run.server_own for run in runs.loads])
+        other = max((run.other_load for run in runs.loads), default=0.0)
+        limited = any(run.client_limited for run in runs.loads)
+        notes = (["client-limited"] if limited else []) + (["noisy"] if other > NOISY_OTHER_LOAD else [])
+        out.add(runs.target.label, report.rate(runs.rps), report.ratio(runs.rps, reference),
+                report.ms(runs.p99_ms), report.percent(own), report.percent(other), report.percent(client),
+                runs.errors, ", ".join(notes))
+    out.notes.append("chain CPU: CPU time of L1 + L2 + origin processes per second (all on one CPU).")
+    out.notes.append("Origin: one static nginx (peers/fast-origin.conf) for both chains, on the server CPU "
+                     "with the chain.")
+    return out
