@@ -497,6 +497,41 @@ class Decision:
     reason: str         # fresh, stale, no-cache, must-revalidate, proxy-revalidate, s-maxage, swr
 
 
+@dataclass(frozen=True)
+class Assessment:
+    """What :func:`decide` needs of a stored response that does not change with time.
+
+    Computed once per stored response (the proxy keeps it with the object),
+    so that a hit compares numbers instead of re-parsing header fields.
+    """
+
+    lifetime: float             # freshness lifetime, RFC 9111 section 4.2.1
+    initial_age: float          # corrected_initial_age, section 4.2.3
+    response_time: float
+    no_cache: bool
+    revalidate: str | None      # must-revalidate, proxy-revalidate or s-maxage, when present
+    swr_window: int | None      # stale-while-revalidate seconds, RFC 5861 section 3
+    has_validator: bool
+
+
+def assess(resp_headers: Headers, request_time: float, response_time: float,
+           status: int | None = None) -> Assessment:
+    """The time-independent part of :func:`decide` (and of :func:`current_age`).
+
+    `status` restricts heuristic freshness as in :func:`freshness_lifetime`.
+    """
+    directives, _ = _policy(resp_headers)
+    return Assessment(
+        lifetime=freshness_lifetime(resp_headers, status=status, response_time=response_time),
+        initial_age=current_age(resp_headers, request_time, response_time, response_time),
+        response_time=response_time,
+        no_cache="no-cache" in directives,
+        revalidate=next((name for name in _REVALIDATE_DIRECTIVES if name in directives), None),
+        swr_window=_window(directives, "stale-while-revalidate"),
+        has_validator=_has_validator(resp_headers),
+    )
+
+
 def decide(resp_headers: Headers, request_time: float, response_time: float, now: float) -> Decision:
     """What to do with a stored response for a new request.  RFC 9111 section 4.
 
@@ -525,26 +560,28 @@ def decide(resp_headers: Headers, request_time: float, response_time: float, now
     request's own Cache-Control is deliberately not consulted (see module
     docstring).
     """
-    directives, _ = _policy(resp_headers)
-    lifetime = freshness_lifetime(resp_headers, response_time=response_time)
-    age = current_age(resp_headers, request_time, response_time, now)
-    ttl = lifetime - age
-    if "no-cache" in directives:
-        return _revalidate(resp_headers, age, ttl, "no-cache")
+    return decide_assessed(assess(resp_headers, request_time, response_time), now)
+
+
+def age_at(stored: Assessment, now: float) -> float:
+    """current_age (RFC 9111 section 4.2.3): corrected_initial_age + resident_time."""
+    return stored.initial_age + (now - stored.response_time)
+
+
+def decide_assessed(stored: Assessment, now: float) -> Decision:
+    """:func:`decide` for a stored response already assessed: arithmetic only."""
+    age = age_at(stored, now)
+    ttl = stored.lifetime - age
+    refetch = Action.REVALIDATE if stored.has_validator else Action.FETCH
+    if stored.no_cache:
+        return Decision(refetch, age, ttl, "no-cache")
     if ttl > 0:
         return Decision(Action.FRESH, age, ttl, "fresh")
-    for name in _REVALIDATE_DIRECTIVES:
-        if name in directives:
-            return _revalidate(resp_headers, age, ttl, name)
-    window = _window(directives, "stale-while-revalidate")
-    if window is not None and -ttl <= window:
+    if stored.revalidate is not None:
+        return Decision(refetch, age, ttl, stored.revalidate)
+    if stored.swr_window is not None and -ttl <= stored.swr_window:
         return Decision(Action.STALE_WHILE_REVALIDATE, age, ttl, "swr")
-    return _revalidate(resp_headers, age, ttl, "stale")
-
-
-def _revalidate(resp_headers: Headers, age: float, ttl: float, reason: str) -> Decision:
-    action = Action.REVALIDATE if _has_validator(resp_headers) else Action.FETCH
-    return Decision(action, age, ttl, reason)
+    return Decision(refetch, age, ttl, "stale")
 
 
 def stale_if_error_allowed(resp_headers: Headers, request_time: float, response_time: float,

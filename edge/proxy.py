@@ -166,9 +166,7 @@ class CacheNode:
         key, stored, _ = await self._find(ex)
         if stored is None:
             return await self._miss(ex, None, "uri-miss" if key == ex.primary else "vary-miss")
-        meta = stored.meta
-        headers = meta.fields
-        decision = policy.decide(headers, meta.request_time, meta.response_time, self.clock())
+        decision = policy.decide_assessed(_assessment(stored.meta), self.clock())
         if decision.action is policy.Action.FRESH:
             ex.cache_status = "HIT"
             return await self._deliver_stored(ex, stored, decision.age, decision.ttl,
@@ -479,9 +477,9 @@ class CacheNode:
 
     def _age_and_ttl(self, meta: Meta) -> tuple[float, float]:
         """Current age and remaining freshness of a stored response, now."""
-        multi = meta.fields
-        age = policy.current_age(multi, meta.request_time, meta.response_time, self.clock())
-        return age, policy.freshness_lifetime(multi, status=meta.status) - age
+        assessment = _assessment(meta)
+        age = policy.age_at(assessment, self.clock())
+        return age, assessment.lifetime - age
 
     def _client_headers(self, stored: CIMultiDict[str] | CIMultiDictProxy[str], age: float | None, entry: str,
                         cache_status: str) -> CIMultiDict[str]:
@@ -570,6 +568,15 @@ def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
     """Add a member to a list-valued field, folding repeated lines into one (RFC 9110 5.3)."""
     prior = ", ".join(headers.popall(name, ()))
     headers[name] = f"{prior}, {value}" if prior else value
+
+
+def _assessment(meta: Meta) -> policy.Assessment:
+    """The policy's time-independent view of a stored response, computed once per Meta."""
+    assessment = meta.memo.get("assessment")
+    if assessment is None:
+        assessment = meta.memo["assessment"] = policy.assess(meta.fields, meta.request_time,
+                                                             meta.response_time, meta.status)
+    return assessment
 
 
 def _sf_escape(text: str) -> str:

@@ -12,6 +12,7 @@ from email.utils import formatdate
 import pytest
 from multidict import CIMultiDict
 
+from edge import policy
 from edge.policy import (
     Action,
     Decision,
@@ -577,3 +578,25 @@ def test_cache_status_entry(node, kwargs, expected):
 def test_cache_status_entry_rejects_non_token_fwd():
     with pytest.raises(ValueError):
         cache_status_entry("l1-east", hit=False, fwd="uri miss")
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "now"),
+    [
+        ({"Date": http_date(T0), "Cache-Control": "max-age=60"}, 200, NOW),
+        ({"Date": http_date(T0 - 30), "Age": "10", "Cache-Control": "s-maxage=200, max-age=5"}, 200, NOW + 50),
+        ({"Date": D0, "Last-Modified": http_date(T0 - 10_000)}, 200, NOW + 900),
+        ({"Date": D0, "Cache-Control": "max-age=10, stale-while-revalidate=60", "ETag": '"a"'}, 200, NOW + 30),
+        ({"Date": D0, "Cache-Control": "no-cache", "ETag": '"a"'}, 200, NOW),
+        ({"Date": D0, "Cache-Control": "max-age=1, must-revalidate"}, 200, NOW + 5),
+    ],
+    ids=["9111-4.2.1-max-age", "9111-4.2.3-age-header", "9111-4.2.2-heuristic", "5861-3-swr",
+         "9111-5.2.2.4-no-cache", "9111-5.2.2.2-must-revalidate"],
+)
+def test_assessment_once_decides_like_decide_at_any_time(headers, status, now):
+    """The proxy assesses a stored response once and decides per request by arithmetic."""
+    request_time, response_time = T0 - 1, T0
+    assessment = policy.assess(headers, request_time, response_time, status)
+    for later in (now, now + 7, now + 3600):
+        assert policy.decide_assessed(assessment, later) == policy.decide(headers, request_time, response_time, later)
+        assert policy.age_at(assessment, later) == policy.current_age(headers, request_time, response_time, later)

@@ -49,6 +49,14 @@ class Meta:
         """
         return CIMultiDictProxy(CIMultiDict(self.headers))
 
+    @cached_property
+    def memo(self) -> dict[str, Any]:
+        """Scratch space for values readers derive from this Meta (never stored).
+
+        The proxy keeps the policy's assessment of the response here.
+        """
+        return {}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "status": self.status,

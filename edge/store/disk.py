@@ -100,6 +100,7 @@ class DiskStore:
         # Temp files carry this instance's token: the rebuild deletes everyone
         # else's (left by a crash) but never those of a writer running now.
         self._temp_prefix = f"{TEMP_PREFIX}{secrets.token_hex(4)}-"
+        self._temp_counter = itertools.count()
         self._subdirs_ready: set[str] = set()
         # Hashes stored, deleted, evicted or adopted since the rebuild began: the
         # scan's view of them may be stale, so the merge must not act on them.
@@ -201,7 +202,9 @@ class DiskStore:
         return self._temp_name(h)
 
     def _temp_name(self, h: str) -> Path:
-        return self.directory / h[:2] / f"{self._temp_prefix}{secrets.token_hex(8)}"
+        # A counter behind a random per-process prefix: unique without a
+        # urandom call per file on the miss path.
+        return self.directory / h[:2] / f"{self._temp_prefix}{next(self._temp_counter)}"
 
     async def _install(self, key: str, h: str, tmp_body: Path, meta_bytes: bytes,
                        charge: int, body: bytes | None = None) -> bool:
