@@ -33,7 +33,7 @@ from edge.config import Node, Site, Topology
 from edge.metrics import NodeMetrics
 from edge.store import CachedObject, CorruptEntry, Meta, Store
 from edge.upstream.client import UpstreamError, UpstreamPool
-from edge.upstream.coalesce import Coalescer, Flight, Outcome
+from edge.upstream.coalesce import Coalescer, Flight, Landing, Outcome
 
 log = logging.getLogger("edge.proxy")
 
@@ -187,8 +187,8 @@ class CacheNode:
         flight = self.flights.lead(ex.primary)
         if flight is None:
             self.metrics.coalesced.inc()
-            outcome = await self.flights.wait(ex.primary)
-            response = await self._after_wait(ex, outcome, stale)
+            landing = await self.flights.wait(ex.primary)
+            response = await self._after_wait(ex, landing, stale)
             if response is not None:
                 return response
             flight = self.flights.lead(ex.primary)   # None again: fetch alone, uncoalesced
@@ -198,9 +198,10 @@ class CacheNode:
             if flight is not None:
                 flight.finish(Outcome.FAILED)   # no-op when _fetch already said how it went
 
-    async def _after_wait(self, ex: Exchange, outcome: Outcome | None,
+    async def _after_wait(self, ex: Exchange, landing: Landing | None,
                           stale: tuple[str, CachedObject] | None) -> web.StreamResponse | None:
         """A follower acts on the leader's outcome; None means: fetch on your own."""
+        outcome = landing.outcome if landing is not None else None
         if outcome is Outcome.STORED:
             key, stored, _ = await self._find(ex)
             if stored is not None:
@@ -209,8 +210,11 @@ class CacheNode:
                 entry = policy.cache_status_entry(self.node.name, hit=True, ttl=ttl, collapsed=True)
                 return await self._deliver_stored(ex, stored, age, ttl, entry)
             return None     # another variant was stored, or it was evicted already
-        if outcome is Outcome.FAILED and stale is not None:
-            return await self._stale_if_error(ex, stale[1], None)
+        if outcome is Outcome.FAILED:
+            served = await self._stale_if_error(ex, stale[1], None) if stale is not None else None
+            if served is None and isinstance(landing.error, UpstreamError):
+                return self._upstream_error(ex, landing.error)
+            return served
         return None
 
     def _upstream_headers(self, ex: Exchange, cache_fill: bool) -> CIMultiDict[str]:
@@ -235,7 +239,7 @@ class CacheNode:
             response, upstream = await self.upstreams.send("GET", ex.primary, ex.site, ex.raw_target, headers)
         except UpstreamError as exc:
             if flight:
-                flight.finish(Outcome.FAILED)
+                flight.finish(Outcome.FAILED, exc)
             if not deliver:
                 log.info("background refresh of %s failed: %s", ex.primary, exc)
                 return None
@@ -317,9 +321,10 @@ class CacheNode:
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 if writer:
                     await writer.abort()
+                error = UpstreamError("http_response_incomplete", str(exc) or type(exc).__name__, [])
                 if flight:
-                    flight.finish(Outcome.FAILED)
-                return self._upstream_error(ex, UpstreamError("http_response_incomplete", str(exc), []))
+                    flight.finish(Outcome.FAILED, error)
+                return self._upstream_error(ex, error)
             if writer:
                 await writer.write(body)
                 committed = await writer.commit(meta_of(len(body)))

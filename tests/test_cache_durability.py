@@ -6,7 +6,9 @@ restarts or stops them.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import socket
 import uuid
 from pathlib import Path
 
@@ -116,3 +118,25 @@ async def test_stale_if_error_serves_stale_when_origin_is_down(cluster, http):
     assert "stale-if-error" in h["Cache-Status"]
     status, h, _, _ = await fetch(http, cluster.url("l1-1", no_path))
     assert status == 502 and "error=connection_refused" in h["Proxy-Status"]
+
+
+async def test_followers_share_a_failed_fetch_instead_of_retrying(cluster, http):
+    # The origin's address accepts connections and never answers: the fetch times out.
+    with socket.socket() as blackhole:
+        blackhole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        blackhole.bind(("127.0.32.10", 8080))
+        blackhole.listen(64)
+        cluster.start("l1-1")
+        url = cluster.url("l1-1", f"/gen/blackhole-{uuid.uuid4().hex}?cc=max-age=60")
+
+        async def status_of():
+            async with http.get(url, headers=HOST) as r:
+                await r.read()
+                return r.status, r.headers.get("Proxy-Status", "")
+
+        results = await asyncio.gather(*(status_of() for _ in range(20)))
+    assert {status for status, _ in results} == {504}
+    assert all("error=connection_timeout" in proxy_status for _, proxy_status in results)
+    metrics = cluster.node("l1-1").metrics()
+    assert 'edge_upstream_requests_total{outcome="connection_timeout",upstream="origin"} 1.0' in metrics
+    assert "edge_coalesced_waits_total 19.0" in metrics

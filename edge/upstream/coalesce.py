@@ -2,8 +2,9 @@
 
 While a leader fetches a key, followers await the leader's outcome (a
 future, no polling) and then act on it: read the stored object, fetch on
-their own when the response was not storable, or fall back to a stale copy
-or the error when the fetch failed.  groupcache's singleflight, adapted to
+their own when the response was not storable, or answer with a stale copy
+or the leader's error when the fetch failed (never a herd of retries
+against a failing upstream).  groupcache's singleflight, adapted to
 a cache where the leader also streams to its own client.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from dataclasses import dataclass
 
 
 class Outcome(enum.Enum):
@@ -19,14 +21,22 @@ class Outcome(enum.Enum):
     FAILED = "failed"            # the upstream could not be reached or answered 5xx
 
 
+@dataclass(frozen=True)
+class Landing:
+    """How a leader's fetch ended, as its followers learn it."""
+
+    outcome: Outcome
+    error: Exception | None = None      # with FAILED: what followers answer without a stale copy
+
+
 class Flight:
     """A leader's registration; `finish` must be called exactly once (it is idempotent)."""
 
-    def __init__(self, flights: Coalescer, key: str, future: asyncio.Future[Outcome]):
+    def __init__(self, flights: Coalescer, key: str, future: asyncio.Future[Landing]):
         self._flights, self.key, self._future = flights, key, future
 
-    def finish(self, outcome: Outcome) -> None:
-        self._flights._finish(self.key, self._future, outcome)
+    def finish(self, outcome: Outcome, error: Exception | None = None) -> None:
+        self._flights._finish(self.key, self._future, Landing(outcome, error))
 
     @property
     def followers(self) -> bool:
@@ -35,7 +45,7 @@ class Flight:
 
 class Coalescer:
     def __init__(self) -> None:
-        self._inflight: dict[str, asyncio.Future[Outcome]] = {}
+        self._inflight: dict[str, asyncio.Future[Landing]] = {}
         self._waiters: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -45,11 +55,11 @@ class Coalescer:
         """Become the leader for `key`, or None if a fetch for it is already in flight."""
         if key in self._inflight:
             return None
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Landing] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         return Flight(self, key, future)
 
-    async def wait(self, key: str) -> Outcome | None:
+    async def wait(self, key: str) -> Landing | None:
         """Wait for the fetch in flight for `key`; None if there is none."""
         future = self._inflight.get(key)
         if future is None:
@@ -65,8 +75,8 @@ class Coalescer:
             else:
                 del self._waiters[key]
 
-    def _finish(self, key: str, future: asyncio.Future[Outcome], outcome: Outcome) -> None:
+    def _finish(self, key: str, future: asyncio.Future[Landing], landing: Landing) -> None:
         if self._inflight.get(key) is future:
             del self._inflight[key]
         if not future.done():
-            future.set_result(outcome)
+            future.set_result(landing)
