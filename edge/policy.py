@@ -731,6 +731,66 @@ def client_not_modified(method: str, req_headers: Headers, resp_headers: Headers
     return since is not None and last_modified is not None and last_modified <= since
 
 
+# --------------------------------------------------------------------------- ranges
+
+
+UNSATISFIABLE = "unsatisfiable"
+
+
+def requested_range(method: str, req_headers: Headers, resp_headers: Headers, status: int,
+                    size: int) -> tuple[int, int] | str | None:
+    """The byte range to serve from a stored response, RFC 9110 section 14.
+
+    Returns ``(first, last)`` (inclusive) for a satisfiable single range,
+    :data:`UNSATISFIABLE` (answer 416), or None to send the whole 200.  Only
+    GET of a stored 200 (section 14.2: "A server MUST ignore a Range header
+    field received with a request method that is unrecognized or for which
+    range handling is not defined"); only the ``bytes`` unit; several ranges
+    are answered with the whole representation (a server "MAY ignore the
+    Range header field", and multipart/byteranges is not worth its cost
+    here); ``If-Range`` (section 13.1.5) must match the stored strong ETag
+    exactly, or equal its Last-Modified date, or the range is ignored.
+    """
+    if method != "GET" or status != 200:
+        return None
+    value = _field(req_headers, "range")
+    if value is None:
+        return None
+    if_range = _field(req_headers, "if-range")
+    if if_range is not None and not _if_range_matches(if_range.strip(), resp_headers):
+        return None
+    unit, _, spec = value.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first_text, dash, last_text = spec.strip().partition("-")
+    if not dash or not (first_text.isdigit() or (not first_text and last_text.isdigit())):
+        return None
+    if last_text and not last_text.isdigit():
+        return None
+    if not first_text:                          # suffix: the last N bytes
+        length = int(last_text)
+        if length == 0 or size == 0:
+            return UNSATISFIABLE
+        return max(0, size - length), size - 1
+    first = int(first_text)
+    if first >= size:
+        return UNSATISFIABLE
+    last = min(int(last_text), size - 1) if last_text else size - 1
+    if last < first:
+        return None                             # invalid range-spec: ignore the field
+    return first, last
+
+
+def _if_range_matches(if_range: str, resp_headers: Headers) -> bool:
+    if if_range.startswith(('"', "W/")):
+        etag = _field(resp_headers, "etag")
+        # Strong comparison: a weak validator never matches (section 13.1.5).
+        return etag is not None and not if_range.startswith("W/") and etag.strip() == if_range
+    date = parse_http_date(if_range)
+    last_modified = parse_http_date(_field(resp_headers, "last-modified"))
+    return date is not None and last_modified is not None and date == last_modified
+
+
 # --------------------------------------------------------------------------- Vary
 
 

@@ -333,14 +333,23 @@ class CacheNode:
             return await self._respond(ex, status, out_headers, body) if deliver else None
 
         # Large or unknown length: stream to the client and to the store at once.
-        client = web.StreamResponse(status=status, headers=out_headers)
-        if length is not None:
+        # A Range is served from the whole body as it passes (the fill always
+        # fetches everything), once the length is known.
+        client_status, span = status, None
+        if deliver and length is not None and request.method == "GET":
+            client_status, span = _apply_range(request, status, out_headers, length)
+        client = web.StreamResponse(status=client_status, headers=out_headers)
+        if client_status == 416:
+            client.content_length = 0
+        elif span is not None:
+            client.content_length = span[1] - span[0] + 1
+        elif length is not None:
             client.content_length = length
         client_alive = deliver
         try:
             if deliver:
                 await client.prepare(request)
-                if request.method == "HEAD":
+                if request.method == "HEAD" or client_status == 416:
                     await client.write_eof()
                     client_alive = False
         except (ConnectionError, aiohttp.ClientConnectionResetError):
@@ -355,11 +364,19 @@ class CacheNode:
                     await writer.write(chunk)
                 if client_alive:
                     try:
-                        await client.write(chunk)
+                        if span is None:
+                            await client.write(chunk)
+                        else:
+                            piece = _clip(chunk, written - len(chunk), span)
+                            if piece:
+                                await client.write(piece)
+                            if written > span[1]:
+                                await client.write_eof()    # the range is complete
+                                client_alive = False
                     except (ConnectionError, aiohttp.ClientConnectionResetError):
                         client_alive = False   # keep filling the cache for followers
-                        if writer is None:
-                            break
+                    if not client_alive and writer is None:
+                        break
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             log.warning("upstream body for %s broke after %d bytes: %s", ex.primary, written, exc)
             if writer:
@@ -503,6 +520,11 @@ class CacheNode:
                        body: bytes) -> web.StreamResponse:
         if ex.request.method == "HEAD":
             return await self._head(ex, status, headers, len(body))
+        status, span = _apply_range(ex.request, status, headers, len(body))
+        if span is not None:
+            body = body[span[0]:span[1] + 1]
+        elif status == 416:
+            body = b""
         return web.Response(status=status, headers=headers, body=body)
 
     async def _deliver_stored(self, ex: Exchange, stored: CachedObject, age: float, ttl: float,
@@ -519,8 +541,12 @@ class CacheNode:
         if request.method == "HEAD":
             return await self._head(ex, meta.status, headers, meta.size)
         if stored.body is not None:
-            return web.Response(status=meta.status, headers=headers, body=stored.body)
-        chunks = stored.chunks(DISK_CHUNK)
+            return await self._respond(ex, meta.status, headers, stored.body)
+        status, span = _apply_range(request, meta.status, headers, meta.size)
+        if status == 416:
+            return web.Response(status=416, headers=headers)
+        start, end = (span[0], span[1] + 1) if span is not None else (0, meta.size)
+        chunks = stored.chunks(DISK_CHUNK, start, end)
         try:
             first = await anext(chunks, b"")
         except CorruptEntry:
@@ -528,8 +554,8 @@ class CacheNode:
             log.warning("corrupt cache entry for %s; fetching again", ex.primary)
             ex.cache_status = "MISS"
             return await self._miss(ex, None, "uri-miss")
-        response = web.StreamResponse(status=meta.status, headers=headers)
-        response.content_length = meta.size
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = end - start
         await response.prepare(request)
         try:
             if first:
@@ -583,6 +609,32 @@ def _assessment(meta: Meta) -> policy.Assessment:
         assessment = meta.memo["assessment"] = policy.assess(meta.fields, meta.request_time,
                                                              meta.response_time, meta.status)
     return assessment
+
+
+def _apply_range(request: web.Request, status: int, headers: CIMultiDict[str],
+                 size: int) -> tuple[int, tuple[int, int] | None]:
+    """Answer a Range request from a whole stored body (RFC 9110 14): the status and span to send.
+
+    Sets Content-Range (and Accept-Ranges) in `headers`; the span is inclusive.
+    """
+    if status != 200:
+        return status, None
+    headers["Accept-Ranges"] = "bytes"
+    span = policy.requested_range(request.method, request.headers, headers, status, size)
+    if span is None:
+        return status, None
+    if span == policy.UNSATISFIABLE:
+        headers["Content-Range"] = f"bytes */{size}"
+        return 416, None
+    headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{size}"
+    return 206, span
+
+
+def _clip(chunk: bytes, position: int, span: tuple[int, int]) -> bytes:
+    """The part of `chunk` (which starts at byte `position`) inside the inclusive `span`."""
+    low = max(span[0] - position, 0)
+    high = min(span[1] + 1 - position, len(chunk))
+    return chunk[low:high] if high > low else b""
 
 
 def _sf_escape(text: str) -> str:

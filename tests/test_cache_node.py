@@ -271,3 +271,29 @@ async def test_extension_methods_share_one_metric_label(cluster, http):
     text = cluster.node("l1-1").metrics()
     assert 'edge_requests_total{cache_status="BYPASS",method="OTHER"}' in text
     assert 'method="BREW"' not in text
+
+
+async def test_range_served_from_a_memory_hit(cluster, http):
+    url = cluster.url("l1-1", unique() + "?size=10000&cc=max-age=60&etag=1")
+    _, h, full = await get(http, url)
+    status, h2, part = await get(http, url, headers={"Range": "bytes=100-199"})
+    assert (status, h2["X-Cache"], h2["Content-Range"], part) == (206, "HIT", "bytes 100-199/10000", full[100:200])
+    status, h3, tail = await get(http, url, headers={"Range": "bytes=-10", "If-Range": h["ETag"]})
+    assert (status, tail) == (206, full[-10:])
+    status, h4, _ = await get(http, url, headers={"Range": "bytes=20000-"})
+    assert (status, h4["Content-Range"]) == (416, "bytes */10000")
+    status, _, whole = await get(http, url, headers={"Range": "bytes=0-9", "If-Range": '"other"'})
+    assert (status, whole) == (200, full)
+
+
+async def test_range_on_a_streaming_miss_then_from_disk(cluster, http):
+    size = 3 * 2**20          # above memory_object_max and stream_threshold: streamed, kept on disk
+    url = cluster.url("l1-1", unique() + f"?size={size}&cc=max-age=60")
+    status, h, part = await get(http, url, headers={"Range": "bytes=1048000-1048999"})
+    assert (status, h["X-Cache"], h["Content-Range"], len(part)) == (206, "MISS", f"bytes 1048000-1048999/{size}", 1000)
+    # The fill went on to store the whole object: a full GET is a hit from disk.
+    _, h2, full = await get(http, url)
+    assert (h2["X-Cache"], len(full), h2["X-Origin-Hits"]) == ("HIT", size, "1")
+    assert part == full[1048000:1049000]
+    status, h3, part2 = await get(http, url, headers={"Range": "bytes=2097152-2097251"})
+    assert (status, h3["X-Cache"], part2) == (206, "HIT", full[2097152:2097252])

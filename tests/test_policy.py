@@ -32,7 +32,7 @@ from edge.policy import (
     storable,
     variant_key,
     vary_names,
-)
+ UNSATISFIABLE, requested_range)
 
 NOW = 1_700_000_000.0
 T0 = NOW - 100
@@ -600,3 +600,39 @@ def test_assessment_once_decides_like_decide_at_any_time(headers, status, now):
     for later in (now, now + 7, now + 3600):
         assert policy.decide_assessed(assessment, later) == policy.decide(headers, request_time, response_time, later)
         assert policy.age_at(assessment, later) == policy.current_age(headers, request_time, response_time, later)
+
+
+ETAGGED = {"ETag": '"v1"', "Last-Modified": http_date(T0 - 3600)}
+
+
+@pytest.mark.parametrize(
+    ("method", "request_fields", "status", "expected"),
+    [
+        ("GET", {"Range": "bytes=0-99"}, 200, (0, 99)),
+        ("GET", {"Range": "bytes=900-"}, 200, (900, 999)),
+        ("GET", {"Range": "bytes=-100"}, 200, (900, 999)),
+        ("GET", {"Range": "bytes=-5000"}, 200, (0, 999)),
+        ("GET", {"Range": "bytes=990-5000"}, 200, (990, 999)),
+        ("GET", {"Range": "bytes=1000-"}, 200, UNSATISFIABLE),
+        ("GET", {"Range": "bytes=-0"}, 200, UNSATISFIABLE),
+        ("GET", {"Range": "bytes=5-2"}, 200, None),
+        ("GET", {"Range": "bytes=0-1,5-9"}, 200, None),
+        ("GET", {"Range": "items=0-1"}, 200, None),
+        ("GET", {"Range": "bytes=abc"}, 200, None),
+        ("HEAD", {"Range": "bytes=0-9"}, 200, None),
+        ("GET", {"Range": "bytes=0-9"}, 404, None),
+        ("GET", {"Range": "bytes=0-9", "If-Range": '"v1"'}, 200, (0, 9)),
+        ("GET", {"Range": "bytes=0-9", "If-Range": '"v0"'}, 200, None),
+        ("GET", {"Range": "bytes=0-9", "If-Range": 'W/"v1"'}, 200, None),
+        ("GET", {"Range": "bytes=0-9", "If-Range": http_date(T0 - 3600)}, 200, (0, 9)),
+        ("GET", {"Range": "bytes=0-9", "If-Range": http_date(T0 - 60)}, 200, None),
+        ("GET", {}, 200, None),
+    ],
+    ids=["9110-14.1.2-first-last", "open-ended", "suffix", "suffix-longer-than-body", "last-clipped",
+         "14.1.1-unsatisfiable-first", "suffix-zero", "14.1.1-invalid-ignored", "several-ranges-whole",
+         "unknown-unit", "garbage", "14.2-head-ignored", "only-200", "13.1.5-if-range-etag",
+         "if-range-etag-mismatch", "if-range-weak-never", "if-range-date", "if-range-date-mismatch",
+         "no-range"],
+)
+def test_requested_range(method, request_fields, status, expected):
+    assert requested_range(method, request_fields, ETAGGED, status, 1000) == expected

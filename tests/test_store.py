@@ -688,3 +688,16 @@ async def test_tiered_abort_leaves_nothing_behind(tmp_path, open_disk):
     await writer.abort()
     assert await tiered.get("k") is None
     assert memory.objects == 0 and files_under(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize(("start", "end"), [(0, None), (1, 2), (1000, 70_000), (299_999, None), (5, 5)])
+async def test_chunks_from_an_offset_memory_and_disk(tmp_path, open_disk, start, end):
+    body = body_of(300 * KiB, 3)
+    memory = MemoryStore(4 * 2**20, 2**20)
+    disk = await open_disk()
+    for store in (memory, disk):
+        assert await put(store, "k", body)
+        hit = await store.get("k")
+        parts = [part async for part in hit.chunks(64 * KiB, start, end)]
+        assert b"".join(parts) == body[start:end]
+        assert all(len(part) <= 64 * KiB for part in parts)

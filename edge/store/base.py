@@ -127,16 +127,20 @@ class CachedObject:
         self.meta = meta
         self.body = body
 
-    async def chunks(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> AsyncIterator[bytes]:
+    async def chunks(self, chunk_size: int = DEFAULT_CHUNK_SIZE, start: int = 0,
+                     end: int | None = None) -> AsyncIterator[bytes]:
+        """The body from byte `start` up to (not including) `end`, in chunks."""
         body = self.body
         if body is None:
             raise CorruptEntry("object has no body to read")
-        if len(body) <= chunk_size:
+        stop = len(body) if end is None else min(end, len(body))
+        if start == 0 and stop == len(body) and stop <= chunk_size:
             if body:
                 yield body              # the common case: no slicing, no copy
             return
-        for start in range(0, len(body), chunk_size):
-            yield body[start:start + chunk_size]
+        view = memoryview(body)
+        for offset in range(start, stop, chunk_size):
+            yield bytes(view[offset:min(offset + chunk_size, stop)])
 
     def __repr__(self) -> str:
         where = "memory" if self.body is not None else "file"

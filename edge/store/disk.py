@@ -425,13 +425,17 @@ class DiskObject(CachedObject):
         self.hash = h
         self.version = version
 
-    async def chunks(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> AsyncIterator[bytes]:
+    async def chunks(self, chunk_size: int = DEFAULT_CHUNK_SIZE, start: int = 0,
+                     end: int | None = None) -> AsyncIterator[bytes]:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
+        stop = self.meta.size if end is None else min(end, self.meta.size)
         file = await self.store._open_body(self)
-        remaining = self.meta.size
+        remaining = max(0, stop - start)
         problem = ""
         try:
+            if start:
+                await file.seek(start)
             while remaining > 0:
                 try:
                     data = await file.read(min(chunk_size, remaining))
