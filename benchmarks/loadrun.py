@@ -8,11 +8,12 @@ the row says so.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from benchmarks import layout, procs, wrk
+from benchmarks import layout, procs, report, wrk
 from benchmarks.context import Bench
 from benchmarks.cpu import CpuWindow
+from benchmarks.servers import HttpTarget
 
 CLIENT_LIMITED_BUSY = 0.90
 
@@ -52,3 +53,51 @@ def run_wrk(bench: Bench, url: str, host: str | None, script: str, script_name: 
                    server_own=window.group_share,
                    other_load=window.other_load(layout.SERVER_CPU),
                    steal=window.of(None).steal)
+
+
+@dataclass
+class LoadRuns:
+    """The rounds measured for one target, and their medians and worst cases."""
+
+    target: HttpTarget
+    loads: list[LoadRun] = field(default_factory=list)
+
+    @property
+    def rps(self) -> float:
+        return report.median([run.result.rps for run in self.loads])
+
+    @property
+    def p99_ms(self) -> float:
+        return report.median([run.result.p99_ms for run in self.loads])
+
+    @property
+    def client_busy(self) -> float:
+        return max((run.client_busy for run in self.loads), default=0.0)
+
+    @property
+    def server_own(self) -> float:
+        return report.median([run.server_own for run in self.loads])
+
+    @property
+    def other_load(self) -> float:
+        return max((run.other_load for run in self.loads), default=0.0)
+
+    @property
+    def steal(self) -> float:
+        return max((run.steal for run in self.loads), default=0.0)
+
+    @property
+    def socket_errors(self) -> int:
+        return sum(run.result.socket_errors for run in self.loads)
+
+    @property
+    def bad_status(self) -> int:
+        return sum(run.result.errors_status for run in self.loads)
+
+    @property
+    def client_limited(self) -> bool:
+        return any(run.client_limited for run in self.loads)
+
+    @property
+    def errors(self) -> int:
+        return self.socket_errors + self.bad_status

@@ -9,11 +9,11 @@ socket errors and only 2xx; a run that does not is reported as a problem.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from benchmarks import procs, report, wrk
 from benchmarks.context import Bench
-from benchmarks.loadrun import LoadRun, run_wrk
+from benchmarks.loadrun import LoadRun, LoadRuns, run_wrk
 from benchmarks.origin_count import OriginCounter
 from benchmarks.servers import OURS, HttpTarget
 
@@ -37,47 +37,9 @@ def rotated(items: list, round_index: int) -> list:
 
 
 @dataclass
-class Runs:
-    target: HttpTarget
-    size: int
-    loads: list[LoadRun] = field(default_factory=list)
+class Runs(LoadRuns):
+    size: int = 0
     origin_requests: int = 0
-
-    @property
-    def rps(self) -> float:
-        return report.median([run.result.rps for run in self.loads])
-
-    @property
-    def p99_ms(self) -> float:
-        return report.median([run.result.p99_ms for run in self.loads])
-
-    @property
-    def client_busy(self) -> float:
-        return max((run.client_busy for run in self.loads), default=0.0)
-
-    @property
-    def server_own(self) -> float:
-        return report.median([run.server_own for run in self.loads])
-
-    @property
-    def other_load(self) -> float:
-        return max((run.other_load for run in self.loads), default=0.0)
-
-    @property
-    def steal(self) -> float:
-        return max((run.steal for run in self.loads), default=0.0)
-
-    @property
-    def socket_errors(self) -> int:
-        return sum(run.result.socket_errors for run in self.loads)
-
-    @property
-    def bad_status(self) -> int:
-        return sum(run.result.errors_status for run in self.loads)
-
-    @property
-    def client_limited(self) -> bool:
-        return any(run.client_limited for run in self.loads)
 
 
 def warm(bench: Bench, target: HttpTarget, path: str) -> None:
@@ -101,7 +63,7 @@ def measure(bench: Bench, targets: list[HttpTarget]) -> list[Runs]:
         filled = counter.take()
         if filled != caches:
             bench.problem(f"hit {size}B: warming {caches} caches made {filled} origin requests")
-        by_label = {t.label: Runs(t, size) for t in targets}
+        by_label = {t.label: Runs(t, size=size) for t in targets}
         script = wrk.lua_script()
         for target in targets:
             # An unmeasured second of load first, so that no server is measured

@@ -9,11 +9,10 @@ origin) runs on the server CPU; wrk on the other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 from benchmarks import layout, report, wrk
 from benchmarks.context import Bench
-from benchmarks.loadrun import LoadRun, run_wrk
+from benchmarks.loadrun import LoadRuns, run_wrk
 from benchmarks.scenarios.hit import NOISY_OTHER_LOAD, rotated
 from benchmarks.servers import HttpTarget
 
@@ -22,22 +21,8 @@ NGINX = HttpTarget("nginx -> nginx", layout.NGINX_L1, host=layout.FAST_SITE_HOST
 REFERENCE = NGINX.label
 
 
-@dataclass
-class MissRuns:
-    target: HttpTarget
-    loads: list[LoadRun] = field(default_factory=list)
-
-    @property
-    def rps(self) -> float:
-        return report.median([run.result.rps for run in self.loads])
-
-    @property
-    def p99_ms(self) -> float:
-        return report.median([run.result.p99_ms for run in self.loads])
-
-    @property
-    def errors(self) -> int:
-        return sum(run.result.socket_errors + run.result.errors_status for run in self.loads)
+class MissRuns(LoadRuns):
+    """The rounds of one chain on the miss path."""
 
 
 def measure(bench: Bench, targets: list[HttpTarget]) -> list[MissRuns]:
