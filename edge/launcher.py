@@ -40,6 +40,7 @@ from edge import config
 
 START_TIMEOUT_ENV = "EDGE_UP_TIMEOUT"
 DEFAULT_START_TIMEOUT = 20.0     # seconds for the whole topology to become healthy
+REPEAT_SIGNAL_AFTER = 1.0   # seconds: a stop signal sooner than this after the first is a duplicate
 STOP_GRACE = 10.0                # seconds between SIGTERM and SIGKILL
 HEALTH_POLL_INTERVAL = 0.1       # seconds between /healthz probes of a starting node
 HEALTH_PROBE_TIMEOUT = 1.0
@@ -164,10 +165,17 @@ class Launcher:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 
+        first_signal: list[float] = []
+
         def on_signal() -> None:
             # A second Ctrl-C while stopping means "now": skip the grace period.
-            if stop.is_set():
+            # Not one within a second of the first: timeout(1) and some
+            # supervisors deliver the same stop to the process and its group.
+            now = loop.time()
+            if first_signal and now - first_signal[0] >= REPEAT_SIGNAL_AFTER:
                 self.hurry.set()
+            if not first_signal:
+                first_signal.append(now)
             stop.set()
 
         stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
