@@ -64,7 +64,6 @@ class Exchange:
     site: Site
     primary: str                 # cache key of the URL
     raw_target: str              # path and query as received
-    started: float
     cache_status: str = "MISS"   # X-Cache value, counted once at the end
 
 
@@ -114,7 +113,7 @@ class CacheNode:
         status = "ERROR"
         response: web.StreamResponse | None = None
         try:
-            response, status = await self._recv(request, started)
+            response, status = await self._recv(request)
             return response
         finally:
             self.inflight -= 1
@@ -123,7 +122,7 @@ class CacheNode:
                 sent = response.content_length if response.content_length is not None else response.body_length
             self.metrics.request_done(status, request.method, time.monotonic() - started, sent or 0)
 
-    async def _recv(self, request: web.Request, started: float) -> tuple[web.StreamResponse, str]:
+    async def _recv(self, request: web.Request) -> tuple[web.StreamResponse, str]:
         raw_target = request.raw_path
         if not raw_target.startswith("/"):
             self.metrics.refused.labels("bad_target").inc()
@@ -143,7 +142,7 @@ class CacheNode:
             log.warning("loop detected: %s already in Via %r", self.node.name, request.headers.getall("Via"))
             return self._error(508, f"loop detected: {self.node.name} is already in Via"), "REFUSED"
 
-        ex = Exchange(request, site, cache_key(site, raw_target), raw_target, started)
+        ex = Exchange(request, site, cache_key(site, raw_target), raw_target)
         if request.method in CACHEABLE_METHODS:
             response = await self._lookup(ex)
         else:
@@ -152,19 +151,19 @@ class CacheNode:
 
     # ---------------------------------------------------------------- lookup
 
-    async def _find(self, ex: Exchange) -> tuple[str, CachedObject | None, tuple[str, ...] | None]:
-        """The store key for this request's variant, the stored object, and the URL's Vary names."""
+    async def _find(self, ex: Exchange) -> tuple[str, CachedObject | None]:
+        """The store key for this request's variant (RFC 9111 4.1), and what is stored there."""
         stored = await self.store.get(ex.primary)
         if stored is None or stored.meta.status != VARY_MARKER_STATUS:
-            return ex.primary, stored, ()
+            return ex.primary, stored
         names = policy.vary_names(stored.meta.fields)
         if names is None:
-            return ex.primary, None, None
+            return ex.primary, None
         key = variant_store_key(ex.primary, policy.variant_key(names, ex.request.headers))
-        return key, await self.store.get(key), names
+        return key, await self.store.get(key)
 
     async def _lookup(self, ex: Exchange) -> web.StreamResponse:
-        key, stored, _ = await self._find(ex)
+        key, stored = await self._find(ex)
         if stored is None:
             return await self._miss(ex, None, "uri-miss" if key == ex.primary else "vary-miss")
         decision = policy.decide_assessed(_assessment(stored.meta), self.clock())
@@ -203,7 +202,7 @@ class CacheNode:
         """A follower acts on the leader's outcome; None means: fetch on your own."""
         outcome = landing.outcome if landing is not None else None
         if outcome is Outcome.STORED:
-            key, stored, _ = await self._find(ex)
+            key, stored = await self._find(ex)
             if stored is not None:
                 ex.cache_status = "HIT"
                 age, ttl = self._age_and_ttl(stored.meta)
