@@ -82,6 +82,9 @@ def _run(topology: config.Topology, name: str) -> int:
         target = node.name
         serve_fn = lambda stop: node_runner.serve(topology, node, stop)  # noqa: E731
 
+    from edge import request_parser
+    request_parser.install()     # extension methods forwarded; malformed requests logged in one line
+
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -16,7 +16,7 @@ from contextlib import AsyncExitStack
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from edge import admin, request_parser
+from edge import admin
 from edge.config import Node, Topology
 from edge.metrics import NodeMetrics
 from edge.proxy import CacheNode, make_app
@@ -29,7 +29,6 @@ ADMIN_TOKEN_ENV = "EDGE_ADMIN_TOKEN"
 
 
 async def serve(topology: Topology, node: Node, stop: asyncio.Event) -> None:
-    request_parser.install()
     async with AsyncExitStack() as stack:
         if node.role == "origin":
             traffic, admin_app = _origin_apps(node)

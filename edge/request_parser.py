@@ -12,11 +12,12 @@ so nothing is parsed twice.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
 from aiohttp import http_parser, web_protocol
-from aiohttp.http_exceptions import BadHttpMethod
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 
 _FAST = getattr(http_parser, "HttpRequestParserC", None)
 _TOLERANT = http_parser.HttpRequestParserPy
@@ -45,6 +46,27 @@ class ExtensionMethodParser:
         return getattr(self._parser, name)
 
 
+class MalformedRequestLog(logging.Filter):
+    """A malformed request is the client's mistake: one INFO line, not an ERROR with a traceback.
+
+    The client already got its 400 from aiohttp; the operator needs to know
+    who sent what, not the parser's stack.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            reason = (error.message or "").strip().splitlines()
+            record.msg = "malformed request (%s %s): %s"
+            record.args = (error.code, type(error).__name__, reason[0] if reason else "")
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def install() -> None:
     """Use this parser for every aiohttp server in the process (clients are untouched)."""
     web_protocol.HttpRequestParser = ExtensionMethodParser
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestLog) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestLog())

@@ -201,10 +201,17 @@ def test_malformed_request_gets_400(cluster):
         s.sendall(b"GARBAGE\x00\x01 / HTTP/9\r\n\r\n")
         reply = s.recv(4096)
     assert reply.split(b" ", 2)[1] == b"400"
-    # The node is still serving.
+    for garbage in (b"GET /\xff\xfe HTTP/1.1\r\nHost: www.example.com\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nHost: www.example.com\r\nHost: other.example\r\n\r\n"):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(garbage)
+            assert s.recv(4096).split(b" ", 2)[1] == b"400"
+    # The node is still serving, and logged the client's mistakes in one line each.
     with socket.create_connection((host, int(port)), timeout=5) as s:
         s.sendall(b"GET /gen/after-garbage HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n")
         assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    log = cluster.node("l1-1").log.read_text()
+    assert "malformed request (400" in log and "Traceback" not in log
 
 
 async def test_loop_detected_by_own_name_in_via(cluster, http):
