@@ -12,6 +12,7 @@ import http.client as httplib
 import socket
 import subprocess
 import uuid
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -304,3 +305,22 @@ async def test_range_on_a_streaming_miss_then_from_disk(cluster, http):
     assert part == full[1048000:1049000]
     status, h3, part2 = await get(http, url, headers={"Range": "bytes=2097152-2097251"})
     assert (status, h3["X-Cache"], part2) == (206, "HIT", full[2097152:2097252])
+
+
+async def test_unsafe_method_invalidates_same_host_location_only(cluster, http):
+    target = unique("created") + "?cc=max-age=60"
+    await get(http, cluster.url("l1-1", target))
+    _, h, _ = await get(http, cluster.url("l1-1", target))
+    assert h["X-Cache"] == "HIT"
+    post = cluster.url("l1-1", unique("collection") + "?status=201&location=" + quote(target, safe=""))
+    # A Location on another host invalidates nothing (RFC 9111 4.4).
+    elsewhere = cluster.url("l1-1", unique("collection") + "?status=201&location="
+                            + quote("http://other.example.org" + target, safe=""))
+    status, _, _ = await get(http, elsewhere, method="POST", data=b"{}")
+    assert status == 201
+    _, h, _ = await get(http, cluster.url("l1-1", target))
+    assert h["X-Cache"] == "HIT"
+    status, hp, _ = await get(http, post, method="POST", data=b"{}")
+    assert (status, hp["Location"]) == (201, target)
+    _, h, _ = await get(http, cluster.url("l1-1", target))
+    assert (h["X-Cache"], h["X-Origin-Hits"]) == ("MISS", "2")
