@@ -324,3 +324,14 @@ async def test_unsafe_method_invalidates_same_host_location_only(cluster, http):
     assert (status, hp["Location"]) == (201, target)
     _, h, _ = await get(http, cluster.url("l1-1", target))
     assert (h["X-Cache"], h["X-Origin-Hits"]) == ("MISS", "2")
+
+
+async def test_admin_endpoints_are_not_on_the_traffic_port(cluster, http):
+    node = cluster.node("l1-1")
+    async with http.get(f"http://{node.traffic}/metrics") as r:
+        assert r.status == 421          # no site Host: refused, never the node's own metrics
+    async with http.post(f"http://{node.traffic}/purge", params={"url": "http://www.example.com/"},
+                         headers={"Authorization": "Bearer test-token"}) as r:
+        assert r.status == 421
+    async with http.get(f"http://{node.admin}/healthz") as r:
+        assert r.status == 200 and (await r.json())["node"] == "l1-1"
