@@ -90,10 +90,6 @@ class Node:
     content_cache_control: str = "public, max-age=60"
     max_inflight: int = 1000              # over this the health endpoint reports overload
 
-    @property
-    def is_cache(self) -> bool:
-        return self.role in ("l1", "l2")
-
 
 @dataclass(frozen=True)
 class HealthCheck:

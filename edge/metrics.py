@@ -41,7 +41,7 @@ class StoreCollector(Collector):
 
 
 class NodeMetrics:
-    def __init__(self, registry: CollectorRegistry, node: str):
+    def __init__(self, registry: CollectorRegistry):
         self.registry = registry
         self.requests = Counter("edge_requests", "Client requests by cache status (nginx vocabulary) and method.",
                                 ["cache_status", "method"], registry=registry)

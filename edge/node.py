@@ -65,7 +65,7 @@ def _origin_apps(node: Node) -> tuple[web.Application, web.Application]:
 
 async def _cache_node(topology: Topology, node: Node, stack: AsyncExitStack) -> CacheNode:
     registry = CollectorRegistry()
-    metrics = NodeMetrics(registry, node.name)
+    metrics = NodeMetrics(registry)
     memory = MemoryStore(node.memory_size, min(node.memory_object_max, node.memory_size))
     disk = DiskStore(topology.cache_dir(node), node.disk_size)
     store = TieredStore(memory, disk)

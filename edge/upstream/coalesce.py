@@ -38,15 +38,10 @@ class Flight:
     def finish(self, outcome: Outcome, error: Exception | None = None) -> None:
         self._flights._finish(self.key, self._future, Landing(outcome, error))
 
-    @property
-    def followers(self) -> bool:
-        return self._flights._waiters.get(self.key, 0) > 0
-
 
 class Coalescer:
     def __init__(self) -> None:
         self._inflight: dict[str, asyncio.Future[Landing]] = {}
-        self._waiters: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._inflight)
@@ -64,16 +59,8 @@ class Coalescer:
         future = self._inflight.get(key)
         if future is None:
             return None
-        self._waiters[key] = self._waiters.get(key, 0) + 1
-        try:
-            # shield: a follower that goes away must not cancel the leader's future
-            return await asyncio.shield(future)
-        finally:
-            remaining = self._waiters[key] - 1
-            if remaining:
-                self._waiters[key] = remaining
-            else:
-                del self._waiters[key]
+        # shield: a follower that goes away must not cancel the leader's future
+        return await asyncio.shield(future)
 
     def _finish(self, key: str, future: asyncio.Future[Landing], landing: Landing) -> None:
         if self._inflight.get(key) is future:
