@@ -9,6 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
+import uvloop
+
 from edge import config
 
 log = logging.getLogger("edge")
@@ -82,9 +84,6 @@ def _run(topology: config.Topology, name: str) -> int:
         target = node.name
         serve_fn = lambda stop: node_runner.serve(topology, node, stop)  # noqa: E731
 
-    from edge import request_parser
-    request_parser.install()     # extension methods forwarded; malformed requests logged in one line
-
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -93,7 +92,7 @@ def _run(topology: config.Topology, name: str) -> int:
         await serve_fn(stop)
 
     try:
-        asyncio.run(run())
+        uvloop.run(run())       # every process runs on uvloop
     except OSError as exc:
         print(f"edge: {target}: cannot start: {exc.strerror or exc}", file=sys.stderr)
         return 1

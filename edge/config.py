@@ -70,6 +70,24 @@ class ParentPolicy:
 
 
 @dataclass(frozen=True)
+class FrontLimits:
+    """Limits and timeouts of a cache node's HTTP front (nginx's names where nginx has one)."""
+
+    client_header_timeout: float = 10.0   # a whole request head must arrive within this (then 408)
+    keepalive_timeout: float = 75.0       # an idle keep-alive connection is closed after this
+    client_body_timeout: float = 60.0     # longest wait between two reads of a request body
+    send_timeout: float = 60.0            # longest wait for a client to read a response
+    max_request_line: int = 8 * 2**10     # longer request targets get 414
+    max_header_bytes: int = 32 * 2**10    # header field lines in total; more gets 431
+    max_headers: int = 100                # header fields; more gets 431
+    max_connections: int = 10_000         # beyond this, new connections wait in the backlog
+    drain_timeout: float = 30.0           # on SIGTERM, in-flight requests get this long to finish
+
+
+ACCESS_LOG_FORMATS = ("combined", "json")
+
+
+@dataclass(frozen=True)
 class Node:
     name: str
     role: str                       # origin | l2 | l1
@@ -89,6 +107,9 @@ class Node:
     content_dir: Path | None = None      # origin only: None serves the built-in demo site
     content_cache_control: str = "public, max-age=60"
     max_inflight: int = 1000              # over this the health endpoint reports overload
+    limits: FrontLimits = FrontLimits()
+    access_log: str = "-"                 # "-" (stdout), "off", or a file path
+    access_log_format: str = "combined"
 
 
 @dataclass(frozen=True)
@@ -368,7 +389,8 @@ def _sites(r: _Reader, table: dict, cdn_zone: str) -> tuple[Site, ...]:
 _NODE_KEYS = {"role", "listen", "admin", "region", "lat", "lon", "parents", "parent_weights",
               "memory_size", "memory_object_max", "disk_size", "stream_threshold", "cache_dir",
               "content_dir", "content_cache_control", "max_inflight", "parent_fall",
-              "parent_rise", "parent_probe_interval", "parent_timeout", "go_direct"}
+              "parent_rise", "parent_probe_interval", "parent_timeout", "go_direct",
+              "access_log", "access_log_format", *FrontLimits.__dataclass_fields__}
 
 
 def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path) -> tuple[Node, ...]:
@@ -421,6 +443,14 @@ def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path) -> tuple[
             return value if value.is_absolute() else base_dir / value
 
         content_dir = directory("content_dir")
+        limits = _limits(r, body, path)
+        access_log = r.str(body, "access_log", f"{path}.access_log", "-")
+        if access_log not in ("-", "off") and not Path(access_log).is_absolute():
+            access_log = str(base_dir / access_log)
+        access_log_format = r.str(body, "access_log_format", f"{path}.access_log_format", "combined")
+        if access_log_format not in ACCESS_LOG_FORMATS:
+            raise r.fail(f"{path}.access_log_format",
+                         f"expected one of {', '.join(ACCESS_LOG_FORMATS)}, got {access_log_format!r}")
         if content_dir is not None and role != "origin":
             raise r.fail(f"{path}.content_dir", "only an origin node serves a content directory")
         node = Node(
@@ -435,6 +465,7 @@ def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path) -> tuple[
             content_cache_control=r.str(body, "content_cache_control", f"{path}.content_cache_control",
                                         Node.content_cache_control),
             max_inflight=r.number(body, "max_inflight", f"{path}.max_inflight", 1000, 1, integer=True),
+            limits=limits, access_log=access_log, access_log_format=access_log_format,
         )
         out.append((node, parents_value))
 
@@ -460,6 +491,32 @@ def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path) -> tuple[
             node = replace(node, parents=parents)
         nodes.append(node)
     return tuple(nodes)
+
+
+def _limits(r: _Reader, body: dict, path: str) -> FrontLimits:
+    d = FrontLimits()
+
+    def seconds(key: str) -> float:
+        return float(r.number(body, key, f"{path}.{key}", getattr(d, key), 0.001))
+
+    def size(key: str, minimum: int) -> int:
+        value = r.size(body, key, f"{path}.{key}", getattr(d, key))
+        if value < minimum:
+            raise r.fail(f"{path}.{key}", f"must be at least {minimum} bytes, got {value}")
+        return value
+
+    return FrontLimits(
+        client_header_timeout=seconds("client_header_timeout"),
+        keepalive_timeout=seconds("keepalive_timeout"),
+        client_body_timeout=seconds("client_body_timeout"),
+        send_timeout=seconds("send_timeout"),
+        max_request_line=size("max_request_line", 256),
+        max_header_bytes=size("max_header_bytes", 1024),
+        max_headers=r.number(body, "max_headers", f"{path}.max_headers", d.max_headers, 8, integer=True),
+        max_connections=r.number(body, "max_connections", f"{path}.max_connections", d.max_connections, 1,
+                                 integer=True),
+        drain_timeout=float(r.number(body, "drain_timeout", f"{path}.drain_timeout", d.drain_timeout, 0)),
+    )
 
 
 def _dns(r: _Reader, table: dict, sites: tuple[Site, ...], regions: set[str]) -> Dns:

@@ -3,6 +3,12 @@
 Each node serves traffic on `listen` and its admin app (metrics, health,
 status, purge) on `admin`.  Both sockets are bound before the node reports
 healthy, so a bind failure surfaces as an OSError to the command line.
+A cache node's traffic goes through our own HTTP front (`edge.http`); the
+origin and every admin listener are aiohttp apps.
+
+Stopping a cache node drains it: the traffic listener closes, idle
+connections close, `/healthz` answers ``draining`` (so the DNS scheduler
+stops sending clients) while in-flight requests get up to `drain_timeout`.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from prometheus_client import CollectorRegistry
 
 from edge import admin
 from edge.config import Node, Topology
+from edge.http.accesslog import AccessLog
+from edge.http.server import Front
 from edge.metrics import NodeMetrics
-from edge.proxy import CacheNode, make_app
+from edge.proxy import CacheNode
 from edge.store import DiskStore, MemoryStore, TieredStore
 from edge.upstream.client import UpstreamPool, make_session
 
@@ -32,24 +40,33 @@ async def serve(topology: Topology, node: Node, stop: asyncio.Event) -> None:
     async with AsyncExitStack() as stack:
         if node.role == "origin":
             traffic, admin_app = _origin_apps(node)
-        else:
-            cache_node = await _cache_node(topology, node, stack)
-            traffic, admin_app = make_app(cache_node), _cache_admin_app(topology, cache_node)
-        await _listen(stack, traffic, node.listen.host, node.listen.port, access_log=True)
-        await _listen(stack, admin_app, node.admin.host, node.admin.port, access_log=False)
+            await _listen(stack, traffic, node.listen.host, node.listen.port)
+            await _listen(stack, admin_app, node.admin.host, node.admin.port)
+            log.info("%s (%s) serving traffic on %s, admin on %s", node.name, node.role, node.listen, node.admin)
+            await stop.wait()
+            log.info("%s stopping", node.name)
+            return
+        cache_node = await _cache_node(topology, node, stack)
+        access_log = AccessLog(node.access_log, node.access_log_format)
+        try:
+            await access_log.start()
+        except OSError as exc:
+            raise OSError(exc.errno, f"access log {node.access_log}: {exc.strerror or exc}") from None
+        stack.push_async_callback(access_log.close)
+        front = Front(cache_node, node.limits, access_log,
+                      count_refusal=lambda reason: cache_node.metrics.refused.labels(reason).inc())
+        await _listen(stack, _cache_admin_app(topology, cache_node, front), node.admin.host, node.admin.port)
+        await front.start(node.listen.host, node.listen.port)
         log.info("%s (%s) serving traffic on %s, admin on %s", node.name, node.role, node.listen, node.admin)
         await stop.wait()
-        log.info("%s stopping", node.name)
+        log.info("%s draining (up to %gs for %d requests in flight)", node.name, node.limits.drain_timeout,
+                 front.busy)
+        await front.drain()
+        log.info("%s stopped", node.name)
 
 
-# nginx's "combined" plus the cache status; written only at --log-level INFO or lower.
-ACCESS_LOG_FORMAT = '%a "%r" %s %b "%{Referer}i" "%{User-Agent}i" %{X-Cache}o %Tf'
-
-
-async def _listen(stack: AsyncExitStack, app: web.Application, host: str, port: int, access_log: bool) -> None:
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0,
-                           access_log=logging.getLogger("edge.access") if access_log else None,
-                           access_log_format=ACCESS_LOG_FORMAT)
+async def _listen(stack: AsyncExitStack, app: web.Application, host: str, port: int) -> None:
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0, access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     await web.TCPSite(runner, host, port, backlog=1024).start()
@@ -83,13 +100,13 @@ async def _cache_node(topology: Topology, node: Node, stack: AsyncExitStack) -> 
     return cache_node
 
 
-def _cache_admin_app(topology: Topology, cache_node: CacheNode) -> web.Application:
+def _cache_admin_app(topology: Topology, cache_node: CacheNode, front: Front) -> web.Application:
     node = cache_node.node
     started = time.time()
 
     def health() -> dict:
         return {
-            "status": "ok", "node": node.name, "role": node.role,
+            "status": "draining" if front.draining else "ok", "node": node.name, "role": node.role,
             "inflight": cache_node.inflight, "max_inflight": node.max_inflight,
             "overloaded": cache_node.inflight > node.max_inflight,
         }
@@ -103,6 +120,7 @@ def _cache_admin_app(topology: Topology, cache_node: CacheNode) -> web.Applicati
                       for t in store.tiers()],
             "parents": cache_node.upstreams.health.state() if node.parents else {},
             "fetches_in_flight": len(cache_node.flights),
+            "connections": len(front.connections),
         })
 
     async def purge(request: web.Request) -> web.Response:

@@ -1,18 +1,26 @@
 """The request pipeline of a cache node: the one place where policy meets I/O.
 
-Named steps, as in Varnish's request state machine:
+It takes a plain request view (:class:`edge.http.message.Request`) and
+returns what to send (:class:`edge.http.message.Reply`); the connection
+layer (`edge.http`) decides how.  Named steps, as in Varnish's request state
+machine:
 
-    recv     resolve the site from Host, refuse unknown hosts and loops
+    hit_now  the front's fast path: a fresh memory hit of a plain GET/HEAD,
+             answered from the stored object's pre-serialised header block
+    recv     resolve the site from Host, refuse unknown hosts, loops and
+             heads the parents would refuse
     lookup   find the stored object (and the Vary variant) for the cache key
     decide   ask `policy` what to do with it (fresh, stale-while-revalidate,
-             revalidate, fetch)
+             revalidate, fetch); the X-Cache verdict follows from the action
     fetch    through the coalescer (one fetch per key) and the upstream pool
-             (parents in ring order, then the origin); store what is storable,
-             streaming large bodies to the client and to disk at once
-    deliver  add Age, Via, Cache-Status and X-Cache; count the request once
+             (parents in ring order, then the origin)
+    store    keep what `policy` says is storable; large bodies stream to the
+             client and to the store at once (:class:`FillStream`)
+    deliver  a Reply with Age, Via, Cache-Status and X-Cache
 
 `X-Cache` uses nginx's vocabulary (HIT, MISS, EXPIRED, STALE, UPDATING,
 REVALIDATED, BYPASS); `Cache-Status` follows RFC 9211 with one entry per tier.
+Every fetch's coalescing outcome reaches its followers through `_land`.
 """
 
 from __future__ import annotations
@@ -22,17 +30,20 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from email.utils import formatdate
 
 import aiohttp
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from edge import policy
 from edge.cachekey import cache_key, variant_store_key
 from edge.config import Node, Site, Topology
+from edge.http.message import BodyAborted, Reply, Request
+from edge.http.rules import serialise_fields, status_line
 from edge.metrics import NodeMetrics
 from edge.store import CachedObject, CorruptEntry, Meta, Store
-from edge.upstream.client import UpstreamError, UpstreamPool
+from edge.store.base import Writer
+from edge.upstream.client import Upstream, UpstreamError, UpstreamPool
 from edge.upstream.coalesce import Coalescer, Flight, Landing, Outcome
 
 log = logging.getLogger("edge.proxy")
@@ -52,19 +63,26 @@ CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 VARY_MARKER_STATUS = 0     # a stored Meta with this status records a URL's Vary field names
 SMALL_CHUNK = 256 * 1024
 DISK_CHUNK = 1024 * 1024   # fewer thread hops per byte when streaming a stored body
+KNOWN_HOSTS_MAX = 4096     # raw Host values remembered by the hit path
 
-AppNode = web.AppKey("edge_node", "CacheNode")
+# What each policy action makes of a stored response, in nginx's words.
+VERDICT = {policy.Action.FRESH: "HIT", policy.Action.STALE_WHILE_REVALIDATE: "UPDATING"}
 
 
 @dataclass
 class Exchange:
     """One client request as it moves through the pipeline."""
 
-    request: web.Request
+    request: Request
     site: Site
     primary: str                 # cache key of the URL
     raw_target: str              # path and query as received
     cache_status: str = "MISS"   # X-Cache value, counted once at the end
+    upstream: str = ""           # who answered the fetch (parent name or "origin")
+
+    def reply(self, status: int, headers, body=b"", **kw) -> Reply:
+        return Reply(status, headers.items() if hasattr(headers, "items") else headers, body,
+                     cache_status=self.cache_status, upstream=self.upstream, **kw)
 
 
 def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str],
@@ -88,7 +106,11 @@ def via_names(headers: CIMultiDictProxy[str]) -> list[str]:
 
 
 class CacheNode:
-    """An L1 edge or an L2 parent: the same code, the topology decides the role."""
+    """An L1 edge or an L2 parent: the same code, the topology decides the role.
+
+    `clock` is the node's idea of now (seconds since the epoch); tests pass
+    their own to expire objects without sleeping.
+    """
 
     def __init__(self, topology: Topology, node: Node, store: Store, upstreams: UpstreamPool,
                  metrics: NodeMetrics, clock: Callable[[], float] = time.time):
@@ -98,56 +120,123 @@ class CacheNode:
         self.inflight = 0
         metrics.inflight.set_function(lambda: self.inflight)
         self.via = f"1.1 {node.name}"
+        self._via_token = node.name.encode()
+        self._sites_by_raw_host: dict[bytes, Site | None] = {}
         self._background: set[asyncio.Task] = set()
+        # The smallest head any parent accepts: what this node forwards must fit it.
+        parents = [topology.node(name).limits for name in node.parents]
+        self._parent_head_bytes = min((p.max_header_bytes for p in parents), default=None)
+        self._parent_head_fields = min((p.max_headers for p in parents), default=None)
 
     async def close(self) -> None:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
 
+    # ------------------------------------------------------------- hit path
+
+    def hit_now(self, method: str, target: str, host: bytes | None,
+                via: bytes | None) -> tuple[bytes, bytes, str] | None:
+        """A fresh, stored, memory-tier 200 for a plain GET/HEAD: the header block and body to write now.
+
+        Everything that changes per object is in the block built once per
+        stored Meta; only the Cache-Status ttl and Age are added here.
+        Anything unusual returns None and takes the general path.
+        """
+        if host is None or (method != "GET" and method != "HEAD") or target[:1] != "/":
+            return None
+        if via is not None and self._via_token in via:
+            return None                 # maybe a loop: recv decides
+        site = self._site_by_raw_host(host)
+        if site is None:
+            return None
+        stored = self.store.in_memory(cache_key(site, target))
+        if stored is None:
+            return None
+        meta = stored.meta
+        if meta.status != 200:
+            return None
+        assessment = _assessment(meta)
+        age = policy.age_at(assessment, self.clock())
+        ttl = assessment.lifetime - age
+        if ttl <= 0 or assessment.no_cache:
+            return None
+        block = meta.memo.get("hit_block")
+        if block is None:
+            block = meta.memo["hit_block"] = self._hit_block(meta)
+        head = b"%s%d\r\nAge: %s\r\n" % (block, ttl, policy.age_value(age).encode())
+        body = stored.body
+        self.metrics.request_done("HIT", method, 0.0, len(body) if method == "GET" else 0)
+        return head, body, "HIT"
+
+    def _hit_block(self, meta: Meta) -> bytes:
+        """Status line and fields of a hit on `meta`, up to ``Cache-Status: ...; ttl=``."""
+        headers = self._client_headers(meta.fields, None, "", "HIT")
+        cache_status = headers.popall("Cache-Status", [""])[0]
+        headers["Accept-Ranges"] = "bytes"
+        headers["Content-Length"] = str(meta.size)
+        entry = policy.cache_status_entry(self.node.name, hit=True)
+        prior = cache_status.rstrip(", ")
+        return (status_line(meta.status) + serialise_fields(headers.items())
+                + f"Cache-Status: {prior + ', ' if prior else ''}{entry}; ttl=".encode())
+
+    def _site_by_raw_host(self, host: bytes) -> Site | None:
+        try:
+            return self._sites_by_raw_host[host]
+        except KeyError:
+            site = self.topology.site_for_host(host.decode("latin-1"))
+            if len(self._sites_by_raw_host) < KNOWN_HOSTS_MAX:
+                self._sites_by_raw_host[host] = site
+            return site
+
     # ------------------------------------------------------------------ recv
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Reply:
+        """The general path; the front calls `done` once the reply was written."""
         self.inflight += 1
-        started = time.monotonic()
-        status = "ERROR"
-        response: web.StreamResponse | None = None
-        try:
-            response, status = await self._recv(request)
-            return response
-        finally:
-            self.inflight -= 1
-            sent = 0
-            if response is not None and request.method != "HEAD":
-                sent = response.content_length if response.content_length is not None else response.body_length
-            self.metrics.request_done(status, request.method, time.monotonic() - started, sent or 0)
+        return await self._recv(request)
 
-    async def _recv(self, request: web.Request) -> tuple[web.StreamResponse, str]:
-        raw_target = request.raw_path
+    def done(self, request: Request, reply: Reply, sent: int, duration: float) -> None:
+        self.inflight -= 1
+        self.metrics.request_done(reply.cache_status or "ERROR", request.method, duration, sent)
+
+    async def _recv(self, request: Request) -> Reply:
+        raw_target = request.target
         if not raw_target.startswith("/"):
             self.metrics.refused.labels("bad_target").inc()
-            return self._error(400, "request target must be origin-form (a path)"), "REFUSED"
-        host = request.headers.get("Host")
-        if not host:
+            return self._error(400, "request target must be origin-form (a path)")
+        hosts = request.headers.getall("Host", ())
+        if len(hosts) != 1:
+            # RFC 9112 3.2: no Host, or more than one, is a 400.
             self.metrics.refused.labels("no_host").inc()
-            return self._error(400, "missing Host header"), "REFUSED"
+            return self._error(400, "a request needs exactly one Host header")
+        host = hosts[0]
         site = self.topology.site_for_host(host)
         if site is None:
             # Never an open proxy: a Host we do not serve goes nowhere (RFC 9110 15.5.20).
             self.metrics.refused.labels("unknown_host").inc()
             log.info("refused unknown host %r from %s", host, request.remote)
-            return self._error(421, f"this CDN does not serve {host!r}"), "REFUSED"
+            return self._error(421, f"this CDN does not serve {host!r}")
         if self.node.name in via_names(request.headers):
             self.metrics.loops.inc()
             log.warning("loop detected: %s already in Via %r", self.node.name, request.headers.getall("Via"))
-            return self._error(508, f"loop detected: {self.node.name} is already in Via"), "REFUSED"
+            return self._error(508, f"loop detected: {self.node.name} is already in Via")
+        if self._too_large_for_parents(request):
+            self.metrics.refused.labels("header_too_large").inc()
+            return self._error(431, "header fields too large to forward to this node's parents")
 
         ex = Exchange(request, site, cache_key(site, raw_target), raw_target)
         if request.method in CACHEABLE_METHODS:
-            response = await self._lookup(ex)
-        else:
-            response = await self._pass(ex)
-        return response, ex.cache_status
+            return await self._lookup(ex)
+        return await self._pass(ex)
+
+    def _too_large_for_parents(self, request: Request) -> bool:
+        """Would the head this node forwards (with its Via and X-Forwarded-For) exceed a parent's limits?"""
+        if self._parent_head_bytes is None:
+            return False
+        added = len(self.via) + len(request.remote) + 40    # ", " separators and the two field lines
+        size = sum(len(name) + len(value) + 4 for name, value in request.raw_headers) + added
+        return size > self._parent_head_bytes or len(request.raw_headers) + 2 > self._parent_head_fields
 
     # ---------------------------------------------------------------- lookup
 
@@ -162,43 +251,59 @@ class CacheNode:
         key = variant_store_key(ex.primary, policy.variant_key(names, ex.request.headers))
         return key, await self.store.get(key)
 
-    async def _lookup(self, ex: Exchange) -> web.StreamResponse:
+    async def _lookup(self, ex: Exchange) -> Reply:
         key, stored = await self._find(ex)
         if stored is None:
             return await self._miss(ex, None, "uri-miss" if key == ex.primary else "vary-miss")
+        return await self._decide(ex, key, stored)
+
+    # ---------------------------------------------------------------- decide
+
+    async def _decide(self, ex: Exchange, key: str, stored: CachedObject) -> Reply:
         decision = policy.decide_assessed(_assessment(stored.meta), self.clock())
-        if decision.action is policy.Action.FRESH:
-            ex.cache_status = "HIT"
-            return await self._deliver_stored(ex, stored, decision.age, decision.ttl,
-                                              policy.cache_status_entry(self.node.name, hit=True, ttl=decision.ttl))
+        verdict = VERDICT.get(decision.action)
+        if verdict is None:
+            return await self._miss(ex, (key, stored), "stale")
+        ex.cache_status = verdict
+        detail = None
         if decision.action is policy.Action.STALE_WHILE_REVALIDATE:
-            ex.cache_status = "UPDATING"
             self._refresh_in_background(ex, key, stored)
-            entry = policy.cache_status_entry(self.node.name, hit=True, ttl=decision.ttl,
-                                              detail="stale-while-revalidate")
-            return await self._deliver_stored(ex, stored, decision.age, decision.ttl, entry)
-        return await self._miss(ex, (key, stored), "stale")
+            detail = "stale-while-revalidate"
+        entry = policy.cache_status_entry(self.node.name, hit=True, ttl=decision.ttl, detail=detail)
+        return await self._deliver_stored(ex, stored, decision.age, entry)
 
     # ----------------------------------------------------------------- fetch
 
-    async def _miss(self, ex: Exchange, stale: tuple[str, CachedObject] | None, fwd: str) -> web.StreamResponse:
+    async def _miss(self, ex: Exchange, stale: tuple[str, CachedObject] | None, fwd: str) -> Reply:
         """Fetch for a miss or a revalidation, one fetch per key in flight."""
         flight = self.flights.lead(ex.primary)
         if flight is None:
             self.metrics.coalesced.inc()
             landing = await self.flights.wait(ex.primary)
-            response = await self._after_wait(ex, landing, stale)
-            if response is not None:
-                return response
+            reply = await self._after_wait(ex, landing, stale)
+            if reply is not None:
+                return reply
             flight = self.flights.lead(ex.primary)   # None again: fetch alone, uncoalesced
         try:
-            return await self._fetch(ex, stale, fwd, flight)
-        finally:
+            reply, landing = await self._fetch(ex, stale, fwd)
+        except BaseException:
             if flight is not None:
-                flight.finish(Outcome.FAILED)   # no-op when _fetch already said how it went
+                flight.finish(Outcome.FAILED)
+            raise
+        self._land(flight, landing)
+        return reply
+
+    def _land(self, flight: Flight | None, landing: Landing | asyncio.Future[Landing]) -> None:
+        """Tell the followers how the fetch ended: now, or when a streamed fill completes."""
+        if flight is None:
+            return
+        if isinstance(landing, Landing):
+            flight.finish(landing.outcome, landing.error)
+        else:
+            landing.add_done_callback(lambda done: flight.finish(done.result().outcome, done.result().error))
 
     async def _after_wait(self, ex: Exchange, landing: Landing | None,
-                          stale: tuple[str, CachedObject] | None) -> web.StreamResponse | None:
+                          stale: tuple[str, CachedObject] | None) -> Reply | None:
         """A follower acts on the leader's outcome; None means: fetch on your own."""
         outcome = landing.outcome if landing is not None else None
         if outcome is Outcome.STORED:
@@ -207,7 +312,7 @@ class CacheNode:
                 ex.cache_status = "HIT"
                 age, ttl = self._age_and_ttl(stored.meta)
                 entry = policy.cache_status_entry(self.node.name, hit=True, ttl=ttl, collapsed=True)
-                return await self._deliver_stored(ex, stored, age, ttl, entry)
+                return await self._deliver_stored(ex, stored, age, entry)
             return None     # another variant was stored, or it was evicted already
         if outcome is Outcome.FAILED:
             served = await self._stale_if_error(ex, stale[1], None) if stale is not None else None
@@ -223,13 +328,9 @@ class CacheNode:
         _append(headers, "X-Forwarded-For", request.remote or "")
         return headers
 
-    async def _fetch(self, ex: Exchange, stale: tuple[str, CachedObject] | None, fwd: str,
-                     flight: Flight | None, deliver: bool = True) -> web.StreamResponse | None:
-        """Fetch from upstream, store what may be stored, and answer the client if `deliver`.
-
-        Without `deliver` (a background refresh) nothing is written to the
-        client and None is returned.
-        """
+    async def _fetch(self, ex: Exchange, stale: tuple[str, CachedObject] | None,
+                     fwd: str) -> tuple[Reply, Landing | asyncio.Future[Landing]]:
+        """Fetch from upstream and store what may be stored: the reply, and the coalescing outcome."""
         headers = self._upstream_headers(ex, cache_fill=True)
         if stale is not None:
             headers.update(policy.conditional_headers(stale[1].meta.fields))
@@ -237,54 +338,47 @@ class CacheNode:
         try:
             response, upstream = await self.upstreams.send("GET", ex.primary, ex.site, ex.raw_target, headers)
         except UpstreamError as exc:
-            if flight:
-                flight.finish(Outcome.FAILED, exc)
-            if not deliver:
-                log.info("background refresh of %s failed: %s", ex.primary, exc)
-                return None
-            if stale is not None:
-                served = await self._stale_if_error(ex, stale[1], None)
-                if served is not None:
-                    return served
-            return self._upstream_error(ex, exc)
+            served = await self._stale_if_error(ex, stale[1], None) if stale is not None else None
+            return served or self._upstream_error(ex, exc), Landing(Outcome.FAILED, exc)
+        ex.upstream = upstream.name
+        streaming = False
         try:
             response_time = self.clock()
             if response.status == 304 and stale is not None:
-                return await self._revalidated(ex, stale, response, request_time, response_time, flight, deliver)
+                return await self._revalidated(ex, stale, response, request_time, response_time)
             if response.status >= 500 and stale is not None:
-                served = await self._stale_if_error(ex, stale[1], response.status) if deliver else None
-                if served is not None or not deliver:
-                    if flight:
-                        flight.finish(Outcome.FAILED)
-                    return served
+                served = await self._stale_if_error(ex, stale[1], response.status)
+                if served is not None:
+                    return served, Landing(Outcome.FAILED)
             if stale is not None:
                 ex.cache_status = "EXPIRED"
-            return await self._store_and_deliver(ex, response, request_time, response_time, fwd, flight, deliver)
+            reply, landing = await self._store(ex, response, upstream, request_time, response_time, fwd)
+            streaming = isinstance(reply.body, FillStream)
+            return reply, landing
         finally:
-            response.release()
+            if not streaming:
+                response.release()
 
     async def _revalidated(self, ex: Exchange, stale: tuple[str, CachedObject], response: aiohttp.ClientResponse,
-                           request_time: float, response_time: float, flight: Flight | None,
-                           deliver: bool) -> web.StreamResponse | None:
+                           request_time: float, response_time: float) -> tuple[Reply, Landing]:
         """RFC 9111 4.3.4: a 304 freshens the stored headers; the stored body is served."""
         key, stored = stale
         headers = policy.freshen(stored.meta.headers, response.headers)
         headers = _with_date(headers, response_time)
         meta = replace(stored.meta, headers=tuple(headers), request_time=request_time, response_time=response_time)
         await self.store.update_meta(key, meta)
-        if flight:
-            flight.finish(Outcome.STORED)
-        if not deliver:
-            return None
         fresh = await self.store.get(key) or stored
         ex.cache_status = "REVALIDATED"
         age, ttl = self._age_and_ttl(fresh.meta)
         entry = policy.cache_status_entry(self.node.name, hit=False, fwd="stale", fwd_status=304, ttl=ttl)
-        return await self._deliver_stored(ex, fresh, age, ttl, entry)
+        return await self._deliver_stored(ex, fresh, age, entry), Landing(Outcome.STORED)
 
-    async def _store_and_deliver(self, ex: Exchange, response: aiohttp.ClientResponse, request_time: float,
-                                 response_time: float, fwd: str, flight: Flight | None,
-                                 deliver: bool) -> web.StreamResponse | None:
+    # ----------------------------------------------------------------- store
+
+    async def _store(self, ex: Exchange, response: aiohttp.ClientResponse, upstream: Upstream,
+                     request_time: float, response_time: float,
+                     fwd: str) -> tuple[Reply, Landing | asyncio.Future[Landing]]:
+        """Store what policy allows; small bodies whole, large ones streamed to client and store at once."""
         request = ex.request
         stored_headers = _storable_headers(response.headers, response_time)
         multi = CIMultiDict(stored_headers)
@@ -292,15 +386,13 @@ class CacheNode:
         names = policy.vary_names(multi) if ok else ()
         if ok and names is None:
             ok, why = False, "vary-star"
-        writer = None
-        store_key = ex.primary
+        writer: Writer | None = None
         if ok:
+            store_key = ex.primary
             if names:
                 store_key = variant_store_key(ex.primary, policy.variant_key(names, request.headers))
                 await self._write_vary_marker(ex.primary, multi, request_time, response_time)
             writer = self.store.writer(store_key, size_hint=response.content_length)
-        elif flight:
-            flight.finish(Outcome.NOT_STORED)
 
         age = policy.current_age(multi, request_time, response_time, self.clock())
         ttl = policy.freshness_lifetime(multi, status=response.status) - age if ok else None
@@ -320,81 +412,30 @@ class CacheNode:
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 if writer:
                     await writer.abort()
-                error = UpstreamError("http_response_incomplete", str(exc) or type(exc).__name__, [])
-                if flight:
-                    flight.finish(Outcome.FAILED, error)
-                return self._upstream_error(ex, error)
+                error = UpstreamError("http_response_incomplete", str(exc) or type(exc).__name__, [upstream.name])
+                return self._upstream_error(ex, error), Landing(Outcome.FAILED, error)
+            landing = Landing(Outcome.NOT_STORED)
             if writer:
                 await writer.write(body)
                 committed = await writer.commit(meta_of(len(body)))
-                if flight:
-                    flight.finish(Outcome.STORED if committed else Outcome.NOT_STORED)
-            return await self._respond(ex, status, out_headers, body) if deliver else None
+                landing = Landing(Outcome.STORED if committed else Outcome.NOT_STORED)
+            return self._respond(ex, status, out_headers, body), landing
 
         # Large or unknown length: stream to the client and to the store at once.
         # A Range is served from the whole body as it passes (the fill always
         # fetches everything), once the length is known.
         client_status, span = status, None
-        if deliver and length is not None and request.method == "GET":
+        if length is not None and request.method == "GET":
             client_status, span = _apply_range(request, status, out_headers, length)
-        client = web.StreamResponse(status=client_status, headers=out_headers)
-        if client_status == 416:
-            client.content_length = 0
-        elif span is not None:
-            client.content_length = span[1] - span[0] + 1
-        elif length is not None:
-            client.content_length = length
-        client_alive = deliver
-        try:
-            if deliver:
-                await client.prepare(request)
-                if request.method == "HEAD" or client_status == 416:
-                    await client.write_eof()
-                    client_alive = False
-        except (ConnectionError, aiohttp.ClientConnectionResetError):
-            client_alive = False
-        if writer is None and not client_alive:
-            return client if deliver else None
-        written = 0
-        try:
-            async for chunk in response.content.iter_chunked(SMALL_CHUNK):
-                written += len(chunk)
-                if writer:
-                    await writer.write(chunk)
-                if client_alive:
-                    try:
-                        if span is None:
-                            await client.write(chunk)
-                        else:
-                            piece = _clip(chunk, written - len(chunk), span)
-                            if piece:
-                                await client.write(piece)
-                            if written > span[1]:
-                                await client.write_eof()    # the range is complete
-                                client_alive = False
-                    except (ConnectionError, aiohttp.ClientConnectionResetError):
-                        client_alive = False   # keep filling the cache for followers
-                    if not client_alive and writer is None:
-                        break
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            log.warning("upstream body for %s broke after %d bytes: %s", ex.primary, written, exc)
-            if writer:
-                await writer.abort()
-            if flight:
-                flight.finish(Outcome.FAILED)
-            if deliver and request.transport is not None:
-                request.transport.abort()   # the client must see a truncated response, not a short one
-            return client if deliver else None
-        if writer:
-            committed = await writer.commit(meta_of(written))
-            if flight:
-                flight.finish(Outcome.STORED if committed else Outcome.NOT_STORED)
-        if client_alive:
-            try:
-                await client.write_eof()
-            except (ConnectionError, aiohttp.ClientConnectionResetError):
-                pass
-        return client if deliver else None
+        landing: asyncio.Future[Landing] = asyncio.get_running_loop().create_future()
+        stream = FillStream(self, ex.primary, response, writer, meta_of, span, landing)
+        if request.method == "HEAD" or client_status == 416:
+            reply = ex.reply(client_status, out_headers, stream, bodyless=True,
+                             length=0 if client_status == 416 else length)
+        else:
+            client_length = span[1] - span[0] + 1 if span is not None else length
+            reply = ex.reply(client_status, out_headers, stream, length=client_length)
+        return reply, landing
 
     async def _write_vary_marker(self, primary: str, headers: CIMultiDict[str],
                                  request_time: float, response_time: float) -> None:
@@ -418,63 +459,61 @@ class CacheNode:
 
         async def refresh() -> None:
             try:
-                await self._fetch(background, (key, stored), "stale", flight, deliver=False)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                await self._miss_as_leader(background, (key, stored), flight)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, BodyAborted) as exc:
                 log.info("background refresh of %s broke: %s", ex.primary, exc)
-            finally:
-                flight.finish(Outcome.FAILED)   # no-op when the refresh said how it went
 
-        task = asyncio.create_task(refresh())
+        self.spawn(refresh())
+
+    async def _miss_as_leader(self, ex: Exchange, stale: tuple[str, CachedObject], flight: Flight) -> None:
+        """Fetch with no client waiting: the body is read to the end so that it is stored."""
+        try:
+            reply, landing = await self._fetch(ex, stale, "stale")
+        except BaseException:
+            flight.finish(Outcome.FAILED)
+            raise
+        self._land(flight, landing)
+        await drain_body(reply)
+
+    def spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _stale_if_error(self, ex: Exchange, stored: CachedObject,
-                              status: int | None) -> web.StreamResponse | None:
+    async def _stale_if_error(self, ex: Exchange, stored: CachedObject, status: int | None) -> Reply | None:
         """RFC 5861 4: serve the stale copy when the upstream fails, if the response allows it."""
         meta = stored.meta
-        multi = meta.fields
-        now = self.clock()
-        if not policy.stale_if_error_allowed(multi, meta.request_time, meta.response_time, now):
+        if not policy.stale_if_error_allowed(meta.fields, meta.request_time, meta.response_time, self.clock()):
             return None
         ex.cache_status = "STALE"
         age, ttl = self._age_and_ttl(meta)
         entry = policy.cache_status_entry(self.node.name, hit=True, ttl=ttl, fwd_status=status,
                                           detail="stale-if-error")
-        return await self._deliver_stored(ex, stored, age, ttl, entry)
+        return await self._deliver_stored(ex, stored, age, entry)
 
     # ------------------------------------------------------------------ pass
 
-    async def _pass(self, ex: Exchange) -> web.StreamResponse:
+    async def _pass(self, ex: Exchange) -> Reply:
         """Unsafe and unknown methods: forwarded with their body, never stored (nginx BYPASS)."""
         request = ex.request
         ex.cache_status = "BYPASS"
         headers = self._upstream_headers(ex, cache_fill=False)
-        body = request.content.iter_chunked(SMALL_CHUNK) if request.body_exists else None
         try:
-            response, _ = await self.upstreams.send(request.method, ex.primary, ex.site, ex.raw_target,
-                                                    headers, body)
+            response, upstream = await self.upstreams.send(request.method, ex.primary, ex.site, ex.raw_target,
+                                                           headers, request.body)
         except UpstreamError as exc:
             return self._upstream_error(ex, exc)
+        ex.upstream = upstream.name
         try:
             await self._invalidate(ex, response)
-            multi = CIMultiDict(strip_hop_by_hop(response.headers))
-            entry = policy.cache_status_entry(self.node.name, hit=False, fwd="bypass", fwd_status=response.status)
-            out_headers = self._client_headers(multi, None, entry, ex.cache_status)
-            client = web.StreamResponse(status=response.status, headers=out_headers)
-            if response.content_length is not None:
-                client.content_length = response.content_length
-            await client.prepare(request)
-            async for chunk in response.content.iter_chunked(SMALL_CHUNK):
-                await client.write(chunk)
-            await client.write_eof()
-            return client
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
-            log.info("pass-through of %s %s broke: %s", request.method, ex.raw_target, exc)
-            if request.transport is not None:
-                request.transport.abort()
-            return web.Response(status=502)
-        finally:
+        except BaseException:
             response.release()
+            raise
+        multi = CIMultiDict(strip_hop_by_hop(response.headers))
+        entry = policy.cache_status_entry(self.node.name, hit=False, fwd="bypass", fwd_status=response.status)
+        out_headers = self._client_headers(multi, None, entry, ex.cache_status)
+        return ex.reply(response.status, out_headers, _relay(response), length=response.content_length,
+                        bodyless=request.method == "HEAD")
 
     async def _invalidate(self, ex: Exchange, response: aiohttp.ClientResponse) -> None:
         """RFC 9111 4.4: a successful unsafe method invalidates the URL and same-origin Location."""
@@ -511,23 +550,23 @@ class CacheNode:
         if age is not None:
             headers["Age"] = policy.age_value(age)
         _append(headers, "Via", self.via)
-        _append(headers, "Cache-Status", entry)
+        if entry:
+            _append(headers, "Cache-Status", entry)
         headers["X-Cache"] = cache_status
         return headers
 
-    async def _respond(self, ex: Exchange, status: int, headers: CIMultiDict[str],
-                       body: bytes) -> web.StreamResponse:
+    def _respond(self, ex: Exchange, status: int, headers: CIMultiDict[str], body: bytes) -> Reply:
+        """A whole body in memory: the range, HEAD or full answer."""
         if ex.request.method == "HEAD":
-            return await self._head(ex, status, headers, len(body))
+            return ex.reply(status, headers, b"", length=len(body), bodyless=True)
         status, span = _apply_range(ex.request, status, headers, len(body))
         if span is not None:
             body = body[span[0]:span[1] + 1]
         elif status == 416:
             body = b""
-        return web.Response(status=status, headers=headers, body=body)
+        return ex.reply(status, headers, body)
 
-    async def _deliver_stored(self, ex: Exchange, stored: CachedObject, age: float, ttl: float,
-                              entry: str) -> web.StreamResponse:
+    async def _deliver_stored(self, ex: Exchange, stored: CachedObject, age: float, entry: str) -> Reply:
         request = ex.request
         meta = stored.meta
         multi = meta.fields
@@ -536,14 +575,14 @@ class CacheNode:
             # RFC 9110 15.4.5: a 304 carries the validators and caching fields, no content fields.
             for name in ("Content-Type", "Content-Encoding", "Content-Language", "Content-Range"):
                 headers.popall(name, None)
-            return web.Response(status=304, headers=headers)
+            return ex.reply(304, headers, b"", length=None, bodyless=True)
         if request.method == "HEAD":
-            return await self._head(ex, meta.status, headers, meta.size)
+            return ex.reply(meta.status, headers, b"", length=meta.size, bodyless=True)
         if stored.body is not None:
-            return await self._respond(ex, meta.status, headers, stored.body)
+            return self._respond(ex, meta.status, headers, stored.body)
         status, span = _apply_range(request, meta.status, headers, meta.size)
         if status == 416:
-            return web.Response(status=416, headers=headers)
+            return ex.reply(416, headers, b"")
         start, end = (span[0], span[1] + 1) if span is not None else (0, meta.size)
         chunks = stored.chunks(DISK_CHUNK, start, end)
         try:
@@ -553,46 +592,151 @@ class CacheNode:
             log.warning("corrupt cache entry for %s; fetching again", ex.primary)
             ex.cache_status = "MISS"
             return await self._miss(ex, None, "uri-miss")
-        response = web.StreamResponse(status=status, headers=headers)
-        response.content_length = end - start
-        await response.prepare(request)
-        try:
-            if first:
-                await response.write(first)
-            async for chunk in chunks:
-                await response.write(chunk)
-            await response.write_eof()
-        except CorruptEntry:
-            log.warning("cache entry for %s broke mid-response", ex.primary)
-            if request.transport is not None:
-                request.transport.abort()
-        except (ConnectionError, aiohttp.ClientConnectionResetError):
-            pass
-        return response
+        return ex.reply(status, headers, _stored_stream(first, chunks, ex.primary), length=end - start)
 
-    async def _head(self, ex: Exchange, status: int, headers: CIMultiDict[str], size: int) -> web.StreamResponse:
-        """A HEAD answer carries the Content-Length of the GET it stands for (RFC 9110 9.3.2)."""
-        response = web.StreamResponse(status=status, headers=headers)
-        response.content_length = size
-        await response.prepare(ex.request)
-        await response.write_eof()
-        return response
-
-    def _upstream_error(self, ex: Exchange, exc: UpstreamError) -> web.Response:
+    def _upstream_error(self, ex: Exchange, exc: UpstreamError) -> Reply:
         status = 504 if exc.error == "connection_timeout" else 502
         ex.cache_status = "MISS" if ex.cache_status in ("HIT",) else ex.cache_status
         log.warning("%s %s: upstream failed: %s", ex.request.method, ex.raw_target, exc)
-        headers = {
-            "Proxy-Status": f'{self.node.name}; error={exc.error}; details="{_sf_escape(exc.detail)}"',
-            "Cache-Status": policy.cache_status_entry(self.node.name, hit=False, fwd="miss",
-                                                      detail=exc.error),
-            "X-Cache": ex.cache_status,
-            "Via": self.via,
-        }
-        return web.Response(status=status, text=f"{status} upstream unavailable: {exc.error}\n", headers=headers)
+        headers = [
+            ("Date", formatdate(usegmt=True)),
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Proxy-Status", f'{self.node.name}; error={exc.error}; details="{_sf_escape(exc.detail)}"'),
+            ("Cache-Status", policy.cache_status_entry(self.node.name, hit=False, fwd="miss", detail=exc.error)),
+            ("X-Cache", ex.cache_status),
+            ("Via", self.via),
+        ]
+        return ex.reply(status, headers, f"{status} upstream unavailable: {exc.error}\n".encode())
 
-    def _error(self, status: int, text: str) -> web.Response:
-        return web.Response(status=status, text=f"{status} {text}\n", headers={"Via": self.via})
+    def _error(self, status: int, text: str) -> Reply:
+        headers = [("Date", formatdate(usegmt=True)), ("Content-Type", "text/plain; charset=utf-8"),
+                   ("Via", self.via)]
+        return Reply(status, headers, f"{status} {text}\n".encode("utf-8", "replace"), cache_status="REFUSED")
+
+
+class FillStream:
+    """A large response streaming from upstream to the client and into the store at once.
+
+    Iterating yields the client's bytes (clipped to its range); every byte
+    read goes to the store writer.  When the client stops early (it went
+    away, or its range is complete) and the response is being stored, the
+    rest is read in the background so that followers still get a stored
+    object.  `landing` resolves with the coalescing outcome.
+    """
+
+    def __init__(self, node: CacheNode, key: str, response: aiohttp.ClientResponse, writer: Writer | None,
+                 meta_of: Callable[[int], Meta], span: tuple[int, int] | None,
+                 landing: asyncio.Future[Landing]):
+        self._node, self._key, self._response, self._writer = node, key, response, writer
+        self._meta_of, self._span, self._landing = meta_of, span, landing
+        self._read = 0
+        self._done = False
+
+    def __aiter__(self) -> FillStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        span = self._span
+        while not self._done:
+            if span is not None and self._read > span[1]:
+                break                       # the client's range is complete
+            chunk = await self._next_chunk()
+            if chunk is None:
+                break
+            if span is None:
+                return chunk
+            piece = _clip(chunk, self._read - len(chunk), span)
+            if piece:
+                return piece
+        raise StopAsyncIteration
+
+    async def _next_chunk(self) -> bytes | None:
+        """The next upstream chunk, stored; None at the end (the fill is then committed)."""
+        try:
+            chunk = await self._response.content.read(SMALL_CHUNK)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.warning("upstream body for %s broke after %d bytes: %s", self._key, self._read, exc)
+            await self._finish(None)
+            raise BodyAborted(f"upstream body broke: {exc}") from None
+        if not chunk:
+            await self._finish(self._read)
+            return None
+        self._read += len(chunk)
+        if self._writer is not None:
+            await self._writer.write(chunk)
+        return chunk
+
+    async def _finish(self, size: int | None) -> None:
+        """Commit (size known) or abort the fill, release the upstream response, settle the landing."""
+        if self._done:
+            return
+        self._done = True
+        outcome = Outcome.FAILED if size is None else Outcome.NOT_STORED
+        try:
+            if self._writer is not None:
+                if size is None:
+                    await self._writer.abort()
+                elif await self._writer.commit(self._meta_of(size)):
+                    outcome = Outcome.STORED
+        finally:
+            self._response.release()
+            if not self._landing.done():
+                self._landing.set_result(Landing(outcome))
+
+    async def aclose(self) -> None:
+        if self._done:
+            return
+        if self._writer is None:
+            self._response.close()          # nobody needs the rest
+            await self._finish(None)
+            return
+        self._node.spawn(self._fill_rest())
+
+    async def _fill_rest(self) -> None:
+        try:
+            while await self._next_chunk() is not None:
+                pass
+        except BodyAborted:
+            pass
+        finally:
+            await self._finish(None)        # no-op when the fill ended normally
+
+
+async def drain_body(reply: Reply) -> None:
+    """Read a reply's body to its end with nobody to send it to (a background refresh)."""
+    body = reply.body
+    if isinstance(body, bytes):
+        return
+    try:
+        async for _ in body:
+            pass
+    finally:
+        await body.aclose()
+
+
+async def _stored_stream(first: bytes, chunks, key: str):
+    """A disk hit's body; a corrupt entry mid-stream aborts the response (never wrong bytes)."""
+    try:
+        if first:
+            yield first
+        async for chunk in chunks:
+            yield chunk
+    except CorruptEntry as exc:
+        log.warning("cache entry for %s broke mid-response: %s", key, exc)
+        raise BodyAborted(str(exc)) from None
+    finally:
+        await chunks.aclose()
+
+
+async def _relay(response: aiohttp.ClientResponse):
+    """A pass-through body, chunk by chunk; the upstream connection is released at the end."""
+    try:
+        while chunk := await response.content.read(SMALL_CHUNK):
+            yield chunk
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise BodyAborted(f"upstream body broke: {exc}") from None
+    finally:
+        response.release()
 
 
 def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
@@ -610,7 +754,7 @@ def _assessment(meta: Meta) -> policy.Assessment:
     return assessment
 
 
-def _apply_range(request: web.Request, status: int, headers: CIMultiDict[str],
+def _apply_range(request: Request, status: int, headers: CIMultiDict[str],
                  size: int) -> tuple[int, tuple[int, int] | None]:
     """Answer a Range request from a whole stored body (RFC 9110 14): the status and span to send.
 
@@ -643,7 +787,6 @@ def _sf_escape(text: str) -> str:
 def _with_date(headers: list[tuple[str, str]], response_time: float) -> list[tuple[str, str]]:
     if any(name.lower() == "date" for name, _ in headers):
         return headers
-    from email.utils import formatdate
     return headers + [("Date", formatdate(response_time, usegmt=True))]
 
 
@@ -651,10 +794,3 @@ def _storable_headers(headers: CIMultiDictProxy[str], response_time: float) -> l
     """What a stored response keeps of the upstream's fields: end-to-end ones, and a Date."""
     kept = strip_hop_by_hop(headers, frozenset({"content-length", "x-cache"}))
     return _with_date(list(kept.items()), response_time)
-
-
-def make_app(node: CacheNode) -> web.Application:
-    app = web.Application(handler_args={"max_field_size": 16384})
-    app[AppNode] = node
-    app.router.add_route("*", "/{tail:.*}", node.handle)
-    return app

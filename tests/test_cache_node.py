@@ -148,10 +148,18 @@ async def test_unsafe_method_invalidates_stored_url(cluster, http):
     assert h3["X-Cache"] == "MISS"
 
 
-async def test_extension_method_is_forwarded(cluster, http):
+async def test_extension_method_known_to_the_parser_is_forwarded(cluster, http):
     url = cluster.url("l1-1", unique())
-    status, h, _ = await get(http, url, method="FROBNICATE", data=b"hello")
-    assert (status, h["X-Origin-Method"], h["X-Origin-Body-Length"], h["X-Cache"]) == (200, "FROBNICATE", "5", "BYPASS")
+    status, h, _ = await get(http, url, method="PROPFIND", data=b"hello")
+    assert (status, h["X-Origin-Method"], h["X-Origin-Body-Length"], h["X-Cache"]) == (200, "PROPFIND", "5", "BYPASS")
+
+
+async def test_unknown_method_gets_501_and_never_reaches_the_origin(cluster, http):
+    path = unique()
+    status, _, body = await get(http, cluster.url("l1-1", path), method="FROBNICATE", data=b"hello")
+    assert status == 501 and b"not implemented" in body
+    _, h, _ = await get(http, cluster.url("l1-1", path + "?cc=no-store"))
+    assert h["X-Origin-Hits"] == "1"
 
 
 async def test_via_and_forwarded_for_added(cluster, http):
@@ -255,11 +263,11 @@ async def test_metrics_pass_promtool(cluster, http, node):
 
 
 def test_extension_method_then_get_on_one_connection(cluster):
-    """The connection that met an extension method keeps serving ordinary requests."""
+    """The connection that forwarded an extension method keeps serving ordinary requests."""
     host, port = cluster.node("l1-1").traffic.split(":")
     conn = httplib.HTTPConnection(host, int(port), timeout=5)
     try:
-        conn.request("BREW", "/gen/coffee", body=b"abc", headers=HOST)
+        conn.request("MKCOL", "/gen/coffee", body=b"abc", headers=HOST)
         first = conn.getresponse()
         first.read()
         sock = conn.sock
@@ -269,16 +277,16 @@ def test_extension_method_then_get_on_one_connection(cluster):
         assert conn.sock is sock, "the connection was not kept alive"
     finally:
         conn.close()
-    assert (first.status, first.headers["X-Origin-Method"]) == (200, "BREW")
+    assert (first.status, first.headers["X-Origin-Method"]) == (200, "MKCOL")
     assert (second.status, second.headers["X-Origin-Method"]) == (200, "GET")
 
 
 async def test_extension_methods_share_one_metric_label(cluster, http):
-    for method in ("BREW", "WHEN", "FROBNICATE"):
+    for method in ("PROPFIND", "M-SEARCH", "UNLOCK"):
         await get(http, cluster.url("l1-1", unique()), method=method)
     text = cluster.node("l1-1").metrics()
     assert 'edge_requests_total{cache_status="BYPASS",method="OTHER"}' in text
-    assert 'method="BREW"' not in text
+    assert 'method="PROPFIND"' not in text
 
 
 async def test_range_served_from_a_memory_hit(cluster, http):

@@ -134,6 +134,9 @@ class DiskStore:
 
     # ------------------------------------------------------------------ reads
 
+    def in_memory(self, key: str) -> CachedObject | None:
+        return None         # bodies live in files: never answered without awaiting
+
     async def get(self, key: str) -> CachedObject | None:
         if key not in self._index and self._index_complete:
             return None

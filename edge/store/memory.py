@@ -54,7 +54,13 @@ class MemoryStore:
         self._cache.clear()
 
     async def get(self, key: str) -> CachedObject | None:
-        # A dict lookup plus the LRU move; the body is shared, never copied.
+        return self.in_memory(key)
+
+    def in_memory(self, key: str) -> CachedObject | None:
+        """The entry, without awaiting (the front's hit path): a dict lookup plus the LRU move.
+
+        The body is shared, never copied.
+        """
         try:
             return self._cache[key]
         except KeyError:

@@ -38,8 +38,11 @@ class TieredStore:
         await self.disk.close()
         await self.memory.close()
 
+    def in_memory(self, key: str) -> CachedObject | None:
+        return self.memory.in_memory(key)
+
     async def get(self, key: str) -> CachedObject | None:
-        hit = await self.memory.get(key)
+        hit = self.memory.in_memory(key)
         if hit is not None:
             return hit
         hit = await self.disk.get(key)

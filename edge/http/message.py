@@ -1,0 +1,170 @@
+"""What passes between the connection layer and the pipeline: a request view and a reply.
+
+The pipeline (`edge.proxy`) never sees a socket or a server library: it gets a
+:class:`Request` (method, raw target, header fields, client address and a
+body stream) and returns a :class:`Reply` (status, header fields, and a body
+that is bytes or an async stream).  The connection layer decides how to put
+that on the wire: framing, keep-alive, backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+
+class BodyAborted(Exception):
+    """A reply body stream broke after bytes were sent (upstream cut, corrupt entry).
+
+    The connection layer aborts the connection so that the client sees a
+    truncated response, never a complete-looking wrong one.
+    """
+
+
+class ClientGone(Exception):
+    """The client closed its connection (or timed out) while its body was being read."""
+
+
+class RequestBody:
+    """A request body as it arrives, read with backpressure.
+
+    The connection feeds chunks in; when more than ``high_water`` bytes wait,
+    it stops reading from the socket until the reader has taken them.  A
+    reader waits at most ``timeout`` seconds for the next chunk (nginx
+    ``client_body_timeout``).  For ``Expect: 100-continue`` the interim
+    response is sent the first time the body is read, as uvicorn and aiohttp
+    do: a pipeline that answers without reading the body never asks for it.
+    """
+
+    def __init__(self, pause: Callable[[], None], resume: Callable[[], None], timeout: float,
+                 send_continue: Callable[[], None] | None = None, high_water: int = 256 * 1024):
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._pause, self._resume = pause, resume
+        self._timeout = timeout
+        self._send_continue = send_continue
+        self._high_water = high_water
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self.complete = False          # the whole body has arrived
+        self.error: Exception | None = None
+        self.received = 0
+
+    # ------------------------------------------------------- connection side
+
+    def feed(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        self.received += len(chunk)
+        if self._buffered > self._high_water and not self._paused:
+            self._paused = True
+            self._pause()
+        self._wake()
+
+    def finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def fail(self, error: Exception) -> None:
+        if not self.complete:
+            self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # ----------------------------------------------------------- reader side
+
+    async def read(self) -> bytes:
+        """The next chunk; b"" at the end of the body."""
+        if self._send_continue is not None:
+            send, self._send_continue = self._send_continue, None
+            send()
+        while not self._chunks:
+            if self.complete:
+                return b""
+            if self.error is not None:
+                raise self.error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, self._timeout)
+            except asyncio.TimeoutError:
+                raise ClientGone(f"no request body bytes for {self._timeout:g}s") from None
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._paused and self._buffered <= self._high_water // 4:
+            self._paused = False
+            self._resume()
+        return chunk
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while chunk := await self.read():
+            yield chunk
+
+
+class Request:
+    """One parsed request as the pipeline sees it: no socket, no server library."""
+
+    __slots__ = ("method", "target", "version", "raw_headers", "remote", "body", "keep_alive", "_headers")
+
+    def __init__(self, method: str, target: str, version: str, raw_headers: list[tuple[bytes, bytes]],
+                 remote: str, body: RequestBody | None = None):
+        self.method = method
+        self.target = target                  # the request-target exactly as received
+        self.version = version                # "1.0" or "1.1"
+        self.raw_headers = raw_headers
+        self.remote = remote                  # client IP address
+        self.body = body                      # None when the request has no body
+        self.keep_alive = True                # the client allows the connection to be kept
+        self._headers: CIMultiDictProxy[str] | None = None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        """The fields as a case-insensitive multidict, built on first use (the hit path never asks)."""
+        if self._headers is None:
+            # Field values were checked to be visible ASCII, space or tab: latin-1 is exact.
+            self._headers = CIMultiDictProxy(CIMultiDict(
+                (name.decode("latin-1"), value.decode("latin-1")) for name, value in self.raw_headers))
+        return self._headers
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.target!r} HTTP/{self.version} from {self.remote}>"
+
+
+Body = bytes | AsyncIterator[bytes]
+
+
+class Reply:
+    """What to send: status, header fields and a body (bytes, or an async stream of bytes).
+
+    ``length`` is the Content-Length to announce: ``len(body)`` for bytes,
+    None for a stream of unknown length (sent chunked, or close-delimited to
+    an HTTP/1.0 client).  ``bodyless`` replies (HEAD, 304, 416...) announce
+    ``length`` but send no body.  A stream may raise :class:`BodyAborted`;
+    the connection layer then aborts the connection.  It always closes the
+    stream (``aclose``), also when the client went away, so a stream that
+    fills the cache finishes filling it.
+    """
+
+    __slots__ = ("status", "headers", "body", "length", "bodyless", "cache_status", "upstream")
+
+    def __init__(self, status: int, headers: Iterable[tuple[str, str]], body: Body = b"", *,
+                 length: int | None = -1, bodyless: bool = False, cache_status: str = "",
+                 upstream: str = ""):
+        self.status = status
+        self.headers = headers
+        self.body = body
+        if length == -1:
+            length = len(body) if isinstance(body, bytes) else None
+        self.length = length
+        self.bodyless = bodyless
+        self.cache_status = cache_status      # X-Cache verdict, for metrics and the access log
+        self.upstream = upstream              # who answered the fetch, for the access log
+
+    def __repr__(self) -> str:
+        return f"<Reply {self.status} {self.cache_status} length={self.length}>"

@@ -1,0 +1,524 @@
+"""One client connection: an asyncio Protocol that parses with httptools and answers in order.
+
+Shape borrowed from uvicorn's httptools protocol: llhttp calls back per URL
+fragment, header and body chunk; timeouts are deadlines checked by the
+front's sweep (no timer per request); pipelined requests wait in a queue and
+are answered strictly in order.  Two ways to answer:
+
+* **the hit path**: a bodyless GET/HEAD that is a fresh memory hit is
+  answered inside ``on_headers_complete`` with one ``writelines`` of the
+  stored object's pre-serialised header block and its body: no task, no
+  coroutine, no multidict (``App.hit_now``);
+* **the general path**: a task runs ``App.handle`` (the pipeline) and writes
+  the :class:`Reply` it returns, streaming with backpressure
+  (``pause_writing``/``resume_writing``) so a slow reader never grows the
+  node's memory.
+
+Anything malformed gets its 4xx here (never a 5xx or a traceback) and the
+connection is closed: a request the front refuses is never forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from edge.http import rules
+from edge.http.message import BodyAborted, ClientGone, Reply, Request, RequestBody
+from edge.http.rules import Reject
+
+if TYPE_CHECKING:
+    from edge.http.server import Front
+
+log = logging.getLogger("edge.http")
+
+MAX_QUEUED = 32                  # pipelined requests parsed ahead before reading pauses
+CHUNKED_END = b"0\r\n\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+KEEP_ALIVE_LINE = b"Connection: keep-alive\r\n\r\n"
+CLOSE_LINE = b"Connection: close\r\n\r\n"
+END_OF_HEAD = b"\r\n"
+FOREVER = float("inf")
+
+# Request fields the connection layer looks at while parsing (lower-case).
+_HOST, _CL, _TE, _CONN, _EXPECT, _VIA, _REFERER, _UA, _SLOW = range(9)
+_NOTED = {
+    b"host": _HOST, b"content-length": _CL, b"transfer-encoding": _TE, b"connection": _CONN,
+    b"expect": _EXPECT, b"via": _VIA, b"referer": _REFERER, b"user-agent": _UA,
+    # The hit path answers only plain requests: these need the pipeline.
+    b"range": _SLOW, b"if-range": _SLOW, b"if-match": _SLOW, b"if-none-match": _SLOW,
+    b"if-modified-since": _SLOW, b"if-unmodified-since": _SLOW,
+}
+
+
+class _Stop(Exception):
+    """Raised from a parser callback after the connection was closed: parse nothing more."""
+
+
+class HttpConnection(asyncio.Protocol):
+    def __init__(self, front: Front):
+        self.front = front
+        self.app = front.app
+        self.limits = front.limits
+        self.loop = front.loop
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.remote = ""
+        self.closed = False
+        # Timeouts: the front's sweep closes the connection once `deadline` passes.
+        self.deadline = FOREVER
+        self._idle = True                     # no request in progress: expiry closes quietly
+        # The request being parsed.
+        self._head_started = False
+        self._url = b""
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._field_bytes = 0
+        self._noted: dict[int, list[bytes]] = {}
+        self._body: RequestBody | None = None
+        # Requests parsed and not yet answered, and the one being answered.
+        self._queue: deque[Request] = deque()
+        self._busy = False
+        self._read_paused = False
+        self._reject_after: Reject | None = None   # answered once the queue ahead is done
+        # Writing.
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    # ------------------------------------------------------------ transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if peer else ""
+        self.deadline = self.loop.time() + self.limits.client_header_timeout
+        self.front.connection_opened(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.deadline = FOREVER
+        if self._body is not None:
+            self._body.fail(ClientGone("client closed the connection"))
+        for request in self._queue:
+            if request.body is not None:
+                request.body.fail(ClientGone("client closed the connection"))
+        self._queue.clear()
+        self._wake_writer()
+        self.front.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self.parser.feed_data(data)
+        except _Stop:
+            return
+        except Reject as reject:
+            self._refuse(reject)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._refuse(cause if isinstance(cause, Reject) else Reject(400, str(cause or exc)))
+        except httptools.HttpParserInvalidMethodError:
+            self._refuse(_unknown_method(data))
+        except httptools.HttpParserUpgrade:
+            # Upgrade is hop-by-hop and not offered: the request is answered as a
+            # plain one (without the Upgrade field), and the connection closes after.
+            self._reject_after = Reject(0, "upgrade")
+        except httptools.HttpParserError as exc:
+            self._refuse(Reject(400, str(exc) or "malformed request"))
+        if self.closed:
+            return
+        if self._head_started and self._idle:
+            # A head that did not arrive whole must arrive within client_header_timeout.
+            self.deadline = self.loop.time() + self.limits.client_header_timeout
+            self._idle = False
+        if not self._busy:
+            self._next()
+
+    def expire(self) -> None:
+        """Called by the front's sweep when `deadline` passed."""
+        if self.closed:
+            return
+        if self._idle:
+            self.close()
+        else:
+            self.front.count_refusal("header_timeout")
+            self._write_error(Reject(408, "request head not received in time"))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.deadline = FOREVER
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        self.deadline = FOREVER
+        if self.transport is not None:
+            self.transport.abort()
+
+    def drain_now(self) -> None:
+        """The node is stopping: an idle connection closes at once, a busy one after its response."""
+        if not self._busy and not self._queue and not self._head_started:
+            self.close()
+
+    # --------------------------------------------------------------- parser
+
+    def on_message_begin(self) -> None:
+        if self.closed:
+            raise _Stop
+        self._url = b""
+        self._fields = []
+        self._field_bytes = 0
+        self._noted = {}
+        self._head_started = True
+
+    def on_url(self, fragment: bytes) -> None:
+        self._url += fragment
+        if len(self._url) > self.limits.max_request_line:
+            raise Reject(414, f"request target longer than {self.limits.max_request_line} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._field_bytes += len(name) + len(value) + 4
+        self._fields.append((name, value))
+        if self._field_bytes > self.limits.max_header_bytes:
+            raise Reject(431, f"header fields larger than {self.limits.max_header_bytes} bytes")
+        if len(self._fields) > self.limits.max_headers:
+            raise Reject(431, f"more than {self.limits.max_headers} header fields")
+        rules.check_field_value(value)
+        kind = _NOTED.get(name.lower())
+        if kind is not None:
+            self._noted.setdefault(kind, []).append(value)
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        version = parser.get_http_version()
+        rules.check_version(version)
+        rules.check_target(self._url)
+        noted = self._noted
+        rules.check_framing(noted.get(_TE, ()), noted.get(_CL, ()))
+        self._head_started = False
+        self.deadline = FOREVER
+        self._idle = False
+        method = parser.get_method().decode("ascii")
+        target = self._url.decode("ascii")
+        has_body = _TE in noted or (_CL in noted and noted[_CL][0].strip() not in (b"0", b""))
+        keep = rules.keep_alive(version, noted.get(_CONN, ()))
+        if not has_body and not self._busy and not self._queue and _SLOW not in noted \
+                and self._reject_after is None:
+            hit = self.app.hit_now(method, target, _only(noted, _HOST), _first_raw(noted, _VIA))
+            if hit is not None:
+                self._write_hit(method, target, version, keep, hit, noted)
+                return
+        body = None
+        if has_body:
+            expect = noted.get(_EXPECT)
+            wants_continue = version == "1.1" and rules.expects_continue(expect[0] if expect else None)
+            body = self._body = RequestBody(self._pause_reading_for_body, self._resume_reading_for_body,
+                                            self.limits.client_body_timeout,
+                                            self._send_continue if wants_continue else None)
+        elif _EXPECT in noted:
+            rules.expects_continue(noted[_EXPECT][0])     # 417 for anything but 100-continue
+        request = Request(method, target, version, self._fields, self.remote, body)
+        request.keep_alive = keep
+        self._queue.append(request)
+        if len(self._queue) >= MAX_QUEUED:
+            self._pause_reading()
+
+    def on_body(self, chunk: bytes) -> None:
+        if self._body is not None:
+            self._body.feed(chunk)
+
+    def on_message_complete(self) -> None:
+        if self._body is not None:
+            self._body.finish()
+            self._body = None
+        self._url = b""
+
+    # ---------------------------------------------------------- answering
+
+    def _write_hit(self, method: str, target: str, version: str, keep: bool, hit,
+                   noted: dict[int, list[bytes]]) -> None:
+        """Answer a fresh memory hit now: one writelines, no task."""
+        head, body, cache_status = hit
+        keep = keep and not self.front.draining
+        ending = (KEEP_ALIVE_LINE if version == "1.0" else END_OF_HEAD) if keep else CLOSE_LINE
+        if method == "HEAD":
+            self.transport.writelines((head, ending))
+            sent = 0
+        else:
+            self.transport.writelines((head, ending, body))
+            sent = len(body)
+        access = self.front.access_log
+        if access.enabled:
+            access.log(self.remote, method, target, version, 200, sent, _first(noted, _HOST),
+                       _first(noted, _REFERER), _first(noted, _UA), cache_status, "", 0.0)
+        if not keep:
+            self.close()
+            raise _Stop
+        self._idle = True
+        self.deadline = self.loop.time() + self.limits.keepalive_timeout
+
+    def _next(self) -> None:
+        """Start answering the next queued request, if any (and nothing is being answered)."""
+        while self._queue and not self.closed:
+            request = self._queue.popleft()
+            if self._read_paused and len(self._queue) < MAX_QUEUED // 2:
+                self._resume_reading()
+            if request.body is None:
+                noted = _noted_of(request)
+                if _SLOW not in noted:
+                    hit = self.app.hit_now(request.method, request.target, _only(noted, _HOST), _first_raw(noted, _VIA))
+                    if hit is not None:
+                        try:
+                            self._write_hit(request.method, request.target, request.version, request.keep_alive,
+                                            hit, noted)
+                        except _Stop:
+                            return
+                        continue
+            self._busy = True
+            self.front.track(self.loop.create_task(self._serve(request)))
+            return
+        if self._reject_after is not None and not self.closed:
+            reject, self._reject_after = self._reject_after, None
+            if reject.status:
+                self._write_error(reject)
+            else:
+                self.close()
+
+    async def _serve(self, request: Request) -> None:
+        started = self.loop.time()
+        reply: Reply | None = None
+        sent = 0
+        try:
+            try:
+                reply = await self.app.handle(request)
+            except Exception:
+                log.exception("pipeline failed on %s %s", request.method, request.target)
+                reply = error_reply(500, "internal error")
+            if self._reject_after is not None and self._reject_after.status and request.body is not None \
+                    and not request.body.complete:
+                # Its own body was malformed: the refusal replaces whatever the pipeline said.
+                await _close_body(reply)
+                reply = error_reply(self._reject_after.status, str(self._reject_after))
+                self._reject_after = None
+                request.keep_alive = False
+            keep = request.keep_alive and not self.front.draining
+            if request.body is not None and not request.body.complete:
+                keep = False      # the rest of its body is still on the wire
+            sent, keep = await self._write_reply(request, reply, keep)
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        finally:
+            duration = self.loop.time() - started
+            if reply is not None:
+                self.app.done(request, reply, sent, duration)
+                access = self.front.access_log
+                if access.enabled:
+                    headers = request.headers
+                    access.log(self.remote, request.method, request.target, request.version, reply.status, sent,
+                               headers.get("Host", ""), headers.get("Referer", ""), headers.get("User-Agent", ""),
+                               reply.cache_status, reply.upstream, duration)
+        self._busy = False
+        if self.closed:
+            return
+        if not keep:
+            self.close()
+            return
+        if self._head_started:
+            self.deadline = self.loop.time() + self.limits.client_header_timeout
+        elif not self._queue:
+            self._idle = True
+            self.deadline = self.loop.time() + self.limits.keepalive_timeout
+        self._next()
+
+    async def _write_reply(self, request: Request, reply: Reply, keep: bool) -> tuple[int, bool]:
+        """Put a reply on the wire; the body bytes sent, and whether the connection stays open."""
+        transport = self.transport
+        body = reply.body
+        bodyless = reply.bodyless or request.method == "HEAD" or reply.status in (204, 304)
+        head = [rules.status_line(reply.status), rules.serialise_fields(reply.headers)]
+        chunked = False
+        if reply.length is not None:
+            if reply.status not in (204, 304):
+                head.append(b"Content-Length: %d\r\n" % reply.length)
+        elif not bodyless:
+            if request.version == "1.1":
+                chunked = True
+                head.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                keep = False          # HTTP/1.0: the end of the body is the end of the connection
+        head.append((KEEP_ALIVE_LINE if request.version == "1.0" else END_OF_HEAD) if keep else CLOSE_LINE)
+        if self.closed:
+            await _close_body(reply)
+            return 0, False
+        if isinstance(body, bytes):
+            if bodyless or not body:
+                transport.writelines(head)
+                return 0, keep
+            head.append(body)
+            transport.writelines(head)
+            return len(body), keep
+        transport.writelines(head)
+        if bodyless:
+            await _close_body(reply)
+            return 0, keep
+        sent = 0
+        try:
+            async for chunk in body:
+                if self.closed:
+                    break
+                if chunked:
+                    transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                else:
+                    transport.write(chunk)
+                sent += len(chunk)
+                if self._write_paused:
+                    await self._drain()
+            else:
+                if chunked and not self.closed:
+                    transport.write(CHUNKED_END)
+        except BodyAborted as exc:
+            log.warning("%s %s: response aborted after %d bytes: %s", request.method, request.target, sent, exc)
+            self.abort()
+            keep = False
+        except ClientGone:
+            keep = False
+        finally:
+            await _close_body(reply)
+        if reply.length is not None and sent != reply.length and not self.closed:
+            self.abort()          # never a complete-looking short response
+            keep = False
+        return sent, keep
+
+    async def _drain(self) -> None:
+        """Wait until the client has read enough (at most send_timeout)."""
+        while self._write_paused and not self.closed:
+            self._drain_waiter = self.loop.create_future()
+            try:
+                await asyncio.wait_for(self._drain_waiter, self.limits.send_timeout)
+            except asyncio.TimeoutError:
+                self.front.count_refusal("send_timeout")
+                self.abort()
+                raise ClientGone(f"client read nothing for {self.limits.send_timeout:g}s") from None
+
+    def _send_continue(self) -> None:
+        if not self.closed:
+            self.transport.write(CONTINUE)
+
+    # ------------------------------------------------------------- errors
+
+    def _refuse(self, reject: Reject) -> None:
+        """A request the parser or the rules refused: answer after the requests ahead of it, then close."""
+        log.info("malformed request (%d) from %s: %s", reject.status, self.remote, reject)
+        self.front.count_refusal(_REFUSAL_REASONS.get(reject.status, "bad_request"))
+        if self._body is not None:
+            self._body.fail(ClientGone(str(reject)))
+            self._body = None
+        if self._queue and self._queue[-1].body is not None and not self._queue[-1].body.complete:
+            self._queue.pop()           # its body was malformed: it is never forwarded
+        self._reject_after = reject
+        self._pause_reading()
+        if not self._busy:
+            self._next()
+
+    def _write_error(self, reject: Reject) -> None:
+        reply = error_reply(reject.status, str(reject))
+        head = b"".join((rules.status_line(reply.status), rules.serialise_fields(reply.headers),
+                         b"Content-Length: %d\r\n" % len(reply.body), CLOSE_LINE))
+        self.transport.write(head + reply.body)
+        self.close()
+
+    # ------------------------------------------------------ flow control
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and not self.closed:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and not self.closed:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def _pause_reading_for_body(self) -> None:
+        self._pause_reading()
+
+    def _resume_reading_for_body(self) -> None:
+        if len(self._queue) < MAX_QUEUED and self._reject_after is None:
+            self._resume_reading()
+
+
+_REFUSAL_REASONS = {400: "bad_request", 408: "header_timeout", 414: "uri_too_long", 417: "expectation",
+                    431: "header_too_large", 501: "unknown_method"}
+
+
+def error_reply(status: int, text: str) -> Reply:
+    from email.utils import formatdate
+    body = f"{status} {text}\n".encode("utf-8", "replace")
+    return Reply(status, [("Date", formatdate(usegmt=True)), ("Content-Type", "text/plain; charset=utf-8")],
+                 body, cache_status="REFUSED")
+
+
+def _unknown_method(data: bytes) -> Reject:
+    """A token followed by a space is a method llhttp does not know: 501; anything else is not HTTP."""
+    method, space, _ = data.partition(b" ")
+    if space and method and not method.translate(None, _TOKEN_BYTES):
+        return Reject(501, "method not implemented")
+    return Reject(400, "not an HTTP request")
+
+
+_TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+async def _close_body(reply: Reply) -> None:
+    body = reply.body
+    if not isinstance(body, bytes):
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except Exception as exc:        # a broken stream must not break the connection's bookkeeping
+                log.info("closing a reply body failed: %r", exc)
+
+
+def _first(noted: dict[int, list[bytes]], kind: int) -> str:
+    values = noted.get(kind)
+    return values[0].decode("latin-1") if values else ""
+
+
+def _noted_of(request: Request) -> dict[int, list[bytes]]:
+    """The fields the hit path and the access log look at, for a request that waited in the queue."""
+    noted: dict[int, list[bytes]] = {}
+    for name, value in request.raw_headers:
+        kind = _NOTED.get(name.lower())
+        if kind is not None:
+            noted.setdefault(kind, []).append(value)
+    return noted
+
+
+def _only(noted: dict[int, list[bytes]], kind: int) -> bytes | None:
+    values = noted.get(kind)
+    return values[0] if values is not None and len(values) == 1 else None
+
+
+def _first_raw(noted: dict[int, list[bytes]], kind: int) -> bytes | None:
+    values = noted.get(kind)
+    return values[0] if values else None
