@@ -62,6 +62,7 @@ class Front:
         self._room: asyncio.Future[None] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Future[None] | None = None
+        self.port = 0                   # the bound port (useful when started on port 0)
 
     async def start(self, host: str, port: int, backlog: int = 1024) -> None:
         """Bind and listen (an OSError here is a bind failure), then accept in the background."""
@@ -76,6 +77,7 @@ class Front:
             sock.close()
             raise
         self._sock = sock
+        self.port = sock.getsockname()[1]
         self._accepting = self.loop.create_task(self._accept_loop())
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
