@@ -35,13 +35,14 @@ from pathlib import Path
 from typing import TextIO
 
 import aiohttp
+import uvloop
 
 from edge import config
 
 START_TIMEOUT_ENV = "EDGE_UP_TIMEOUT"
 DEFAULT_START_TIMEOUT = 20.0     # seconds for the whole topology to become healthy
 REPEAT_SIGNAL_AFTER = 1.0   # seconds: a stop signal sooner than this after the first is a duplicate
-STOP_GRACE = 10.0                # seconds between SIGTERM and SIGKILL
+STOP_GRACE = 10.0                # seconds between SIGTERM and SIGKILL, beyond the nodes' drain_timeout
 HEALTH_POLL_INTERVAL = 0.1       # seconds between /healthz probes of a starting node
 HEALTH_PROBE_TIMEOUT = 1.0
 OUTPUT_DRAIN_TIMEOUT = 2.0       # seconds to collect a dead child's last lines
@@ -140,7 +141,7 @@ def up(topology: config.Topology, config_path: Path | None) -> int:
               f"got {raw_timeout!r}", file=sys.stderr)
         return 2
     launcher = Launcher(topology, config_path, start_timeout)
-    return asyncio.run(launcher.run())
+    return uvloop.run(launcher.run())
 
 
 class Launcher:
@@ -157,6 +158,8 @@ class Launcher:
         self.running = False        # every node came up; a death now is reported, not fatal
         self.stopping = False
         self.hurry = asyncio.Event()  # set by a second stop signal: kill without waiting
+        # A draining node is given its whole drain_timeout before it is killed.
+        self.stop_grace = STOP_GRACE + max((n.limits.drain_timeout for n in topology.nodes), default=0.0)
         self.name_width = max((len(m.name) for m in self.members), default=4)
 
     # ------------------------------------------------------------------ the whole run
@@ -367,13 +370,13 @@ class Launcher:
         if alive:
             all_exited = asyncio.gather(*(c.exited for c in alive))
             hurry = asyncio.create_task(self.hurry.wait())
-            await asyncio.wait({all_exited, hurry}, timeout=STOP_GRACE,
+            await asyncio.wait({all_exited, hurry}, timeout=self.stop_grace,
                                return_when=asyncio.FIRST_COMPLETED)
             hurry.cancel()
             await asyncio.gather(hurry, return_exceptions=True)
         for child in alive:
             if not child.exited.done():
-                why = "a second stop signal" if self.hurry.is_set() else f"no exit within {STOP_GRACE:g}s"
+                why = "a second stop signal" if self.hurry.is_set() else f"no exit within {self.stop_grace:g}s"
                 self._say(self.err, f"edge up: killing {child.member.name} ({why})")
                 _signal(child.process, signal.SIGKILL)
         await asyncio.gather(*(c.exited for c in self.children))

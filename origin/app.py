@@ -36,8 +36,9 @@ are counted as ``other``), ``origin_path_requests_total{path}`` (path without
 query; after :data:`MAX_PATH_LABELS` distinct paths new ones count as
 ``other``) and ``origin_response_bytes_total``.
 
-Made-up methods such as ``FOO`` reach the app when it runs under ``edge run``
-(see edge.request_parser); a bare aiohttp server answers them 400.
+Methods reach the app when llhttp (aiohttp's parser) knows them: the standard
+ones and WebDAV's, ``M-SEARCH`` and the like; made-up ones such as ``FOO``
+are answered 400 by aiohttp before the app sees them.
 
 Pure parts live beside this module: :mod:`origin.conditional` (validators,
 preconditions, ranges) and :mod:`origin.synthetic` (the /gen/ bodies and
