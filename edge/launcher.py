@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import TextIO
 
 import aiohttp
-import uvloop
 
 from edge import config
 
@@ -141,7 +140,9 @@ def up(topology: config.Topology, config_path: Path | None) -> int:
               f"got {raw_timeout!r}", file=sys.stderr)
         return 2
     launcher = Launcher(topology, config_path, start_timeout)
-    return uvloop.run(launcher.run())
+    # The launcher only supervises (every node it starts runs on uvloop); it
+    # stays on asyncio's loop, whose subprocesses take process_group.
+    return asyncio.run(launcher.run())
 
 
 class Launcher:
