@@ -56,6 +56,7 @@ class RequestStats(Collector):
         # per cache status: one count per bucket (the last is +Inf), and the sum
         self.durations: dict[str, tuple[list[int], list[float]]] = {}
         self.body_bytes = 0
+        self.fast_hits = {"GET": 0, "HEAD": 0}   # the front's hit path: duration 0, folded in at scrape
 
     def add(self, cache_status: str, method: str, duration: float, body_bytes: int) -> None:
         key = (cache_status, method)
@@ -67,7 +68,20 @@ class RequestStats(Collector):
         histogram[1][0] += duration
         self.body_bytes += body_bytes
 
+    def fast_hit(self, method: str, body_bytes: int) -> None:
+        self.fast_hits[method] += 1
+        self.body_bytes += body_bytes
+
     def collect(self):
+        for method, count in self.fast_hits.items():
+            if count:       # fold the hit path's counts into the general ones, as zero-duration hits
+                self.fast_hits[method] = 0
+                key = ("HIT", method)
+                self.counts[key] = self.counts.get(key, 0) + count
+                histogram = self.durations.get("HIT")
+                if histogram is None:
+                    histogram = self.durations["HIT"] = ([0] * (len(LATENCY_BUCKETS) + 1), [0.0])
+                histogram[0][0] += count
         requests = CounterMetricFamily("edge_requests", "Client requests by cache status (nginx vocabulary) and method.",
                                        labels=["cache_status", "method"])
         for (cache_status, method), count in sorted(self.counts.items()):

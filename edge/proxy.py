@@ -147,26 +147,25 @@ class CacheNode:
             return None
         if via is not None and self._via_token in via:
             return None                 # maybe a loop: recv decides
-        site = self._site_by_raw_host(host)
+        site = self._sites_by_raw_host.get(host) or self._site_by_raw_host(host)
         if site is None:
             return None
         stored = self.store.in_memory(cache_key(site, target))
         if stored is None:
             return None
         meta = stored.meta
-        if meta.status != 200:
-            return None
-        assessment = _assessment(meta)
-        age = policy.age_at(assessment, self.clock())
+        memo = meta.memo
+        assessment = memo.get("assessment") or _assessment(meta)
+        age = assessment.initial_age + (self.clock() - assessment.response_time)      # policy.age_at
         ttl = assessment.lifetime - age
-        if ttl <= 0 or assessment.no_cache:
+        if ttl <= 0 or assessment.no_cache or meta.status != 200:
             return None
-        block = meta.memo.get("hit_block")
+        block = memo.get("hit_block")
         if block is None:
-            block = meta.memo["hit_block"] = self._hit_block(meta)
+            block = memo["hit_block"] = self._hit_block(meta)
         head = b"%s%d\r\nAge: %s\r\n" % (block, ttl, policy.age_value(age).encode())
         body = stored.body
-        self.metrics.request_done("HIT", method, 0.0, len(body) if method == "GET" else 0)
+        self.metrics.requests.fast_hit(method, len(body) if method == "GET" else 0)
         return head, body, "HIT"
 
     def _hit_block(self, meta: Meta) -> bytes:

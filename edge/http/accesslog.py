@@ -188,6 +188,12 @@ class AccessLog:
             self._sec_text = (f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:"
                               f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000")
             self._sec = sec
+        if not _NEEDS_ESCAPE.search(f"{remote}{method}{target}{version}{referer}{user_agent}{host}"
+                                    f"{cache_status}{upstream}"):
+            # The common line: nothing to escape, one search instead of one per field.
+            return (f'{remote or "-"} - - [{self._sec_text}] "{method} {target} HTTP/{version}" {status} {sent} '
+                    f'"{referer or "-"}" "{user_agent or "-"}" "{host or "-"}" '
+                    f'{cache_status or "-"} {upstream or "-"} {duration:.3f}\n')
         return (f'{_field(remote)} - - [{self._sec_text}] '
                 f'"{_escape(method)} {_escape(target)} HTTP/{_escape(version)}" {int(status)} {int(sent)} '
                 f'"{_field(referer)}" "{_field(user_agent)}" "{_field(host)}" '

@@ -55,6 +55,11 @@ _NOTED = {
 }
 
 
+# Requests with only these fields need no framing, keep-alive or expectation checks.
+_PLAIN_KINDS = frozenset({_HOST, _VIA, _REFERER, _UA})
+_METHOD_NAMES = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
+
+
 class _Stop(Exception):
     """Raised from a parser callback after the connection was closed: parse nothing more."""
 
@@ -147,7 +152,7 @@ class HttpConnection(asyncio.Protocol):
             # A head that did not arrive whole must arrive within client_header_timeout.
             self.deadline = self.loop.time() + self.limits.client_header_timeout
             self._idle = False
-        if not self._busy:
+        if not self._busy and (self._queue or self._reject_after is not None):
             self._next()
 
     def expire(self) -> None:
@@ -180,16 +185,12 @@ class HttpConnection(asyncio.Protocol):
 
     # --------------------------------------------------------------- parser
 
-    def on_message_begin(self) -> None:
-        if self.closed:
-            raise _Stop
-        self._url = b""
-        self._fields = []
-        self._field_bytes = 0
-        self._noted = {}
-        self._head_started = True
+    # No on_message_begin: every callback costs the hit path; on_url marks the start of a head.
 
     def on_url(self, fragment: bytes) -> None:
+        if self.closed:
+            raise _Stop
+        self._head_started = True
         self._url += fragment
         if len(self._url) > self.limits.max_request_line:
             raise Reject(414, f"request target longer than {self.limits.max_request_line} bytes")
@@ -209,33 +210,48 @@ class HttpConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self.parser
         version = parser.get_http_version()
-        rules.check_version(version)
-        rules.check_target(self._url)
-        noted = self._noted
-        rules.check_framing(noted.get(_TE, ()), noted.get(_CL, ()))
+        if version != "1.1" and version != "1.0":
+            rules.check_version(version)
+        url = self._url
+        if url.translate(None, rules.TARGET_BYTES):
+            rules.check_target(url)
+        noted, fields = self._noted, self._fields
+        self._url, self._fields, self._field_bytes, self._noted = b"", [], 0, {}
         self._head_started = False
         self.deadline = FOREVER
         self._idle = False
-        method = parser.get_method().decode("ascii")
-        target = self._url.decode("ascii")
-        has_body = _TE in noted or (_CL in noted and noted[_CL][0].strip() not in (b"0", b""))
-        keep = rules.keep_alive(version, noted.get(_CONN, ()))
-        if not has_body and not self._busy and not self._queue and _SLOW not in noted \
-                and self._reject_after is None:
-            hit = self.app.hit_now(method, target, _only(noted, _HOST), _first_raw(noted, _VIA))
-            if hit is not None:
-                self._write_hit(method, target, version, keep, hit, noted)
-                return
-        body = None
-        if has_body:
+        raw_method = parser.get_method()
+        method = _METHOD_NAMES.get(raw_method) or raw_method.decode("ascii")
+        target = url.decode("ascii")
+        if _PLAIN_KINDS.issuperset(noted):
+            # The common request: no body, no Connection, nothing for the pipeline to decide.
+            keep = version == "1.1"
+            if not self._busy and not self._queue and self._reject_after is None:
+                hosts = noted.get(_HOST)
+                via = noted.get(_VIA)
+                hit = self.app.hit_now(method, target, hosts[0] if hosts and len(hosts) == 1 else None,
+                                       via[0] if via else None)
+                if hit is not None:
+                    self._write_hit(method, target, version, keep, hit, noted)
+                    return
+            body = None
+        else:
+            rules.check_framing(noted.get(_TE, ()), noted.get(_CL, ()))
+            keep = rules.keep_alive(version, noted.get(_CONN, ()))
+            has_body = _TE in noted or (_CL in noted and noted[_CL][0].strip() not in (b"0", b""))
             expect = noted.get(_EXPECT)
-            wants_continue = version == "1.1" and rules.expects_continue(expect[0] if expect else None)
-            body = self._body = RequestBody(self._pause_reading_for_body, self._resume_reading_for_body,
-                                            self.limits.client_body_timeout,
-                                            self._send_continue if wants_continue else None)
-        elif _EXPECT in noted:
-            rules.expects_continue(noted[_EXPECT][0])     # 417 for anything but 100-continue
-        request = Request(method, target, version, self._fields, self.remote, body)
+            wants_continue = rules.expects_continue(expect[0] if expect else None)   # 417 if unknown
+            body = None
+            if has_body:
+                body = self._body = RequestBody(self._pause_reading_for_body, self._resume_reading_for_body,
+                                                self.limits.client_body_timeout,
+                                                self._send_continue if wants_continue and version == "1.1" else None)
+            elif not self._busy and not self._queue and self._reject_after is None and _SLOW not in noted:
+                hit = self.app.hit_now(method, target, _only(noted, _HOST), _first_raw(noted, _VIA))
+                if hit is not None:
+                    self._write_hit(method, target, version, keep, hit, noted)
+                    return
+        request = Request(method, target, version, fields, self.remote, body)
         request.keep_alive = keep
         self._queue.append(request)
         if len(self._queue) >= MAX_QUEUED:
@@ -249,7 +265,6 @@ class HttpConnection(asyncio.Protocol):
         if self._body is not None:
             self._body.finish()
             self._body = None
-        self._url = b""
 
     # ---------------------------------------------------------- answering
 

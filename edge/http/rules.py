@@ -17,7 +17,7 @@ from http import HTTPStatus
 # refused here: no client needs it and every parser behind us reads it differently.
 _FIELD_VALUE_BYTES = bytes([0x09, 0x20]) + bytes(range(0x21, 0x7F))
 # RFC 9112 3.2 origin-form and absolute-form use visible ASCII only.
-_TARGET_BYTES = bytes(range(0x21, 0x7F))
+TARGET_BYTES = bytes(range(0x21, 0x7F))
 
 SUPPORTED_VERSIONS = frozenset({"1.0", "1.1"})
 
@@ -31,7 +31,7 @@ class Reject(Exception):
 
 
 def check_target(target: bytes) -> None:
-    if not target or target.translate(None, _TARGET_BYTES):
+    if not target or target.translate(None, TARGET_BYTES):
         raise Reject(400, "request target has bytes outside visible ASCII")
 
 
