@@ -137,7 +137,11 @@ class HttpConnection(asyncio.Protocol):
             self._refuse(reject)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
-            self._refuse(cause if isinstance(cause, Reject) else Reject(400, str(cause or exc)))
+            if isinstance(cause, Reject):
+                self._refuse(cause)
+            else:       # our own bug, not the client's: say so, with the traceback
+                log.error("internal error while answering %s", self.remote, exc_info=cause or exc)
+                self._refuse(Reject(500, "internal error"))
         except httptools.HttpParserInvalidMethodError:
             self._refuse(_unknown_method(data))
         except httptools.HttpParserUpgrade:
