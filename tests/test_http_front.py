@@ -667,6 +667,35 @@ def test_slow_reader_of_large_disk_hit_is_not_buffered(cluster, l1):
     assert growth < 32 * MiB, f"RSS grew by {growth / MiB:.1f} MiB while a client did not read"
 
 
+def test_pipelining_client_that_does_not_read_is_not_read_either(cluster, l1):
+    """A client pipelining hits without reading the answers: the node stops reading its requests.
+
+    Otherwise every request it sends adds a response to the node's write
+    buffer, without bound (responses here are ten times their requests).
+    """
+    target = unique("pipelined") + "?size=2000&cc=max-age=600"
+    assert fetch(l1, target).status == 200
+    assert fetch(l1, target, method="HEAD").header("X-Cache") == "HIT"
+    pid = cluster.node("l1-1").pid
+    before = vm_rss(pid)
+    burst = request("GET", target) * 1000
+    sent, peak = 0, before
+    host, port = l1.split(":")
+    with socket.create_connection((host, int(port))) as greedy:
+        greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        greedy.settimeout(0.2)
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end and sent < 40 * MiB:
+            try:
+                sent += greedy.send(burst)
+            except TimeoutError:
+                pass                    # the node stopped reading: our send buffer is full
+            peak = max(peak, vm_rss(pid))
+    growth = peak - before
+    assert sent < 40 * MiB, "the node kept reading requests from a client that read nothing"
+    assert growth < 32 * MiB, f"RSS grew by {growth / MiB:.1f} MiB while a client did not read"
+
+
 # --------------------------------------------------------------------------- 10. max_connections
 
 def test_max_connections_leaves_extra_clients_in_the_backlog(start_nodes):

@@ -87,7 +87,7 @@ class HttpConnection(asyncio.Protocol):
         # Requests parsed and not yet answered, and the one being answered.
         self._queue: deque[Request] = deque()
         self._busy = False
-        self._read_paused = False
+        self._read_paused: set[str] = set()     # why reading is paused: queue, body, write, refused
         self._reject_after: Reject | None = None   # answered once the queue ahead is done
         # Writing.
         self._write_paused = False
@@ -115,10 +115,13 @@ class HttpConnection(asyncio.Protocol):
         self.front.connection_closed(self)
 
     def pause_writing(self) -> None:
+        # The client reads slower than we answer: read no more requests until it catches up.
         self._write_paused = True
+        self._pause_reading("write")
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._resume_reading("write")
         self._wake_writer()
 
     def _wake_writer(self) -> None:
@@ -230,7 +233,7 @@ class HttpConnection(asyncio.Protocol):
         if _PLAIN_KINDS.issuperset(noted):
             # The common request: no body, no Connection, nothing for the pipeline to decide.
             keep = version == "1.1"
-            if not self._busy and not self._queue and self._reject_after is None:
+            if not self._busy and not self._queue and self._reject_after is None and not self._write_paused:
                 hosts = noted.get(_HOST)
                 via = noted.get(_VIA)
                 hit = self.app.hit_now(method, target, hosts[0] if hosts and len(hosts) == 1 else None,
@@ -247,10 +250,12 @@ class HttpConnection(asyncio.Protocol):
             wants_continue = rules.expects_continue(expect[0] if expect else None)   # 417 if unknown
             body = None
             if has_body:
-                body = self._body = RequestBody(self._pause_reading_for_body, self._resume_reading_for_body,
+                body = self._body = RequestBody(lambda: self._pause_reading("body"),
+                                                lambda: self._resume_reading("body"),
                                                 self.limits.client_body_timeout,
                                                 self._send_continue if wants_continue and version == "1.1" else None)
-            elif not self._busy and not self._queue and self._reject_after is None and _SLOW not in noted:
+            elif not (self._busy or self._queue or self._write_paused) and self._reject_after is None \
+                    and _SLOW not in noted:
                 hit = self.app.hit_now(method, target, _only(noted, _HOST), _first_raw(noted, _VIA))
                 if hit is not None:
                     self._write_hit(method, target, version, keep, hit, noted)
@@ -259,7 +264,7 @@ class HttpConnection(asyncio.Protocol):
         request.keep_alive = keep
         self._queue.append(request)
         if len(self._queue) >= MAX_QUEUED:
-            self._pause_reading()
+            self._pause_reading("queue")
 
     def on_body(self, chunk: bytes) -> None:
         if self._body is not None:
@@ -298,9 +303,9 @@ class HttpConnection(asyncio.Protocol):
         """Start answering the next queued request, if any (and nothing is being answered)."""
         while self._queue and not self.closed:
             request = self._queue.popleft()
-            if self._read_paused and len(self._queue) < MAX_QUEUED // 2:
-                self._resume_reading()
-            if request.body is None:
+            if len(self._queue) < MAX_QUEUED // 2:
+                self._resume_reading("queue")
+            if request.body is None and not self._write_paused:
                 noted = _noted_of(request)
                 if _SLOW not in noted:
                     hit = self.app.hit_now(request.method, request.target, _only(noted, _HOST), _first_raw(noted, _VIA))
@@ -385,6 +390,11 @@ class HttpConnection(asyncio.Protocol):
             else:
                 keep = False          # HTTP/1.0: the end of the body is the end of the connection
         head.append((KEEP_ALIVE_LINE if request.version == "1.0" else END_OF_HEAD) if keep else CLOSE_LINE)
+        if self._write_paused:
+            try:
+                await self._drain()
+            except ClientGone:
+                pass
         if self.closed:
             await _close_body(reply)
             return 0, False
@@ -454,7 +464,7 @@ class HttpConnection(asyncio.Protocol):
         if self._queue and self._queue[-1].body is not None and not self._queue[-1].body.complete:
             self._queue.pop()           # its body was malformed: it is never forwarded
         self._reject_after = reject
-        self._pause_reading()
+        self._pause_reading("refused")
         if not self._busy:
             self._next()
 
@@ -467,22 +477,16 @@ class HttpConnection(asyncio.Protocol):
 
     # ------------------------------------------------------ flow control
 
-    def _pause_reading(self) -> None:
+    def _pause_reading(self, why: str) -> None:
         if not self._read_paused and not self.closed:
-            self._read_paused = True
             self.transport.pause_reading()
+        self._read_paused.add(why)
 
-    def _resume_reading(self) -> None:
-        if self._read_paused and not self.closed:
-            self._read_paused = False
-            self.transport.resume_reading()
-
-    def _pause_reading_for_body(self) -> None:
-        self._pause_reading()
-
-    def _resume_reading_for_body(self) -> None:
-        if len(self._queue) < MAX_QUEUED and self._reject_after is None:
-            self._resume_reading()
+    def _resume_reading(self, why: str) -> None:
+        if why in self._read_paused:
+            self._read_paused.discard(why)
+            if not self._read_paused and not self.closed:
+                self.transport.resume_reading()
 
 
 _REFUSAL_REASONS = {400: "bad_request", 408: "header_timeout", 414: "uri_too_long", 417: "expectation",
