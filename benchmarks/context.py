@@ -46,6 +46,7 @@ class Bench:
     problems: list[str] = field(default_factory=list)     # honesty checks that failed
     run_rows: list[list[str]] = field(default_factory=list)   # every measured run, for the appendix
     groups: dict[str, set[int]] = field(default_factory=dict)  # server label -> its process groups
+    access_lines: dict[str, int] = field(default_factory=dict)  # logs-on server label -> lines it logged
     started_at: float = field(default_factory=time.monotonic)
 
     def log(self, message: str) -> None:

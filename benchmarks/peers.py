@@ -4,6 +4,9 @@ The files in ``benchmarks/peers/`` and ``benchmarks/topology.toml`` are
 templates with ``{{name}}`` placeholders for addresses and paths; every
 placeholder must be known, so a typo fails loudly instead of producing a
 config that silently listens somewhere else.
+
+``nginx.conf`` is rendered twice (the "logs off" and "logs on" nginx of the
+hit scenario), differing only in name, address and the ``access_log`` line.
 """
 
 from __future__ import annotations
@@ -34,6 +37,21 @@ def fill(text: str, values: dict[str, str], source: str = "<template>") -> str:
     return _PLACEHOLDER.sub(substitute, text)
 
 
+NGINX_ACCESS_LOG_FILE = "nginx-access.log"     # in the run directory
+# How an operator runs nginx: the combined format, buffered, flushed every second.
+NGINX_ACCESS_LOG_PARAMS = "combined buffer=64k flush=1s"
+
+
+def nginx_variants(run_dir: Path) -> dict[str, dict[str, str]]:
+    """The two renderings of nginx.conf: role -> the placeholders that differ."""
+    return {
+        "nginx_l1": {"nginx_name": "nginx-l1", "nginx_listen": str(layout.NGINX_L1),
+                     "nginx_access_log": "off"},
+        "nginx_l1_logs": {"nginx_name": "nginx-l1-logs", "nginx_listen": str(layout.NGINX_L1_LOGS),
+                          "nginx_access_log": f"{run_dir / NGINX_ACCESS_LOG_FILE} {NGINX_ACCESS_LOG_PARAMS}"},
+    }
+
+
 def values(run_dir: Path) -> dict[str, str]:
     """Every placeholder the templates may use."""
     return {
@@ -45,6 +63,7 @@ def values(run_dir: Path) -> dict[str, str]:
         "fast_origin": str(layout.FAST_ORIGIN),
         "nginx_l1": str(layout.NGINX_L1),
         "nginx_l2": str(layout.NGINX_L2),
+        "nginx_l1_logs": str(layout.NGINX_L1_LOGS),
         "ats_host": layout.ATS.host,
         "ats_port": str(layout.ATS.port),
         "knot_host": layout.KNOT.host,
@@ -52,9 +71,10 @@ def values(run_dir: Path) -> dict[str, str]:
     }
 
 
-def render(template: Path, destination: Path, run_dir: Path) -> Path:
+def render(template: Path, destination: Path, run_dir: Path, extra: dict[str, str] | None = None) -> Path:
     destination.parent.mkdir(parents=True, exist_ok=True)
-    destination.write_text(fill(template.read_text(), values(run_dir), str(template)))
+    known = {**values(run_dir), **(extra or {})}
+    destination.write_text(fill(template.read_text(), known, str(template)))
     return destination
 
 
@@ -62,7 +82,8 @@ def render_all(run_dir: Path) -> dict[str, Path]:
     """Write every config into ``run_dir``; returns them by role."""
     out = {
         "topology": render(TOPOLOGY_TEMPLATE, run_dir / "topology.toml", run_dir),
-        "nginx_l1": render(PEERS_DIR / "nginx.conf", run_dir / "nginx-l1.conf", run_dir),
+        **{role: render(PEERS_DIR / "nginx.conf", run_dir / f"{extra['nginx_name']}.conf", run_dir, extra)
+           for role, extra in nginx_variants(run_dir).items()},
         "nginx_l2": render(PEERS_DIR / "nginx-l2.conf", run_dir / "nginx-l2.conf", run_dir),
         "fast_origin": render(PEERS_DIR / "fast-origin.conf", run_dir / "fast-origin.conf", run_dir),
         "varnish": render(PEERS_DIR / "varnish.vcl", run_dir / "varnish.vcl", run_dir),
@@ -76,7 +97,7 @@ def render_all(run_dir: Path) -> dict[str, Path]:
                  "ssl_multicert.config", "volume.config", "strategies.yaml", "splitdns.config",
                  "socks.config"):
         (run_dir / "ats" / "etc" / name).touch()
-    for directory in ("nginx-l1", "nginx-l2", "fast-origin/www", "knot", "ats/cache", "ats/run",
+    for directory in ("nginx-l1", "nginx-l1-logs", "nginx-l2", "fast-origin/www", "knot", "ats/cache", "ats/run",
                       "ats/log", "ats/var", "ats/data", "varnish", "state"):
         (run_dir / directory).mkdir(parents=True, exist_ok=True)
     # nginx's workers run as www-data: the master (root) creates the temp and

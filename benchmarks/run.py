@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks import cpu, install, layout, peers, procs, report, servers
+from benchmarks import cpu, install, layout, peers, procs, report, servers, targets
 from benchmarks.context import FULL, QUICK, Bench
 from benchmarks.procs import Processes, Started
 from benchmarks.scenarios import collapse, dns, hit, hitratio, large, miss
@@ -151,8 +151,15 @@ def start_servers(bench: Bench, chosen: list[str]) -> dict[str, Started]:
     if need & {"hit", "collapse"}:
         started["varnish"] = servers.start_varnish(p, c["varnish"], run_dir)
     if "hit" in need:
+        # The "logs on" pair: our L1 at its default log settings, nginx with a buffered access log.
+        started["l1_logs"] = servers.start_edge_node(p, topology, servers.L1_LOGS_NODE, layout.L1_LOGS_ADMIN,
+                                                     log_level=None)
+        started["nginx_l1_logs"] = servers.start_nginx(p, "nginx-l1-logs", c["nginx_l1_logs"], run_dir,
+                                                       f"{layout.NGINX_L1_LOGS.url}/gen/ready?size=1",
+                                                       layout.SITE_HOST)
         started["ats"] = servers.start_ats(p, c["ats_runroot"])
         started["ceiling"] = servers.start_ceiling(p)
+        started["ceiling_httptools"] = servers.start_ceiling_httptools(p)
     if "dns" in need:
         started["l1_west"] = servers.start_edge_node(p, topology, "l1-west", layout.L1_WEST_ADMIN)
         started["dns"] = servers.start_dns(p, topology)
@@ -168,9 +175,12 @@ def server_groups(started: dict[str, Started]) -> dict[str, set[int]]:
     return {
         servers.OURS.label: groups("l1"),
         servers.NGINX.label: groups("nginx_l1"),
+        servers.OURS_LOGS.label: groups("l1_logs"),
+        servers.NGINX_LOGS.label: groups("nginx_l1_logs"),
         servers.VARNISH.label: groups("varnish"),
         servers.ATS.label: groups("ats"),
         servers.CEILING.label: groups("ceiling"),
+        servers.CEILING_HTTPTOOLS.label: groups("ceiling_httptools"),
         miss.OURS.label: groups("l1", "l2", "fast_origin"),
         miss.NGINX.label: groups("nginx_l1", "nginx_l2", "fast_origin"),
         dns.SCHEDULER.label: groups("dns"),
@@ -180,8 +190,13 @@ def server_groups(started: dict[str, Started]) -> dict[str, set[int]]:
 
 def smoke(bench: Bench, started: dict[str, Started]) -> None:
     """One request through every HTTP server and one query to every DNS server."""
-    for target in (servers.OURS, servers.NGINX, servers.VARNISH, servers.ATS, servers.CEILING,
-                   miss.OURS, miss.NGINX):
+    for target, needs in ((servers.OURS, "l1"), (servers.NGINX, "nginx_l1"), (servers.OURS_LOGS, "l1_logs"),
+                          (servers.NGINX_LOGS, "nginx_l1_logs"), (servers.VARNISH, "varnish"),
+                          (servers.ATS, "ats"), (servers.CEILING, "ceiling"),
+                          (servers.CEILING_HTTPTOOLS, "ceiling_httptools"),
+                          (miss.OURS, "fast_origin"), (miss.NGINX, "nginx_l2")):
+        if needs not in started:
+            continue
         url = target.url("/gen/smoke?size=1024&cc=max-age=60")
         answered = procs.http_ok(url, target.host, timeout_s=10)
         bench.log(f"smoke {target.label} ({target.host}): {'ok' if answered else 'FAILED'}")
@@ -191,42 +206,33 @@ def smoke(bench: Bench, started: dict[str, Started]) -> None:
         bench.log(f"smoke knotd: {', '.join(knot) or 'no A'}")
 
 
+# The hit scenario's servers: logs off (with the peers and the ceilings), then logs on.
+HIT_TARGETS = [servers.OURS, servers.NGINX, servers.VARNISH, servers.ATS, servers.CEILING,
+               servers.CEILING_HTTPTOOLS, servers.OURS_LOGS, servers.NGINX_LOGS]
+
+
 def run_scenarios(bench: Bench, chosen: list[str], started: dict[str, Started]) -> tuple[list[report.Table], list[str]]:
     s = bench.settings
     tables: list[report.Table] = []
     summary: list[str] = []
+    verdicts: list[targets.Verdict] = []
     if "hit" in chosen:
-        runs = hit.measure(bench, [servers.OURS, servers.NGINX, servers.VARNISH, servers.ATS, servers.CEILING])
-        tables.append(hit.table(runs))
-        for size in hit.OBJECT_SIZES:
-            ours = next(r for r in runs if r.size == size and r.target is servers.OURS)
-            ref = next(r for r in runs if r.size == size and r.target is servers.NGINX)
-            value = ours.rps / ref.rps if ref.rps else 0.0
-            summary.append(f"Hit throughput {size // 1024} KiB: edge/nginx = {value:.2f} "
-                           f"({'meets' if value >= 1.0 else 'BELOW'} the >= 1.0 target)")
+        runs = hit.measure(bench, HIT_TARGETS)
+        tables.append(hit.table(runs, bench.access_lines))
+        verdicts += hit.verdicts(runs)
     if "collapse" in chosen:
         results = collapse.measure(bench, [servers.OURS, servers.NGINX, servers.VARNISH])
         tables.append(collapse.table(results, s.collapse_clients, s.collapse_delay_ms))
-        ours = results[0]
-        last = ours.times_ms[-1]
-        met = ours.origin_requests == 1 and last <= s.collapse_delay_ms + 50
-        summary.append(f"Collapsing: {ours.origin_requests} origin request(s), last response at {last:.0f} ms "
-                       f"({'meets' if met else 'MISSES'} the 1 request / <= {s.collapse_delay_ms + 50} ms target)")
+        verdicts.append(collapse.verdict(results[0]))
     if "miss" in chosen:
         runs = miss.measure(bench, [miss.OURS, miss.NGINX])
         tables.append(miss.table(runs))
-        value = runs[0].rps / runs[1].rps if runs[1].rps else 0.0
-        summary.append(f"Miss path: edge chain/nginx chain = {value:.2f}")
+        verdicts += [v for v in [miss.verdict(runs)] if v]
     if "large" in chosen:
-        results = [large.measure(bench, servers.OURS, started["l1"]),
+        results = [large.measure(bench, servers.OURS, started["l1"], slow_client=True),
                    large.measure(bench, servers.NGINX, None)]
         tables.append(large.table(results, s.large_bytes))
-        ours, ref = results
-        growth = max(p.rss_growth for p in ours.passes)
-        hit_ratio = ours.passes[1].bytes_per_s / ref.passes[1].bytes_per_s if ref.passes[1].bytes_per_s else 0.0
-        summary.append(f"Large object: peak RSS growth {growth / 2**20:.1f} MiB "
-                       f"({'meets' if growth < large.RSS_TARGET_BYTES else 'MISSES'} < 64 MiB); hit MB/s "
-                       f"edge/nginx = {hit_ratio:.2f} ({'meets' if hit_ratio >= 0.8 else 'MISSES'} >= 0.80)")
+        verdicts += large.verdicts(*results)
     if "hitratio" in chosen:
         results = hitratio.measure(bench)
         tables.append(hitratio.table(results, s.trace_requests, s.trace_objects, s.trace_seed))
@@ -235,9 +241,9 @@ def run_scenarios(bench: Bench, chosen: list[str], started: dict[str, Started]) 
     if "dns" in chosen:
         runs, nearest = dns.measure(bench)
         tables.append(dns.table(runs, nearest))
-        value = runs[0].qps / runs[1].qps if runs[1].qps else 0.0
-        summary.append(f"DNS: scheduler/knotd QPS = {value:.2f} ({'meets' if value >= 0.5 else 'BELOW'} "
-                       f"the >= 0.5 target)")
+        verdicts += [v for v in [dns.verdict(runs)] if v]
+    summary.insert(0, targets.summary(s, verdicts))
+    tables.insert(0, targets.table(s, verdicts, set(chosen)))
     return tables, summary
 
 
@@ -282,9 +288,9 @@ def environment(mode: str, steal: float, commit: str) -> list[tuple[str, str]]:
         ("edge commit (when the servers started)", commit),
         ("python", platform.python_version()),
     ]
-    try:
-        import aiohttp
-        rows.append(("aiohttp", aiohttp.__version__))
-    except ImportError:
-        pass
+    for module in ("aiohttp", "httptools", "uvloop"):
+        try:
+            rows.append((module, __import__(module).__version__))
+        except ImportError:
+            pass
     return rows + install.versions()

@@ -7,6 +7,7 @@ the server answers, or raises after a deadline.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ from benchmarks.procs import Processes, Started
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 START_DEADLINE_S = 60.0
-LOG_LEVEL = "WARNING"
+LOG_LEVEL = "WARNING"           # our quiet nodes; the "logs on" L1 runs at the default (INFO)
+L1_LOGS_NODE = "l1-logs"        # its name in topology.toml and in the run's logs/ directory
 
 
 @dataclass(frozen=True)
@@ -31,17 +33,28 @@ class HttpTarget:
     label: str
     endpoint: Endpoint
     host: str = layout.SITE_HOST
-    caches: bool = True             # False for the bare handler, which has no origin
+    caches: bool = True             # False for the bare handlers, which have no origin
+    logs: bool = False              # True: access log on, as operators run it
+    # Where its access lines go, relative to the run directory (logs-on only).
+    access_log: str | None = None
 
     def url(self, path: str) -> str:
         return f"{self.endpoint.url}{path}"
 
+    @property
+    def tag(self) -> str:
+        """The label as a URL-safe word, for per-server object names."""
+        return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-")
 
-OURS = HttpTarget("edge L1", layout.L1)
-NGINX = HttpTarget("nginx", layout.NGINX_L1)
-VARNISH = HttpTarget("Varnish", layout.VARNISH)
-ATS = HttpTarget("ATS", layout.ATS)
-CEILING = HttpTarget("aiohttp bare", layout.CEILING, caches=False)
+
+OURS = HttpTarget("edge L1, logs off", layout.L1)
+NGINX = HttpTarget("nginx, logs off", layout.NGINX_L1)
+OURS_LOGS = HttpTarget("edge L1, logs on", layout.L1_LOGS, logs=True, access_log=f"logs/{L1_LOGS_NODE}.log")
+NGINX_LOGS = HttpTarget("nginx, logs on", layout.NGINX_L1_LOGS, logs=True, access_log="nginx-access.log")
+VARNISH = HttpTarget("Varnish, logs off", layout.VARNISH)
+ATS = HttpTarget("ATS, logs off", layout.ATS)
+CEILING = HttpTarget("bare aiohttp (Python ceiling)", layout.CEILING, caches=False)
+CEILING_HTTPTOOLS = HttpTarget("bare httptools+uvloop (Python ceiling)", layout.CEILING_HTTPTOOLS, caches=False)
 
 
 def _python_env() -> dict[str, str]:
@@ -56,11 +69,17 @@ def _wait_http(processes: Processes, started: Started, url: str, host: str | Non
 
 
 def start_edge_node(processes: Processes, topology: Path, node: str, admin: Endpoint,
-                    cpu: int | None = layout.SERVER_CPU) -> Started:
-    """One node of our CDN (origin, l2, l1) via the product's own command line."""
-    started = processes.start(
-        node, [sys.executable, "-m", "edge", "run", node, "--config", str(topology), "--log-level", LOG_LEVEL],
-        cpu=cpu, env=_python_env(), cwd=REPO_DIR)
+                    cpu: int | None = layout.SERVER_CPU, log_level: str | None = LOG_LEVEL) -> Started:
+    """One node of our CDN (origin, l2, l1) via the product's own command line.
+
+    ``log_level=None`` leaves ``--log-level`` at the product's default.  The
+    node's stdout and stderr (its access log when ``access_log = "-"``) go to
+    ``logs/NODE.log`` in the run directory.
+    """
+    argv = [sys.executable, "-m", "edge", "run", node, "--config", str(topology)]
+    if log_level is not None:
+        argv += ["--log-level", log_level]
+    started = processes.start(node, argv, cpu=cpu, env=_python_env(), cwd=REPO_DIR)
     _wait_http(processes, started, f"{admin.url}/healthz")
     return started
 
@@ -115,9 +134,15 @@ def start_knot(processes: Processes, conf: Path) -> Started:
     return started
 
 
-def start_ceiling(processes: Processes) -> Started:
+def start_ceiling(processes: Processes, name: str = "ceiling", module: str = "benchmarks.ceiling",
+                  endpoint: Endpoint = layout.CEILING) -> Started:
+    """A bare Python server answering /gen/ (benchmarks.ceiling or benchmarks.ceiling_httptools)."""
     started = processes.start(
-        "ceiling", [sys.executable, "-m", "benchmarks.ceiling", layout.CEILING.host, str(layout.CEILING.port)],
+        name, [sys.executable, "-m", module, endpoint.host, str(endpoint.port)],
         cpu=layout.SERVER_CPU, env=_python_env(), cwd=REPO_DIR)
-    _wait_http(processes, started, f"{layout.CEILING.url}/gen/ready?size=1")
+    _wait_http(processes, started, f"{endpoint.url}/gen/ready?size=1")
     return started
+
+
+def start_ceiling_httptools(processes: Processes) -> Started:
+    return start_ceiling(processes, "ceiling-httptools", "benchmarks.ceiling_httptools", layout.CEILING_HTTPTOOLS)

@@ -331,13 +331,53 @@ def test_every_rendered_config_listens_only_on_loopback(tmp_path: Path):
         assert ip.is_loopback, f"{address} is not loopback"
 
 
-def test_benchmark_topology_loads_with_the_product_loader(tmp_path: Path):
+def _rendered_topology(tmp_path: Path):
+    """The benchmark topology as the harness renders it, read by the product's own loader."""
     from edge import config
-    topology = config.load(peers.render_all(tmp_path)["topology"])
-    assert {n.name for n in topology.nodes} == {"origin", "l2", "l1", "l1-west"}
+    return config.load(peers.render_all(tmp_path)["topology"])
+
+
+def test_benchmark_topology_loads_with_the_product_loader(tmp_path: Path):
+    topology = _rendered_topology(tmp_path)
+    assert {n.name for n in topology.nodes} == {"origin", "l2", "l1", "l1-logs", "l1-west"}
     assert topology.node("l1").parents == ("l2",)
+    assert topology.node("l1-logs").parents == ()      # fills from the origin: one origin request to warm
     assert topology.site_for_host("fast.example.com").origin == "http://127.0.60.2:8080"
     assert topology.state_dir == tmp_path / "state"
+
+
+def test_quiet_nodes_have_their_access_log_off_and_the_logging_l1_its_defaults(tmp_path: Path):
+    import tomllib
+    nodes = tomllib.loads(peers.render_all(tmp_path)["topology"].read_text())["nodes"]
+    assert [name for name, node in nodes.items() if node.get("access_log") == "off"] == ["l2", "l1", "l1-west"]
+    assert "access_log" not in nodes["l1-logs"] and "access_log_format" not in nodes["l1-logs"]
+    topology = _rendered_topology(tmp_path / "again")
+    assert topology.node("l1").access_log == "off"
+    assert topology.node("l1-logs").access_log == "-"
+
+
+def test_the_logging_l1_does_not_change_the_dns_schedulers_answers(tmp_path: Path):
+    from edge.scheduler.answer import Answerer, EdgeStatus
+    answerer = Answerer(_rendered_topology(tmp_path))
+    # Same region as l1, ranked after it: with every edge up (or l1-logs not running) east gets l1.
+    for health in ({}, {"l1-logs": EdgeStatus(up=False)}):
+        assert [e.name for e in answerer.choose("east", 4, health).chosen] == ["l1"]
+        assert [e.name for e in answerer.choose("west", 4, health).chosen] == ["l1-west"]
+
+
+def test_the_two_nginx_configs_differ_only_in_name_address_and_access_log(tmp_path: Path):
+    rendered = peers.render_all(tmp_path)
+    quiet = rendered["nginx_l1"].read_text().splitlines()
+    logging_ = rendered["nginx_l1_logs"].read_text().splitlines()
+    assert len(quiet) == len(logging_)
+    differ = [(a, b) for a, b in zip(quiet, logging_) if a != b]
+    directives = [b.split()[0] for a, b in differ if not a.lstrip().startswith("#")]
+    assert set(directives) <= {"pid", "error_log", "access_log", "client_body_temp_path", "proxy_temp_path",
+                               "fastcgi_temp_path", "uwsgi_temp_path", "scgi_temp_path", "proxy_cache_path",
+                               "listen"}
+    assert "    access_log off;" in quiet
+    assert f"    access_log {tmp_path}/nginx-access.log combined buffer=64k flush=1s;" in logging_
+    assert any(line.strip().startswith("listen 127.0.64.3:8080") for line in logging_)
 
 
 # --------------------------------------------------------------------------- profile folding
@@ -442,3 +482,258 @@ def test_profile_inclusive_column_is_the_products_own_code():
     assert is_product_code("CacheNode.handle (edge/proxy.py)")
     assert not is_product_code("main (edge/cli.py)")
     assert not is_product_code("RequestHandler.start (aiohttp/web_protocol.py)")
+
+
+# --------------------------------------------------------------------------- targets
+
+def _load(rps: float, p99_ms: float, client_busy: float = 0.5, requests: int | None = None,
+          errors_status: int = 0):
+    from benchmarks.loadrun import LoadRun
+    requests = int(rps) if requests is None else requests
+    result = wrk.WrkResult(requests=requests, duration_s=requests / rps if rps else 1.0,
+                           bytes_read=requests * 2048, errors_connect=0, errors_read=0, errors_write=0,
+                           errors_timeout=0, errors_status=errors_status, p50_ms=p99_ms / 2,
+                           p90_ms=p99_ms / 1.5, p99_ms=p99_ms, max_ms=p99_ms * 2)
+    return LoadRun(result=result, client_busy=client_busy, server_busy=1.0, server_own=0.99,
+                   other_load=0.0, steal=0.0)
+
+
+def _hit_runs(figures: dict) -> list:
+    """figures: (size, target) -> (req/s, p99 ms[, client busy])."""
+    from benchmarks.scenarios.hit import Runs
+    return [Runs(target, loads=[_load(*values)], size=size) for (size, target), values in figures.items()]
+
+
+def test_every_target_is_listed_and_unmeasured_ones_say_why():
+    from benchmarks import targets
+    from benchmarks.context import FULL, QUICK
+    keys = [g.key for g in targets.goals(QUICK)]
+    assert len(keys) == len(set(keys)) == 8 + 6       # 2 sizes x 2 log settings x (req/s, p99) + 6 others
+    table = targets.table(QUICK, [targets.Verdict("miss", "0.60 x", True)], ran={"miss", "hit"})
+    rows = {row[0]: row for row in table.rows}
+    assert rows["Miss chain L1 -> L2 -> origin: req/s"][3] == "met"
+    assert rows["Warm hit 1 KiB, logs on: edge L1 req/s"][3:] == ["not measured", "not measured"]
+    assert rows["DNS scheduler QPS"][3:] == ["not measured", "scenario not run (--only)"]
+    assert rows["Warm hit 1 KiB, logs off: edge L1 req/s"][1] == ">= 1.50 x nginx (logs off), one CPU each"
+    assert rows["Warm hit 100 KiB, logs on: edge L1 req/s"][1] == ">= 1.00 x nginx (logs on), one CPU each"
+    assert any("256 MiB" in row[0] for row in table.rows)
+    assert any("1 GiB" in g.what for g in targets.goals(FULL))
+    collapse_goal = next(g for g in targets.goals(QUICK) if g.key == "collapse")
+    assert collapse_goal.goal == "1 origin request, last response <= 220 ms"
+    assert targets.summary(QUICK, [targets.Verdict("miss", "x", True), targets.Verdict("dns", "x", False)]) == \
+        "Targets: 1 met, 1 below, 12 not measured (of 14; see the table Targets)"
+
+
+def test_target_arithmetic():
+    from benchmarks import targets
+    assert targets.at_least("k", 150.0, 100.0, 1.5).met
+    assert not targets.at_least("k", 149.0, 100.0, 1.5).met
+    assert targets.at_least("k", 149.0, 100.0, 1.5).measured == "1.49 x"
+    assert not targets.at_least("k", 1.0, 0.0, 1.0).met              # no reference: never a pass
+    assert targets.no_worse("k", 1.0, 1.0).met and not targets.no_worse("k", 1.01, 1.0).met
+    assert not targets.no_worse("k", 0.0, 1.0).met
+    assert targets.below_bytes("k", 64 * 2**20 - 1).met and not targets.below_bytes("k", 64 * 2**20).met
+    assert targets.collapse(1, 220.0, 200, True).met
+    assert not targets.collapse(1, 220.4, 200, True).met
+    assert targets.collapse(1, 220.4, 200, True).measured == "1 origin request(s), last at 220.4 ms"
+    assert not targets.collapse(2, 205.0, 200, True).met
+    assert not targets.collapse(1, 205.0, 200, False).met
+
+
+def test_hit_targets_compare_with_the_nginx_of_the_same_log_setting():
+    from benchmarks import servers
+    from benchmarks.scenarios import hit
+    figures = {
+        (1024, servers.OURS): (150_000, 1.0), (1024, servers.NGINX): (100_000, 1.2, 0.95),
+        (1024, servers.OURS_LOGS): (100_000, 2.0), (1024, servers.NGINX_LOGS): (80_000, 1.5),
+        (1024, servers.CEILING_HTTPTOOLS): (200_000, 0.5),
+        (102400, servers.OURS): (30_000, 3.0), (102400, servers.NGINX): (30_000, 3.0),
+        (102400, servers.OURS_LOGS): (20_000, 3.0), (102400, servers.NGINX_LOGS): (25_000, 3.0),
+    }
+    verdicts = {v.key: v for v in hit.verdicts(_hit_runs(figures))}
+    assert len(verdicts) == 8
+    assert verdicts["hit-1024-off-rps"].met and verdicts["hit-1024-off-rps"].measured == "1.50 x"
+    assert "upper bound" in verdicts["hit-1024-off-rps"].note          # nginx was client-limited
+    assert verdicts["hit-1024-off-p99"].met
+    assert not verdicts["hit-1024-on-rps"].met                         # 1.25 x the logs-on nginx
+    assert verdicts["hit-1024-on-rps"].measured == "1.25 x"
+    assert not verdicts["hit-1024-on-p99"].met
+    assert verdicts["hit-102400-off-rps"].met and verdicts["hit-102400-off-p99"].met
+    assert not verdicts["hit-102400-on-rps"].met
+
+
+def test_hit_table_puts_logs_on_rows_after_logs_off_and_ratios_to_their_own_nginx():
+    from benchmarks import servers
+    from benchmarks.scenarios import hit
+    figures = {
+        (1024, servers.OURS_LOGS): (40_000, 2.0), (1024, servers.NGINX_LOGS): (80_000, 1.5),
+        (1024, servers.OURS): (50_000, 1.0), (1024, servers.NGINX): (100_000, 1.2),
+        (1024, servers.CEILING): (25_000, 3.0), (1024, servers.CEILING_HTTPTOOLS): (120_000, 0.5),
+    }
+    table = hit.table(_hit_runs(figures))
+    order = [row[1] for row in table.rows]
+    assert order == ["edge L1, logs off", "nginx, logs off", "bare aiohttp (Python ceiling)",
+                     "bare httptools+uvloop (Python ceiling)", "edge L1, logs on", "nginx, logs on"]
+    ratio = {row[1]: row[3] for row in table.rows}
+    assert ratio["edge L1, logs on"] == "0.50" and ratio["edge L1, logs off"] == "0.50"
+    assert ratio["bare httptools+uvloop (Python ceiling)"] == "1.20"
+    notes = {row[1]: row[-1] for row in table.rows}
+    assert "below target (>= 1.5 x nginx)" in notes["edge L1, logs on"]
+    assert notes["nginx, logs on"] == ""
+
+
+def test_a_logs_on_server_that_did_not_log_is_a_problem(tmp_path: Path):
+    from benchmarks import servers
+    from benchmarks.context import QUICK, Bench
+    from benchmarks.procs import Processes
+    from benchmarks.scenarios import hit
+    bench = Bench(settings=QUICK, run_dir=tmp_path, configs={}, processes=Processes(tmp_path / "logs"))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "l1-logs.log").write_text("startup line\n" + "GET / 200\n" * 1000)
+    (tmp_path / "nginx-access.log").write_text("GET / 200\n" * 500)
+    runs = _hit_runs({(1024, servers.OURS_LOGS): (500, 1.0), (102400, servers.OURS_LOGS): (500, 1.0),
+                      (1024, servers.NGINX_LOGS): (1000, 1.0), (1024, servers.OURS): (1000, 1.0)})
+    lines = hit.check_access_logs(bench, runs, wait_s=0.0)
+    assert lines == {"edge L1, logs on": 1001, "nginx, logs on": 500}
+    assert len(bench.problems) == 1 and bench.problems[0].startswith("nginx, logs on: 500 lines")
+
+
+def test_large_object_targets_cover_full_and_slow_reads():
+    from benchmarks import servers
+    from benchmarks.scenarios import large
+
+    def one(kind, speed, growth_mib, client_busy=0.3):
+        return large.Pass(kind, 200, 2**28, speed, 1.0, 100 * 2**20, 100 * 2**20 + int(growth_mib * 2**20), 0,
+                          client_busy)
+    ours = large.LargeResult(servers.OURS, [one("miss", 1e8, 2), one("hit", 1.5e9, 10),
+                                            one(large.SLOW, 1.1e7, 70)], True)
+    ref = large.LargeResult(servers.NGINX, [one("miss", 2e8, 0), one("hit", 1.7e9, 0, 0.95)], False)
+    verdicts = {v.key: v for v in large.verdicts(ours, ref)}
+    assert not verdicts["large-hit"].met and verdicts["large-hit"].measured == "0.88 x"
+    assert "upper bound" in verdicts["large-hit"].note
+    assert verdicts["large-rss"].met and verdicts["large-rss"].measured == "10.0 MiB"
+    assert not verdicts["large-slow-rss"].met and verdicts["large-slow-rss"].measured == "70.0 MiB"
+    table = large.table([ours, ref], 2**28)
+    slow_row = next(row for row in table.rows if row[1] == large.SLOW)
+    assert slow_row[4] == "-" and "RSS over 64 MiB target" in slow_row[-1]
+
+
+def test_server_labels_are_unique_and_tags_url_safe():
+    from benchmarks import servers
+    from benchmarks.run import HIT_TARGETS
+    labels = [t.label for t in HIT_TARGETS]
+    assert len(set(labels)) == len(labels) == 8
+    assert "bare httptools+uvloop (Python ceiling)" in labels and "bare aiohttp (Python ceiling)" in labels
+    assert servers.OURS_LOGS.tag == "edge-l1-logs-on"
+    assert all(re.fullmatch(r"[a-z0-9-]+", t.tag) for t in HIT_TARGETS)
+    assert [t.label for t in HIT_TARGETS if t.logs] == ["edge L1, logs on", "nginx, logs on"]
+
+
+# --------------------------------------------------------------------------- the httptools ceiling
+
+
+class _FakeTransport:
+    def __init__(self):
+        self.written = b""
+        self.closed = False
+        self.reading = True
+
+    def writelines(self, parts):
+        self.written += b"".join(parts)
+
+    def close(self):
+        self.closed = True
+
+    def pause_reading(self):
+        self.reading = False
+
+    def resume_reading(self):
+        self.reading = True
+
+
+def _responses(data: bytes) -> list[tuple[bytes, dict, bytes]]:
+    """Split a byte stream of HTTP/1.1 responses with Content-Length."""
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        headers = dict(line.split(b": ", 1) for line in lines[1:])
+        length = int(headers[b"Content-Length"])
+        out.append((lines[0], headers, rest[:length]))
+        data = rest[length:]
+    return out
+
+
+def test_httptools_ceiling_answers_pipelined_requests_in_order():
+    from benchmarks import ceiling_httptools as ch
+    protocol, transport = ch.HttpProtocol(), _FakeTransport()
+    protocol.connection_made(transport)
+    stream = (b"GET /gen/a?size=3&cc=x HTTP/1.1\r\nHost: b\r\n\r\nGET /gen/b?size=5 HTTP/1.1\r\nHo"
+              b"st: b\r\n\r\nGET /missing HTTP/1.1\r\nHost: b\r\n\r\nGET /gen/c?size=nope HTTP/1.1\r\n\r\n")
+    protocol.data_received(stream[:50])      # a request split across reads
+    protocol.data_received(stream[50:])
+    answers = _responses(transport.written)
+    assert [a[0] for a in answers] == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found",
+                                       b"HTTP/1.1 400 Bad Request"]
+    assert answers[0][2] == bytes([0, 1, 2]) and answers[1][2] == bytes(range(5))
+    first = answers[0][1]
+    assert first[b"Content-Type"] == b"application/octet-stream"
+    assert first[b"Cache-Control"] == b"public, max-age=3600"
+    assert first[b"Connection"] == b"keep-alive" and first[b"Age"] == b"0"
+    assert not transport.closed
+
+
+def test_httptools_ceiling_closes_when_asked_and_on_garbage():
+    from benchmarks import ceiling_httptools as ch
+    protocol, transport = ch.HttpProtocol(), _FakeTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(b"GET /gen/a?size=2 HTTP/1.1\r\nConnection: close\r\n\r\n")
+    (status, headers, body), = _responses(transport.written)
+    assert headers[b"Connection"] == b"close" and body == b"\x00\x01" and transport.closed
+    protocol, transport = ch.HttpProtocol(), _FakeTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(b"NOT HTTP AT ALL\r\n\r\n")
+    assert transport.written.startswith(b"HTTP/1.1 400 ") and transport.closed
+
+
+def test_httptools_ceiling_stops_reading_while_the_client_is_slow():
+    from benchmarks import ceiling_httptools as ch
+    protocol, transport = ch.HttpProtocol(), _FakeTransport()
+    protocol.connection_made(transport)
+    protocol.pause_writing()
+    assert not transport.reading
+    protocol.resume_writing()
+    assert transport.reading
+
+
+def test_httptools_ceiling_bodies_match_the_aiohttp_ceiling():
+    from benchmarks import ceiling, ceiling_httptools as ch
+    head, body = ch.answer(b"/gen/same?size=1000")
+    assert body == ceiling._body(1000) and b"Content-Length: 1000\r\n" in head
+    assert ch.answer(b"/gen/same?size=1000")[1] is body        # built once per URL
+    assert ch.answer(b"/gen/x?size=%d" % (ch.MAX_SIZE + 1))[0].startswith(b"HTTP/1.1 400")
+    assert ch.main(["0.0.0.0", "8080"]) == 2                     # loopback only
+
+
+def test_httptools_ceiling_serves_over_a_real_socket(tmp_path: Path):
+    import socket
+    import sys
+    from benchmarks.procs import Processes, tcp_open, wait_until
+    host = "127.0.68.250"
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    with Processes(tmp_path) as processes:
+        started = processes.start("ceiling-httptools",
+                                  [sys.executable, "-m", "benchmarks.ceiling_httptools", host, str(port)],
+                                  cwd=Path(__file__).resolve().parent.parent)
+        wait_until(lambda: tcp_open(host, port), "ceiling", 10.0, alive=lambda: processes.check_alive(started))
+        with socket.create_connection((host, port), timeout=5) as connection:
+            connection.sendall(b"GET /gen/a?size=4 HTTP/1.1\r\nHost: x\r\n\r\n"
+                               b"GET /gen/b?size=70000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := connection.recv(65536):
+                data += chunk
+    answers = _responses(data)
+    assert [len(a[2]) for a in answers] == [4, 70000]
+    assert answers[1][1][b"Connection"] == b"close"

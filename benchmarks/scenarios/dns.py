@@ -16,7 +16,7 @@ import dns.message
 import dns.query
 import dns.rdatatype
 
-from benchmarks import dnsperf, layout, procs, report
+from benchmarks import dnsperf, layout, procs, report, targets
 from benchmarks.context import Bench
 from benchmarks.cpu import CpuWindow
 from benchmarks.layout import Endpoint
@@ -24,7 +24,7 @@ from benchmarks.loadrun import CLIENT_LIMITED_BUSY
 from benchmarks.scenarios.hit import NOISY_OTHER_LOAD, rotated
 
 QUERIES = (layout.SITE_CDN_NAME, layout.FAST_CDN_NAME)
-TARGET_RATIO = 0.5          # the goal: at least half of knotd's QPS
+TARGET_RATIO = targets.DNS_QPS_RATIO      # the goal: at least half of knotd's QPS
 
 
 @dataclass(frozen=True)
@@ -127,3 +127,13 @@ def table(all_runs: list[DnsRuns], nearest: list[str]) -> report.Table:
     out.notes.append("knotd serves the same names statically (one UDP worker). Target: scheduler QPS at "
                      "least half of knotd's.")
     return out
+
+
+def verdict(all_runs: list[DnsRuns]) -> targets.Verdict | None:
+    ours = next((r for r in all_runs if r.server is SCHEDULER), None)
+    ref = next((r for r in all_runs if r.server is KNOT), None)
+    if ours is None or ref is None:
+        return None
+    limited = max(ref.client_busy, default=0.0) > CLIENT_LIMITED_BUSY
+    return targets.at_least("dns", ours.qps, ref.qps, TARGET_RATIO,
+                            "knotd client-limited: ratio is an upper bound" if limited else "")

@@ -10,7 +10,7 @@ origin) runs on the server CPU; wrk on the other.
 from __future__ import annotations
 
 
-from benchmarks import layout, report, wrk
+from benchmarks import layout, report, targets, wrk
 from benchmarks.context import Bench
 from benchmarks.loadrun import LoadRuns, run_wrk
 from benchmarks.scenarios.hit import NOISY_OTHER_LOAD, rotated
@@ -29,8 +29,7 @@ def measure(bench: Bench, targets: list[HttpTarget]) -> list[MissRuns]:
     runs = {t.label: MissRuns(t) for t in targets}
     for round_index in range(bench.settings.rounds):
         for target in rotated(targets, round_index):
-            tag = target.label.split()[0].lower()
-            script = wrk.lua_script(unique_prefix=f"/gen/miss-{tag}-r{round_index}-")
+            script = wrk.lua_script(unique_prefix=f"/gen/miss-{target.tag}-r{round_index}-")
             load = run_wrk(bench, target.url("/"), target.host, script, "miss",
                            groups=bench.groups.get(target.label))
             runs[target.label].loads.append(load)
@@ -57,10 +56,22 @@ def table(all_runs: list[MissRuns]) -> report.Table:
         other = max((run.other_load for run in runs.loads), default=0.0)
         limited = any(run.client_limited for run in runs.loads)
         notes = (["client-limited"] if limited else []) + (["noisy"] if other > NOISY_OTHER_LOAD else [])
+        if runs.target is OURS and reference and runs.rps < targets.MISS_RPS_RATIO * reference:
+            notes.append(f"below target (>= {targets.MISS_RPS_RATIO:.1f} x nginx chain)")
         out.add(runs.target.label, report.rate(runs.rps), report.ratio(runs.rps, reference),
                 report.ms(runs.p99_ms), report.percent(own), report.percent(other), report.percent(client),
                 runs.errors, ", ".join(notes))
     out.notes.append("chain CPU: CPU time of L1 + L2 + origin processes per second (all on one CPU).")
     out.notes.append("Origin: one static nginx (peers/fast-origin.conf) for both chains, on the server CPU "
-                     "with the chain.")
+                     "with the chain. Access logs off in both chains (our L1 and L2: access_log = \"off\", "
+                     "--log-level WARNING).")
     return out
+
+
+def verdict(all_runs: list[MissRuns]) -> targets.Verdict | None:
+    ours = next((r for r in all_runs if r.target is OURS), None)
+    ref = next((r for r in all_runs if r.target.label == REFERENCE), None)
+    if ours is None or ref is None:
+        return None
+    return targets.at_least("miss", ours.rps, ref.rps, targets.MISS_RPS_RATIO,
+                            "nginx client-limited: ratio is an upper bound" if ref.client_limited else "")
