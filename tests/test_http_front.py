@@ -818,3 +818,79 @@ def test_access_log(start_nodes, tmp_path, fmt):
             assert re.search(rf"(?<![A-Z]){expected}(?![A-Z])", rest), line
             assert re.search(r"(?<![\d.])\d+\.\d+(?![\d.])|\b\d+(\.\d+)?m?s\b", rest), f"no duration: {line}"
     assert_no_traceback(node)
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+FUZZ_BASES = [
+    b"GET /gen/fuzz-a?size=300&cc=max-age=60 HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n",
+    b"HEAD /gen/fuzz-b?cc=max-age=60 HTTP/1.1\r\nHost: www.example.com\r\nRange: bytes=0-9\r\n"
+    b"If-None-Match: \"x\"\r\nConnection: close\r\n\r\n",
+    b"POST /gen/fuzz-c?cc=no-store HTTP/1.1\r\nHost: www.example.com\r\nTransfer-Encoding: chunked\r\n"
+    b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"PUT /gen/fuzz-d HTTP/1.0\r\nHost: www.example.com\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\nabcd",
+    b"GET /gen/fuzz-e HTTP/1.1\r\nHost: www.example.com\r\n\r\nGET /gen/fuzz-f HTTP/1.1\r\nHost: www.example.com\r\n"
+    b"Connection: close\r\n\r\n",
+]
+FUZZ_BYTES = b"\x00\r\n \t:;,\"\\\x7f\xff\x80%/?#0123456789abcdefABCDEF-+"
+
+
+def _mutate(rng, data: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        where = rng.randrange(len(out))
+        what = rng.choice(("replace", "insert", "delete", "repeat"))
+        if what == "replace":
+            out[where] = rng.choice(FUZZ_BYTES)
+        elif what == "insert":
+            out[where:where] = bytes([rng.choice(FUZZ_BYTES)]) * rng.choice((1, 1, 2, 300))
+        elif what == "delete" and len(out) > 1:
+            del out[where]
+        else:
+            end = min(len(out), where + rng.randint(1, 40))
+            out[where:where] = out[where:end]
+    return bytes(out)
+
+
+async def _send_and_read(address: str, data: bytes) -> bytes:
+    import asyncio
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        answer = bytearray()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), 0.4)
+            except asyncio.TimeoutError:
+                break           # a request still incomplete, or a kept-alive connection
+            if not chunk:
+                break
+            answer += chunk
+        return bytes(answer)
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+
+
+def test_fuzzed_requests_never_get_a_500_or_a_traceback(cluster, l1):
+    """Seeded mutations of valid requests: 4xx or an answer, never 500, and the node keeps serving."""
+    import asyncio
+    import random
+    rng = random.Random(20261201)
+    cases = [_mutate(rng, rng.choice(FUZZ_BASES)) for _ in range(400)]
+
+    async def run_all() -> list[bytes]:
+        answers: list[bytes] = []
+        for start in range(0, len(cases), 100):
+            answers += await asyncio.gather(*(_send_and_read(l1, case) for case in cases[start:start + 100]))
+        return answers
+
+    answers = asyncio.run(run_all())
+    statuses = [int(m.group(1)) for answer in answers for m in re.finditer(rb"HTTP/1\.[01] (\d{3}) ", answer)]
+    assert statuses, "no answers at all"
+    assert 500 not in statuses, [case for case, answer in zip(cases, answers) if b" 500 " in answer][:3]
+    assert fetch(l1, unique("after-fuzz") + "?cc=no-store").status == 200
+    assert_no_traceback(cluster.node("l1-1"))

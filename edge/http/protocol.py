@@ -134,12 +134,12 @@ class HttpConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-        except _Stop:
-            return
         except Reject as reject:
             self._refuse(reject)
         except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
+            cause = exc.__context__         # what our callback raised; httptools wraps it
+            if isinstance(cause, _Stop):
+                return
             if isinstance(cause, Reject):
                 self._refuse(cause)
             else:       # our own bug, not the client's: say so, with the traceback
