@@ -426,8 +426,13 @@ class CacheNode:
         client_status, span = status, None
         if length is not None and request.method == "GET":
             client_status, span = _apply_range(request, status, out_headers, length)
-        landing: asyncio.Future[Landing] = asyncio.get_running_loop().create_future()
-        stream = FillStream(self, ex.primary, response, writer, meta_of, span, landing)
+        # Followers of a response that is not stored fetch for themselves at once;
+        # those of a stored one wait until the fill is committed.
+        landing: Landing | asyncio.Future[Landing] = Landing(Outcome.NOT_STORED)
+        if writer is not None:
+            landing = asyncio.get_running_loop().create_future()
+        stream = FillStream(self, ex.primary, response, writer, meta_of, span,
+                            landing if writer is not None else None)
         if request.method == "HEAD" or client_status == 416:
             reply = ex.reply(client_status, out_headers, stream, bodyless=True,
                              length=0 if client_status == 416 else length)
@@ -620,12 +625,12 @@ class FillStream:
     read goes to the store writer.  When the client stops early (it went
     away, or its range is complete) and the response is being stored, the
     rest is read in the background so that followers still get a stored
-    object.  `landing` resolves with the coalescing outcome.
+    object.  `landing` (when storing) resolves with the coalescing outcome.
     """
 
     def __init__(self, node: CacheNode, key: str, response: aiohttp.ClientResponse, writer: Writer | None,
                  meta_of: Callable[[int], Meta], span: tuple[int, int] | None,
-                 landing: asyncio.Future[Landing]):
+                 landing: asyncio.Future[Landing] | None):
         self._node, self._key, self._response, self._writer = node, key, response, writer
         self._meta_of, self._span, self._landing = meta_of, span, landing
         self._read = 0
@@ -679,7 +684,7 @@ class FillStream:
                     outcome = Outcome.STORED
         finally:
             self._response.release()
-            if not self._landing.done():
+            if self._landing is not None and not self._landing.done():
                 self._landing.set_result(Landing(outcome))
 
     async def aclose(self) -> None:

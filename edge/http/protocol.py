@@ -329,7 +329,7 @@ class HttpConnection(asyncio.Protocol):
     async def _serve(self, request: Request) -> None:
         started = self.loop.time()
         reply: Reply | None = None
-        sent = 0
+        sent, keep = 0, False
         try:
             try:
                 reply = await self.app.handle(request)
@@ -350,6 +350,9 @@ class HttpConnection(asyncio.Protocol):
         except asyncio.CancelledError:
             self.abort()
             raise
+        except Exception:
+            log.exception("writing the answer to %s %s failed", request.method, request.target)
+            self.abort()
         finally:
             duration = self.loop.time() - started
             if reply is not None:
@@ -414,6 +417,8 @@ class HttpConnection(asyncio.Protocol):
             async for chunk in body:
                 if self.closed:
                     break
+                if not chunk:
+                    continue            # an empty chunk would end a chunked body early
                 if chunked:
                     transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
                 else:
