@@ -284,7 +284,7 @@ class CacheNode:
                 return reply
             flight = self.flights.lead(ex.primary)   # None again: fetch alone, uncoalesced
         try:
-            reply, landing = await self._fetch(ex, stale, fwd)
+            reply, landing = await self._fetch(ex, stale, fwd, flight)
         except BaseException:
             if flight is not None:
                 flight.finish(Outcome.FAILED)
@@ -297,16 +297,18 @@ class CacheNode:
         if flight is None:
             return
         if isinstance(landing, Landing):
-            flight.finish(landing.outcome, landing.error)
+            flight.finish(landing.outcome, landing.error, landing.stored)
         else:
-            landing.add_done_callback(lambda done: flight.finish(done.result().outcome, done.result().error))
+            landing.add_done_callback(lambda done: self._land(flight, done.result()))
 
     async def _after_wait(self, ex: Exchange, landing: Landing | None,
                           stale: tuple[str, CachedObject] | None) -> Reply | None:
         """A follower acts on the leader's outcome; None means: fetch on your own."""
         outcome = landing.outcome if landing is not None else None
         if outcome is Outcome.STORED:
-            key, stored = await self._find(ex)
+            stored = landing.stored
+            if stored is None:
+                key, stored = await self._find(ex)
             if stored is not None:
                 ex.cache_status = "HIT"
                 age, ttl = self._age_and_ttl(stored.meta)
@@ -327,8 +329,8 @@ class CacheNode:
         _append(headers, "X-Forwarded-For", request.remote or "")
         return headers
 
-    async def _fetch(self, ex: Exchange, stale: tuple[str, CachedObject] | None,
-                     fwd: str) -> tuple[Reply, Landing | asyncio.Future[Landing]]:
+    async def _fetch(self, ex: Exchange, stale: tuple[str, CachedObject] | None, fwd: str,
+                     flight: Flight | None) -> tuple[Reply, Landing | asyncio.Future[Landing]]:
         """Fetch from upstream and store what may be stored: the reply, and the coalescing outcome."""
         headers = self._upstream_headers(ex, cache_fill=True)
         if stale is not None:
@@ -351,7 +353,7 @@ class CacheNode:
                     return served, Landing(Outcome.FAILED)
             if stale is not None:
                 ex.cache_status = "EXPIRED"
-            reply, landing = await self._store(ex, response, upstream, request_time, response_time, fwd)
+            reply, landing = await self._store(ex, response, upstream, request_time, response_time, fwd, flight)
             streaming = isinstance(reply.body, FillStream)
             return reply, landing
         finally:
@@ -375,8 +377,8 @@ class CacheNode:
     # ----------------------------------------------------------------- store
 
     async def _store(self, ex: Exchange, response: aiohttp.ClientResponse, upstream: Upstream,
-                     request_time: float, response_time: float,
-                     fwd: str) -> tuple[Reply, Landing | asyncio.Future[Landing]]:
+                     request_time: float, response_time: float, fwd: str,
+                     flight: Flight | None) -> tuple[Reply, Landing | asyncio.Future[Landing]]:
         """Store what policy allows; small bodies whole, large ones streamed to client and store at once."""
         request = ex.request
         stored_headers = _storable_headers(response.headers, response_time)
@@ -415,8 +417,12 @@ class CacheNode:
                 return self._upstream_error(ex, error), Landing(Outcome.FAILED, error)
             landing = Landing(Outcome.NOT_STORED)
             if writer:
+                meta = meta_of(len(body))
+                if not names:
+                    # Followers share this very response now, without waiting for the store.
+                    self._land(flight, Landing(Outcome.STORED, stored=CachedObject(meta, body)))
                 await writer.write(body)
-                committed = await writer.commit(meta_of(len(body)))
+                committed = await writer.commit(meta)
                 landing = Landing(Outcome.STORED if committed else Outcome.NOT_STORED)
             return self._respond(ex, status, out_headers, body), landing
 
@@ -472,7 +478,7 @@ class CacheNode:
     async def _miss_as_leader(self, ex: Exchange, stale: tuple[str, CachedObject], flight: Flight) -> None:
         """Fetch with no client waiting: the body is read to the end so that it is stored."""
         try:
-            reply, landing = await self._fetch(ex, stale, "stale")
+            reply, landing = await self._fetch(ex, stale, "stale", flight)
         except BaseException:
             flight.finish(Outcome.FAILED)
             raise

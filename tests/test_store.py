@@ -606,7 +606,9 @@ async def test_tiered_promotes_small_disk_hits_into_memory(tmp_path, open_disk):
     first = TieredStore(MemoryStore(MiB, 64 * KiB), await open_disk(directory))
     body = body_of(10 * KiB, 5)
     assert await put(first, "k", body)
-    assert first.memory.peek("k").body == body and first.disk.objects == 1
+    assert first.memory.peek("k").body == body
+    await first.settled()                                 # written behind: on disk once settled
+    assert first.disk.objects == 1
     await first.close()
 
     memory = MemoryStore(MiB, 64 * KiB)                   # a restarted node: memory is empty
@@ -675,6 +677,7 @@ async def test_tiered_disk_failure_keeps_serving_from_memory(tmp_path, open_disk
     (directory / key_hash("k")[:2]).write_text("in the way")
     body = body_of(10 * KiB, 9)
     assert await put(tiered, "k", body)                   # no exception into the caller
+    await tiered.settled()
     hit = await tiered.get("k")
     assert hit.body == body and disk.objects == 0
     assert [f for f in files_under(directory) if ".tmp-" in f] == []
@@ -701,3 +704,26 @@ async def test_chunks_from_an_offset_memory_and_disk(tmp_path, open_disk, start,
         parts = [part async for part in hit.chunks(64 * KiB, start, end)]
         assert b"".join(parts) == body[start:end]
         assert all(len(part) <= 64 * KiB for part in parts)
+
+
+async def test_tiered_writes_behind_and_never_serves_the_older_disk_version(open_disk):
+    memory = MemoryStore(MiB, 64 * KiB)
+    tiered = TieredStore(memory, await open_disk())
+    old, new = body_of(10 * KiB, 1), body_of(10 * KiB, 2)
+    assert await put(tiered, "k", old)
+    await tiered.settled()
+    assert await put(tiered, "k", new)                    # returns once memory holds it
+    assert "k" in tiered._disk_pending                    # the disk write is still on its way
+    await memory.delete("k")                              # evicted before reaching disk
+    hit = await tiered.get("k")
+    assert await read_all(hit) == new                     # waited for the disk, not the old version
+    await tiered.settled()
+    assert await read_all(await tiered.disk.get("k")) == new
+
+
+async def test_tiered_delete_waits_for_the_write_behind(open_disk):
+    tiered = TieredStore(MemoryStore(MiB, 64 * KiB), await open_disk())
+    assert await put(tiered, "k", body_of(10 * KiB, 3))
+    assert await tiered.delete("k")                       # the disk write lands first, then both go
+    await tiered.settled()
+    assert await tiered.get("k") is None and tiered.disk.objects == 0

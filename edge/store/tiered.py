@@ -6,10 +6,18 @@ a body outgrows its object limit, so a large object streams only to disk and
 is never held whole in memory.  After every commit each tier holds either
 the new version or nothing: an old version left in one tier would otherwise
 be served in place of the new one.
+
+A commit the memory tier accepted returns at once and finishes on disk in
+the background (write-behind): the disk install is a thread hop that cost
+about a millisecond of every miss.  Until it lands, reads of that key do not
+fall through to the disk (which may still hold an older version) before it
+has, and ``update_meta``/``delete`` of the key wait for it; ``close`` and ``settled``
+wait for all of them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from edge.store.base import CachedObject, CorruptEntry, Meta
@@ -31,19 +39,60 @@ class TieredStore:
         # Any change to a key removes it, which tells the promoter that what it
         # read is outdated and must not be copied into memory.
         self._promotions: dict[str, object] = {}
+        # Keys whose newest version is in memory and still on its way to disk.
+        self._disk_pending: dict[str, asyncio.Task[bool]] = {}
 
     async def start(self) -> None:
         await self.memory.start()
         await self.disk.start()
 
     async def close(self) -> None:
+        await self.settled()
         await self.disk.close()
         await self.memory.close()
+
+    async def settled(self, key: str | None = None) -> None:
+        """Wait until the background disk writes (of `key`, or all) have landed."""
+        while True:
+            pending = [self._disk_pending[key]] if key in self._disk_pending else \
+                ([] if key is not None else list(self._disk_pending.values()))
+            if not pending:
+                return
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def _to_disk(self, key: str, commit_disk, meta: Meta) -> asyncio.Task[bool]:
+        """Run a disk commit of `key` after the ones already under way for it, in commit order.
+
+        Without the order, an older version whose install started late could
+        land on disk after a newer one.
+        """
+        prior = self._disk_pending.get(key)
+
+        async def in_order() -> bool:
+            if prior is not None:
+                await asyncio.gather(prior, return_exceptions=True)
+            return await commit_disk(meta)
+
+        task = asyncio.ensure_future(in_order())
+        self._disk_pending[key] = task
+
+        def landed(done: asyncio.Task) -> None:
+            if self._disk_pending.get(key) is done:
+                del self._disk_pending[key]
+            if not done.cancelled() and done.exception() is not None:
+                log.warning("tiered store: background disk write of %.120s failed: %r", key, done.exception())
+
+        task.add_done_callback(landed)
+        return task
 
     async def get(self, key: str) -> CachedObject | None:
         hit = self.memory.in_memory(key)
         if hit is not None:
             return hit
+        if key in self._disk_pending:
+            # Evicted from memory before it reached disk: wait for it rather
+            # than read the older version the disk may still hold.
+            await self.settled(key)
         hit = await self.disk.get(key)
         if hit is None or not self.memory.fits(hit.meta.size):
             return hit
@@ -70,12 +119,14 @@ class TieredStore:
     # the disk changed is cancelled (its token popped) or overwritten after.
 
     async def update_meta(self, key: str, meta: Meta) -> bool:
+        await self.settled(key)
         on_disk = await self.disk.update_meta(key, meta)
         self._promotions.pop(key, None)
         in_memory = await self.memory.update_meta(key, meta)
         return in_memory or on_disk
 
     async def delete(self, key: str) -> bool:
+        await self.settled(key)
         on_disk = await self.disk.delete(key)
         self._promotions.pop(key, None)
         in_memory = await self.memory.delete(key)
@@ -120,6 +171,13 @@ class TieredWriter:
         store = self._store
         store._promotions.pop(self._key, None)
         in_memory = await self.memory.commit(meta)
+        on_disk = store._to_disk(self._key, self._commit_disk, meta)
+        if in_memory:
+            return True             # written behind
+        return await asyncio.shield(on_disk)    # a caller that goes away must not cancel the install
+
+    async def _commit_disk(self, meta: Meta) -> bool:
+        store = self._store
         on_disk = False
         if self.disk is not None:
             try:
@@ -132,9 +190,11 @@ class TieredWriter:
         # must not land; one that already landed is removed.
         store._promotions.pop(self._key, None)
         held = store.memory.peek(self._key)
-        if held is not None and held.meta is not meta:
+        pending = store._disk_pending.get(self._key)
+        newer_commit = pending is not None and pending is not asyncio.current_task()
+        if held is not None and held.meta is not meta and not newer_commit:
             await store.memory.delete(self._key)
-        return in_memory or on_disk
+        return on_disk
 
     async def abort(self) -> None:
         await self.memory.abort()

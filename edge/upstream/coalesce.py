@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 
 class Outcome(enum.Enum):
@@ -27,6 +28,7 @@ class Landing:
 
     outcome: Outcome
     error: Exception | None = None      # with FAILED: what followers answer without a stale copy
+    stored: Any = None                  # with STORED: the object itself, when followers may share it
 
 
 class Flight:
@@ -35,8 +37,8 @@ class Flight:
     def __init__(self, flights: Coalescer, key: str, future: asyncio.Future[Landing]):
         self._flights, self.key, self._future = flights, key, future
 
-    def finish(self, outcome: Outcome, error: Exception | None = None) -> None:
-        self._flights._finish(self.key, self._future, Landing(outcome, error))
+    def finish(self, outcome: Outcome, error: Exception | None = None, stored: Any = None) -> None:
+        self._flights._finish(self.key, self._future, Landing(outcome, error, stored))
 
 
 class Coalescer:
