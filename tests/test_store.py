@@ -727,3 +727,30 @@ async def test_tiered_delete_waits_for_the_write_behind(open_disk):
     assert await tiered.delete("k")                       # the disk write lands first, then both go
     await tiered.settled()
     assert await tiered.get("k") is None and tiered.disk.objects == 0
+
+
+async def test_file_calls_queued_during_a_hop_share_the_next_one_in_order():
+    import threading
+
+    from edge.store.disk import _ThreadBatch
+    batch = _ThreadBatch()
+    release = threading.Event()
+    ran: list[int] = []
+
+    def call(n: int) -> int:
+        if n == 0:
+            release.wait(5)          # the first hop is busy while the others queue up
+        if n % 7 == 3:
+            raise ValueError(n)
+        ran.append(n)
+        return n * n
+
+    first = asyncio.ensure_future(batch.run(call, 0))
+    await asyncio.sleep(0.01)
+    rest = [asyncio.ensure_future(batch.run(call, n)) for n in range(1, 50)]
+    release.set()
+    results = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert batch.batches == 2
+    assert ran == [n for n in range(50) if n % 7 != 3]
+    for n, result in enumerate(results):
+        assert (isinstance(result, ValueError) and result.args == (n,)) if n % 7 == 3 else result == n * n

@@ -38,7 +38,7 @@ import os
 import secrets
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,7 @@ class DiskStore:
         self._index_complete = False     # True once a full scan merged: unindexed means absent
         self._rebuild_task: asyncio.Task[None] | None = None
         self._writers: weakref.WeakSet[DiskWriter] = weakref.WeakSet()
+        self._files = _ThreadBatch()     # lookups, installs and removals, batched per thread hop
         self.rebuilt = asyncio.Event()   # set when the start-up scan has finished
         self.rebuild_errors = 0          # subdirectories the scan could not read
 
@@ -144,7 +145,7 @@ class DiskStore:
         meta_path, body_path = self._paths(h)
         async with self._lock(h):
             try:
-                found = await asyncio.to_thread(_read_entry, meta_path, body_path, key)
+                found = await self._files.run(_read_entry, meta_path, body_path, key)
             except CorruptEntry as exc:
                 await self._discard_locked(key, h, str(exc))
                 return None
@@ -220,7 +221,7 @@ class DiskStore:
         async with self._lock(h):
             self._touch(h)
             try:
-                await asyncio.to_thread(_install_files, tmp_body, tmp_meta, meta_bytes,
+                await self._files.run(_install_files, tmp_body, tmp_meta, meta_bytes,
                                         meta_path, body_path, self.fsync, body)
             except OSError as exc:
                 log.warning("disk cache: cannot store %s in %s: %s", _short(key), meta_path, exc)
@@ -273,7 +274,7 @@ class DiskStore:
             indexed = self._index_drop(key)
             self._touch(h)
             try:
-                existed = await asyncio.to_thread(_remove_files, *self._paths(h))
+                existed = await self._files.run(_remove_files, *self._paths(h))
             except OSError as exc:
                 log.warning("disk cache: cannot delete entry %s: %s", h, exc)
                 existed = True
@@ -576,6 +577,60 @@ class DiskWriter:
 
 
 # ---------------------------------------------------------------------------- file helpers
+class _ThreadBatch:
+    """File calls queued while a worker thread runs the previous ones go together in one hop.
+
+    Under a miss load every response installs files; a thread hop per install
+    cost more than the file calls themselves (it wakes a worker and makes it
+    and the event loop take turns on the GIL).  Calls run in the order they
+    were queued, one batch at a time; each caller gets its own result or
+    exception.
+    """
+
+    def __init__(self) -> None:
+        self._queue: list[tuple[Callable[..., Any], tuple, asyncio.Future]] = []
+        self._draining: asyncio.Task[None] | None = None
+        self.batches = 0                 # thread hops taken so far
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((fn, args, future))
+        if self._draining is None:
+            self._draining = asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        jobs: list[tuple[Callable[..., Any], tuple, asyncio.Future]] = []
+        try:
+            while self._queue:
+                jobs, self._queue = self._queue, []
+                self.batches += 1
+                results = await asyncio.to_thread(_run_calls, [(fn, args) for fn, args, _ in jobs])
+                for (_, _, future), (failed, value) in zip(jobs, results):
+                    if not future.done():
+                        if failed:
+                            future.set_exception(value)
+                        else:
+                            future.set_result(value)
+                jobs = []
+        finally:
+            self._draining = None
+            for _, _, future in jobs + self._queue:      # cancelled mid-batch: nobody waits forever
+                if not future.done():
+                    future.set_exception(OSError("disk cache worker stopped"))
+            self._queue = []
+
+
+def _run_calls(calls: list[tuple[Callable[..., Any], tuple]]) -> list[tuple[bool, Any]]:
+    results: list[tuple[bool, Any]] = []
+    for fn, args in calls:
+        try:
+            results.append((False, fn(*args)))
+        except Exception as exc:     # handed to that call's caller, not to the batch
+            results.append((True, exc))
+    return results
+
+
 # These run in worker threads (asyncio.to_thread), never on the event loop.
 
 def _encode_meta(key: str, meta: Meta) -> bytes:
