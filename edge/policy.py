@@ -935,6 +935,28 @@ def _sf_integer(value: float) -> int:
     return max(-_SF_INTEGER_MAX, min(_SF_INTEGER_MAX, math.floor(value)))
 
 
+def x_cache(*, hit: bool, fwd: str | None = None, fwd_status: int | None = None,
+            detail: str | None = None) -> str:
+    """The X-Cache verdict (nginx's ``$upstream_cache_status`` words) of a response, from its
+    RFC 9211 Cache-Status parameters: one mapping, so the two fields never disagree.
+
+    A hit is HIT, or UPDATING while stale-while-revalidate refreshes, or STALE
+    when served because the upstream failed (RFC 5861); a forward is BYPASS
+    for methods that are not cached, REVALIDATED when a stale copy got a 304,
+    EXPIRED when it was replaced, and MISS otherwise (also when it failed).
+    """
+    if hit:
+        return _HIT_VERDICTS.get(detail or "", "HIT")
+    if fwd == "bypass":
+        return "BYPASS"
+    if fwd == "stale":
+        return "REVALIDATED" if fwd_status == 304 else "EXPIRED"
+    return "MISS"
+
+
+_HIT_VERDICTS = {"stale-while-revalidate": "UPDATING", "stale-if-error": "STALE"}
+
+
 def cache_status_entry(node: str, *, hit: bool, fwd: str | None = None, fwd_status: int | None = None,
                        stored: bool = False, ttl: float | None = None, detail: str | None = None,
                        collapsed: bool = False) -> str:

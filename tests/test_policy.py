@@ -636,3 +636,23 @@ ETAGGED = {"ETag": '"v1"', "Last-Modified": http_date(T0 - 3600)}
 )
 def test_requested_range(method, request_fields, status, expected):
     assert requested_range(method, request_fields, ETAGGED, status, 1000) == expected
+
+
+# ---------------------------------------------------------------- X-Cache from Cache-Status (RFC 9211)
+
+@pytest.mark.parametrize(("params", "verdict"), [
+    (dict(hit=True), "HIT"),
+    (dict(hit=True, detail="stale-while-revalidate"), "UPDATING"),        # RFC 5861 3
+    (dict(hit=True, fwd_status=503, detail="stale-if-error"), "STALE"),   # RFC 5861 4
+    (dict(hit=True, detail="stale-if-error"), "STALE"),                   # unreachable upstream
+    (dict(hit=False, fwd="uri-miss", fwd_status=200), "MISS"),
+    (dict(hit=False, fwd="vary-miss", fwd_status=200), "MISS"),
+    (dict(hit=False, fwd="stale", fwd_status=304), "REVALIDATED"),        # RFC 9111 4.3.4
+    (dict(hit=False, fwd="stale", fwd_status=200), "EXPIRED"),
+    (dict(hit=False, fwd="stale", fwd_status=503), "EXPIRED"),
+    (dict(hit=False, fwd="bypass", fwd_status=201), "BYPASS"),
+    (dict(hit=False, fwd="bypass", detail="connection_refused"), "BYPASS"),
+    (dict(hit=False, fwd="miss", detail="connection_refused"), "MISS"),
+])
+def test_x_cache_follows_from_the_cache_status_entry(params, verdict):
+    assert policy.x_cache(**params) == verdict
