@@ -68,8 +68,13 @@ class HttpConnection(asyncio.Protocol):
     def __init__(self, front: Front):
         self.front = front
         self.app = front.app
-        self.limits = front.limits
+        self.limits = limits = front.limits
         self.loop = front.loop
+        # Read on every request: kept here rather than looked up through limits.
+        self._max_request_line = limits.max_request_line
+        self._max_header_bytes = limits.max_header_bytes
+        self._max_headers = limits.max_headers
+        self._keepalive = limits.keepalive_timeout
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.remote = ""
@@ -199,17 +204,19 @@ class HttpConnection(asyncio.Protocol):
             raise _Stop
         self._head_started = True
         self._url += fragment
-        if len(self._url) > self.limits.max_request_line:
-            raise Reject(414, f"request target longer than {self.limits.max_request_line} bytes")
+        if len(self._url) > self._max_request_line:
+            raise Reject(414, f"request target longer than {self._max_request_line} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        fields = self._fields
+        fields.append((name, value))
         self._field_bytes += len(name) + len(value) + 4
-        self._fields.append((name, value))
-        if self._field_bytes > self.limits.max_header_bytes:
-            raise Reject(431, f"header fields larger than {self.limits.max_header_bytes} bytes")
-        if len(self._fields) > self.limits.max_headers:
-            raise Reject(431, f"more than {self.limits.max_headers} header fields")
-        rules.check_field_value(value)
+        if self._field_bytes > self._max_header_bytes:
+            raise Reject(431, f"header fields larger than {self._max_header_bytes} bytes")
+        if len(fields) > self._max_headers:
+            raise Reject(431, f"more than {self._max_headers} header fields")
+        if value.translate(None, rules.FIELD_VALUE_BYTES):
+            rules.check_field_value(value)          # raises the 400
         kind = _NOTED.get(name.lower())
         if kind is not None:
             self._noted.setdefault(kind, []).append(value)
@@ -297,7 +304,7 @@ class HttpConnection(asyncio.Protocol):
             self.close()
             raise _Stop
         self._idle = True
-        self.deadline = self.loop.time() + self.limits.keepalive_timeout
+        self.deadline = self.front.now + self._keepalive
 
     def _next(self) -> None:
         """Start answering the next queued request, if any (and nothing is being answered)."""

@@ -15,7 +15,7 @@ from http import HTTPStatus
 
 # RFC 9110 5.5: field-vchar is VCHAR or obs-text; obs-text (0x80-0xff) is
 # refused here: no client needs it and every parser behind us reads it differently.
-_FIELD_VALUE_BYTES = bytes([0x09, 0x20]) + bytes(range(0x21, 0x7F))
+FIELD_VALUE_BYTES = bytes([0x09, 0x20]) + bytes(range(0x21, 0x7F))
 # RFC 9112 3.2 origin-form and absolute-form use visible ASCII only.
 TARGET_BYTES = bytes(range(0x21, 0x7F))
 
@@ -36,7 +36,7 @@ def check_target(target: bytes) -> None:
 
 
 def check_field_value(value: bytes) -> None:
-    if value.translate(None, _FIELD_VALUE_BYTES):
+    if value.translate(None, FIELD_VALUE_BYTES):
         raise Reject(400, "header field value has bytes outside visible ASCII, space and tab")
 
 

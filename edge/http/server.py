@@ -5,7 +5,8 @@
   backlog (and are refused once it is full) while existing ones keep working.
 * **timeouts**: each connection keeps one deadline (head, keep-alive idle);
   a sweep twice a second closes the expired ones, so the hit path sets an
-  attribute instead of arming a timer per request.
+  attribute instead of arming a timer per request (from the sweep's clock,
+  not even a clock call).
 * **drain** (SIGTERM): the listening socket closes (new connections are
   refused), idle keep-alive connections close at once, busy ones close after
   their response, and whatever is still running after ``drain_timeout`` is
@@ -63,6 +64,9 @@ class Front:
         self._sweeper: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Future[None] | None = None
         self.port = 0                   # the bound port (useful when started on port 0)
+        # The loop's clock as of the last sweep: what the hit path sets deadlines from
+        # (a keep-alive deadline may be up to one sweep late; it is 75 s by default).
+        self.now = self.loop.time()
 
     async def start(self, host: str, port: int, backlog: int = 1024) -> None:
         """Bind and listen (an OSError here is a bind failure), then accept in the background."""
@@ -119,7 +123,7 @@ class Front:
         task.add_done_callback(self._tasks.discard)
 
     def _sweep(self) -> None:
-        now = self.loop.time()
+        self.now = now = self.loop.time()
         for conn in [c for c in self.connections if c.deadline <= now]:
             conn.expire()
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
