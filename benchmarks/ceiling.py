@@ -15,14 +15,26 @@ import sys
 from aiohttp import web
 
 _BODIES: dict[int, bytes] = {}
-_MAX_SIZE = 16 * 2**20
+MAX_SIZE = 16 * 2**20
 
 
-def _body(size: int) -> bytes:
-    body = _BODIES.get(size)
-    if body is None:
-        body = _BODIES[size] = bytes(i % 251 for i in range(size))
-    return body
+def body(size: int) -> bytes:
+    """The body both ceilings answer for a size, made once per size."""
+    made = _BODIES.get(size)
+    if made is None:
+        made = _BODIES[size] = bytes(i % 251 for i in range(size))
+    return made
+
+
+def loopback_address(argv: list[str], prog: str) -> tuple[str, int] | None:
+    """HOST PORT from the command line, loopback only; None (after saying why) otherwise."""
+    if len(argv) != 2:
+        print(f"usage: python -m {prog} HOST PORT", file=sys.stderr)
+        return None
+    if not argv[0].startswith("127."):
+        print("ceiling: refusing to bind outside loopback", file=sys.stderr)
+        return None
+    return argv[0], int(argv[1])
 
 
 async def generated(request: web.Request) -> web.Response:
@@ -30,9 +42,9 @@ async def generated(request: web.Request) -> web.Response:
         size = int(request.query.get("size", "1024"))
     except ValueError:
         raise web.HTTPBadRequest(text="size must be a whole number\n") from None
-    if not 0 <= size <= _MAX_SIZE:
-        raise web.HTTPBadRequest(text=f"size must be within 0..{_MAX_SIZE}\n")
-    return web.Response(body=_body(size), content_type="application/octet-stream",
+    if not 0 <= size <= MAX_SIZE:
+        raise web.HTTPBadRequest(text=f"size must be within 0..{MAX_SIZE}\n")
+    return web.Response(body=body(size), content_type="application/octet-stream",
                         headers={"Cache-Control": "public, max-age=3600"})
 
 
@@ -43,14 +55,10 @@ def make_app() -> web.Application:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m benchmarks.ceiling HOST PORT", file=sys.stderr)
+    address = loopback_address(argv, "benchmarks.ceiling")
+    if address is None:
         return 2
-    host, port = argv[0], int(argv[1])
-    if not host.startswith("127."):
-        print("ceiling: refusing to bind outside loopback", file=sys.stderr)
-        return 2
-    web.run_app(make_app(), host=host, port=port, access_log=None, print=None)
+    web.run_app(make_app(), host=address[0], port=address[1], access_log=None, print=None)
     return 0
 
 

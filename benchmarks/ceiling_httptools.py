@@ -24,20 +24,12 @@ from urllib.parse import parse_qsl
 import httptools
 import uvloop
 
-MAX_SIZE = 16 * 2**20
+from benchmarks.ceiling import MAX_SIZE, body, loopback_address
+
 MAX_URLS = 4096             # the dict of answers is a cache of URLs: bounded
 AGE_LINE = b"Age: 0\r\n\r\n"
 
-_BODIES: dict[int, bytes] = {}
 _ANSWERS: dict[bytes, tuple[bytes, bytes]] = {}
-
-
-def body(size: int) -> bytes:
-    """The body for a size: the same bytes as the aiohttp ceiling, made once per size."""
-    made = _BODIES.get(size)
-    if made is None:
-        made = _BODIES[size] = bytes(i % 251 for i in range(size))
-    return made
 
 
 def _plain(status: bytes, text: bytes) -> tuple[bytes, bytes]:
@@ -162,14 +154,10 @@ async def serve(host: str, port: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m benchmarks.ceiling_httptools HOST PORT", file=sys.stderr)
+    address = loopback_address(argv, "benchmarks.ceiling_httptools")
+    if address is None:
         return 2
-    host, port = argv[0], int(argv[1])
-    if not host.startswith("127."):
-        print("ceiling: refusing to bind outside loopback", file=sys.stderr)
-        return 2
-    uvloop.run(serve(host, port))
+    uvloop.run(serve(*address))
     return 0
 
 
