@@ -71,6 +71,13 @@ def test_minimal_topology_defaults():
         ('hosts = ["www.example.com"]', 'hosts = ["bad host!"]', "sites.example.hosts", "not a valid DNS name"),
         ('role = "l1"', 'role = "l1"\nregion = "mars"', "nodes.l1.region", "unknown region 'mars'"),
         ('[nodes.origin]', '[coverage]\n"10.0.0.0/33" = "east"\n[nodes.origin]', 'coverage."10.0.0.0/33"', "not a CIDR"),
+        ('role = "l1"', 'role = "l1"\naccess_log_format = "xml"', "nodes.l1.access_log_format",
+         "expected one of combined, json"),
+        ('role = "l1"', 'role = "l1"\nmax_request_line = "100B"', "nodes.l1.max_request_line", "at least 256 bytes"),
+        ('role = "l1"', 'role = "l1"\nmax_headers = 2', "nodes.l1.max_headers", "at least 8"),
+        ('role = "l1"', 'role = "l1"\nclient_header_timeout = "10s"', "nodes.l1.client_header_timeout",
+         "expected a number"),
+        ('role = "l1"', 'role = "l1"\nmax_connections = 0', "nodes.l1.max_connections", "at least 1"),
     ],
 )
 def test_mistakes_name_file_key_and_problem(replace, by, key, problem):
@@ -80,6 +87,16 @@ def test_mistakes_name_file_key_and_problem(replace, by, key, problem):
     assert (err.value.source, err.value.key) == ("topo.toml", key)
     assert problem in err.value.problem
     assert str(err.value).startswith(f"topo.toml: {key}: ")
+
+
+def test_front_limits_and_access_log_defaults_and_settings():
+    l1 = config.parse(MINIMAL, "t.toml", Path("/srv")).node("l1")
+    assert l1.limits == config.FrontLimits() and (l1.access_log, l1.access_log_format) == ("-", "combined")
+    text = MINIMAL.replace('role = "l1"', 'role = "l1"\nmax_header_bytes = "16KiB"\nkeepalive_timeout = 5\n'
+                                          'drain_timeout = 0\naccess_log = "log/l1.log"\naccess_log_format = "json"')
+    l1 = config.parse(text, "t.toml", Path("/srv")).node("l1")
+    assert (l1.limits.max_header_bytes, l1.limits.keepalive_timeout, l1.limits.drain_timeout) == (16384, 5.0, 0.0)
+    assert (l1.access_log, l1.access_log_format) == ("/srv/log/l1.log", "json")    # relative to the file
 
 
 def test_site_lookup_ignores_port_and_case_and_falls_back_to_default():
