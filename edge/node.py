@@ -48,10 +48,7 @@ async def serve(topology: Topology, node: Node, stop: asyncio.Event) -> None:
             return
         cache_node = await _cache_node(topology, node, stack)
         access_log = AccessLog(node.access_log, node.access_log_format)
-        try:
-            await access_log.start()
-        except OSError as exc:
-            raise OSError(exc.errno, f"access log {node.access_log}: {exc.strerror or exc}") from None
+        await access_log.start()        # an OSError names the file: the command line prints it
         stack.push_async_callback(access_log.close)
         front = Front(cache_node, node.limits, access_log,
                       count_refusal=lambda reason: cache_node.metrics.refused.labels(reason).inc())

@@ -128,3 +128,15 @@ def test_cli_names_a_node_that_cannot_bind(tmp_path):
                                 capture_output=True, text=True, cwd=REPO, timeout=30)
     assert result.returncode == 1
     assert "edge: origin: cannot start:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_names_an_access_log_it_cannot_open(tmp_path):
+    topo = tmp_path / "t.toml"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    topo.write_text(MINIMAL.replace("127.0.1.1", "127.0.36.31").replace(
+        'role = "l1"', f'role = "l1"\naccess_log = "{blocker}/access.log"'))
+    result = subprocess.run([sys.executable, "-m", "edge", "run", "l1", "--config", str(topo)],
+                            capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert result.returncode == 1
+    assert f"{blocker}/access.log" in result.stderr and "Traceback" not in result.stderr
