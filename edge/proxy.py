@@ -177,6 +177,15 @@ class CacheNode:
         return (status_line(meta.status) + serialise_fields(headers.items())
                 + f"Cache-Status: {prior + ', ' if prior else ''}{entry}; ttl=".encode())
 
+    def _collapsed_hit(self, ex: Exchange, stored: CachedObject, age: float, ttl: float) -> Reply:
+        """A follower's answer from the object's hit block: many followers wake at once."""
+        meta = stored.meta
+        block = meta.memo.get("hit_block")
+        if block is None:
+            block = meta.memo["hit_block"] = self._hit_block(meta)
+        head = b"%s%d; collapsed\r\nAge: %s\r\n" % (block, ttl, policy.age_value(age).encode())
+        return ex.reply(200, (), stored.body, head=head, bodyless=ex.request.method == "HEAD")
+
     def _site_by_raw_host(self, host: bytes) -> Site | None:
         try:
             return self._sites_by_raw_host[host]
@@ -316,6 +325,8 @@ class CacheNode:
             if stored is not None:
                 age, ttl = self._age_and_ttl(stored.meta)
                 entry = self._cache_status(ex, hit=True, ttl=ttl, collapsed=True)
+                if _plain(ex.request) and stored.body is not None and stored.meta.status == 200 and ttl > 0:
+                    return self._collapsed_hit(ex, stored, age, ttl)
                 return await self._deliver_stored(ex, stored, age, entry)
             return None     # another variant was stored, or it was evicted already
         if outcome is Outcome.FAILED:
@@ -743,6 +754,15 @@ async def _relay(response: aiohttp.ClientResponse):
         raise BodyAborted(f"upstream body broke: {exc}") from None
     finally:
         response.release()
+
+
+_NOT_PLAIN = ("Range", "If-Range", "If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since")
+
+
+def _plain(request: Request) -> bool:
+    """A GET or HEAD with no range and no conditionals: the stored block answers it as it is."""
+    headers = request.headers
+    return request.method in CACHEABLE_METHODS and not any(name in headers for name in _NOT_PLAIN)
 
 
 def _append(headers: CIMultiDict[str], name: str, value: str) -> None:

@@ -96,10 +96,28 @@ async def test_hundred_concurrent_cold_requests_reach_origin_once(cluster, http)
     results = await asyncio.gather(*(get(http, url) for _ in range(100)))
     assert all(status == 200 for status, _, _ in results)
     assert {h["X-Origin-Hits"] for _, h, _ in results} == {"1"}
-    assert len({body for _, _, body in results}) == 1
+    assert len({body for _, _, body in results}) == 1 and len(results[0][2]) == 2048
+    # One leader's MISS; the followers are collapsed hits (RFC 9211 2.6), answered whole.
+    statuses = sorted((h["X-Cache"], "collapsed" in h["Cache-Status"]) for _, h, _ in results)
+    assert statuses == [("HIT", True)] * 99 + [("MISS", False)]
+    assert all(h["Content-Length"] == "2048" and "l1-1; hit; ttl=" in h["Cache-Status"]
+               for _, h, _ in results if h["X-Cache"] == "HIT")
     metrics = cluster.node("l1-1").metrics()
     waits = [line for line in metrics.splitlines() if line.startswith("edge_coalesced_waits_total")]
     assert waits and float(waits[0].split()[-1]) >= 99
+
+
+async def test_collapsed_followers_with_conditionals_and_ranges_are_answered_as_asked(cluster, http):
+    url = cluster.url("l1-1", unique() + "?cc=max-age=60&delay=300&size=2048&etag=1")
+    plain = get(http, url)
+    ranged = get(http, url, headers={"Range": "bytes=10-19"})
+    head = get(http, url, method="HEAD")
+    (s1, h1, b1), (s2, h2, b2), (s3, h3, b3) = await asyncio.gather(plain, ranged, head)
+    assert (s1, len(b1)) == (200, 2048)
+    assert (s2, h2["Content-Range"], b2) == (206, "bytes 10-19/2048", b1[10:20])
+    assert (s3, h3["Content-Length"], b3) == (200, "2048", b"")
+    status, h4, b4 = await get(http, url, headers={"If-None-Match": h1["ETag"]})
+    assert (status, b4) == (304, b"")
 
 
 async def test_not_storable_response_lets_waiters_fetch_themselves(cluster, http):

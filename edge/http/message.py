@@ -151,11 +151,11 @@ class Reply:
     fills the cache finishes filling it.
     """
 
-    __slots__ = ("status", "headers", "body", "length", "bodyless", "cache_status", "upstream")
+    __slots__ = ("status", "headers", "body", "length", "bodyless", "cache_status", "upstream", "head")
 
     def __init__(self, status: int, headers: Iterable[tuple[str, str]], body: Body = b"", *,
                  length: int | None = -1, bodyless: bool = False, cache_status: str = "",
-                 upstream: str = ""):
+                 upstream: str = "", head: bytes | None = None):
         self.status = status
         self.headers = headers
         self.body = body
@@ -165,6 +165,9 @@ class Reply:
         self.bodyless = bodyless
         self.cache_status = cache_status      # X-Cache verdict, for metrics and the access log
         self.upstream = upstream              # who answered the fetch, for the access log
+        # Pre-serialised status line and fields, Content-Length included (a stored
+        # object's block, as the hit path writes it): sent instead of `headers`.
+        self.head = head
 
     def __repr__(self) -> str:
         return f"<Reply {self.status} {self.cache_status} length={self.length}>"

@@ -388,9 +388,14 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         body = reply.body
         bodyless = reply.bodyless or request.method == "HEAD" or reply.status in (204, 304)
-        head = [rules.status_line(reply.status), rules.serialise_fields(reply.headers)]
+        if reply.head is not None:
+            head = [reply.head]
+        else:
+            head = [rules.status_line(reply.status), rules.serialise_fields(reply.headers)]
         chunked = False
-        if reply.length is not None:
+        if reply.head is not None:
+            pass                        # the block carries its own Content-Length
+        elif reply.length is not None:
             if reply.status not in (204, 304):
                 head.append(b"Content-Length: %d\r\n" % reply.length)
         elif not bodyless:
