@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from email.utils import formatdate
 from typing import TYPE_CHECKING
 
 import httptools
@@ -473,7 +474,8 @@ class HttpConnection(asyncio.Protocol):
 
     def _refuse(self, reject: Reject) -> None:
         """A request the parser or the rules refused: answer after the requests ahead of it, then close."""
-        log.info("malformed request (%d) from %s: %s", reject.status, self.remote, reject)
+        if reject.status < 500:
+            log.info("malformed request (%d) from %s: %s", reject.status, self.remote, reject)
         self.front.count_refusal(_REFUSAL_REASONS.get(reject.status, "bad_request"))
         if self._body is not None:
             self._body.fail(ClientGone(str(reject)))
@@ -507,11 +509,10 @@ class HttpConnection(asyncio.Protocol):
 
 
 _REFUSAL_REASONS = {400: "bad_request", 408: "header_timeout", 414: "uri_too_long", 417: "expectation",
-                    431: "header_too_large", 501: "unknown_method"}
+                    431: "header_too_large", 500: "internal_error", 501: "unknown_method"}
 
 
 def error_reply(status: int, text: str) -> Reply:
-    from email.utils import formatdate
     body = f"{status} {text}\n".encode("utf-8", "replace")
     return Reply(status, [("Date", formatdate(usegmt=True)), ("Content-Type", "text/plain; charset=utf-8")],
                  body, cache_status="REFUSED")
