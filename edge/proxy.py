@@ -55,9 +55,12 @@ HOP_BY_HOP = frozenset({
 # Set per hop by this node, never taken from storage or passed through.
 NODE_RESPONSE_FIELDS = frozenset({"content-length", "x-cache", "age"})
 # A cache fill asks for the whole object; the client's own conditionals and
-# ranges are answered from the stored response instead (RFC 9111 4.3.2).
+# ranges are answered from the stored response instead (RFC 9111 4.3.2).  A
+# fill is a bodyless GET: the client's body framing never goes with it (a
+# forwarded Content-Length without its body would stall the upstream).
 CLIENT_ONLY_REQUEST_FIELDS = frozenset({
     "if-none-match", "if-modified-since", "if-match", "if-unmodified-since", "if-range", "range",
+    "content-length", "expect",
 })
 CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 VARY_MARKER_STATUS = 0     # a stored Meta with this status records a URL's Vary field names

@@ -180,6 +180,17 @@ async def test_unknown_method_gets_501_and_never_reaches_the_origin(cluster, htt
     assert h["X-Origin-Hits"] == "1"
 
 
+async def test_a_get_with_a_body_fills_without_its_body_framing(cluster, http):
+    """A cache fill is a bodyless GET: the client's Content-Length must not go with it, or the
+    upstream waits for a body that never comes (and every coalesced waiter times out)."""
+    url = cluster.url("l1-1", unique() + "?cc=max-age=60&size=300")
+    results = await asyncio.gather(*(get(http, url, data=b"hello", headers={"Expect": "100-continue"})
+                                     for _ in range(3)))
+    assert [status for status, _, _ in results] == [200, 200, 200]
+    assert {h["X-Origin-Body-Length"] for _, h, _ in results} == {"0"}
+    assert {h["X-Origin-Hits"] for _, h, _ in results} == {"1"}
+
+
 async def test_via_and_forwarded_for_added(cluster, http):
     url = cluster.url("l1-1", unique() + "?cc=no-store")
     _, h, _ = await get(http, url, headers={"X-Forwarded-For": "192.0.2.7"})
