@@ -33,6 +33,7 @@ async def upstream(aiohttp_server):
             "Cache-Control": "no-store",
             "Connection": "X-Upstream-Hop",
             "X-Upstream-Hop": "must not pass",
+            "Keep-Alive": "timeout=9, max=100",
             "Proxy-Authenticate": "Basic",
             "X-End-To-End": "kept",
         })
@@ -78,6 +79,6 @@ async def test_hop_by_hop_fields_are_stripped_both_ways(node, upstream):
     assert "x-hop-token" not in lower.get("connection", "").lower()
     assert lower["x-end-to-end"] == "kept"
     assert lower["via"] == "1.1 edge"
-    for name in ("x-upstream-hop", "proxy-authenticate"):
+    for name in ("x-upstream-hop", "proxy-authenticate", "keep-alive"):
         assert name not in received_by_client, f"{name} reached the client"
     assert "x-end-to-end" in received_by_client
