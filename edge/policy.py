@@ -48,14 +48,14 @@ the RFCs leave room, and the reason for each:
 
 from __future__ import annotations
 
+import calendar
 import enum
 import functools
 import math
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timezone
-from email.utils import parsedate_to_datetime
 from urllib.parse import urldefrag, urljoin, urlsplit
 
 from edge import structured_fields
@@ -189,29 +189,68 @@ def _unquote(value: str) -> str | None:
     return None if escaped else "".join(out)
 
 
-@functools.lru_cache(maxsize=4096)
-def parse_http_date(value: str | None) -> float | None:
-    """An HTTP-date (RFC 9110 section 5.6.7: IMF-fixdate, rfc850-date, asctime-date)
-    as Unix seconds; None when absent or invalid.
+_MONTHS = {name: number for number, name in enumerate(
+    ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), start=1)}
+_DAY = r"(?:mon|tue|wed|thu|fri|sat|sun)"
+_DAY_LONG = r"(?:monday|tuesday|wednesday|thursday|friday|saturday|sunday)"
+_MONTH = r"(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)"
+_TIME = r"(\d\d):(\d\d):(\d\d)"
+# RFC 9110 5.6.7, exactly: names are case-insensitive (RFC 5234 strings), GMT is %s"GMT".
+_IMF_FIXDATE = re.compile(rf"{_DAY}, (\d\d) {_MONTH} (\d{{4}}) {_TIME} (GMT)", re.IGNORECASE)
+_RFC850_DATE = re.compile(rf"{_DAY_LONG}, (\d\d)-{_MONTH}-(\d\d) {_TIME} (GMT)", re.IGNORECASE)
+_ASCTIME_DATE = re.compile(rf"{_DAY} {_MONTH} (\d\d| \d) {_TIME} (\d{{4}})", re.IGNORECASE)
 
-    Recipients "MUST accept all three HTTP-date formats"; dates without a zone
-    are read as GMT, which is what every HTTP-date means.  The parser is
-    lenient about layout (servers vary), but a value with more than one comma
-    is a list of dates, never one (RFC 9110 section 13.1.3 ignores such an
-    If-Modified-Since).
+
+def parse_http_date(value: str | None, now: float | None = None) -> float | None:
+    """An HTTP-date as Unix seconds; None when absent or invalid.  RFC 9110 section 5.6.7.
+
+    Recipients "MUST accept all three HTTP-date formats" (IMF-fixdate, the
+    obsolete rfc850-date and asctime-date) and nothing else: a date with a
+    two-digit year where four are due, another zone than GMT, dashes in an
+    IMF-fixdate, dots in the time, a one-digit hour, a missing comma or a
+    doubled space is invalid (``email.utils`` reads many of those as valid
+    dates decades away).  Day and month names match case-insensitively.  An
+    rfc850 two-digit year more than 50 years in the future is the most recent
+    past year with those digits (relative to `now`, the clock by default).
     """
-    if not value or value.count(",") > 1:
+    if not value:
         return None
-    try:
-        parsed = parsedate_to_datetime(value.strip())
-    except (TypeError, ValueError, IndexError, OverflowError):
+    return _parse_http_date(value, time.gmtime(time.time() if now is None else now).tm_year)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_http_date(value: str, this_year: int) -> float | None:
+    text = value.strip(" \t")
+    match = _IMF_FIXDATE.fullmatch(text)
+    if match:
+        day, month, year, hour, minute, second, zone = match.groups()
+    else:
+        match = _RFC850_DATE.fullmatch(text)
+        if match:
+            day, month, year, hour, minute, second, zone = match.groups()
+            year = str(_rfc850_year(int(year), this_year))
+        else:
+            match = _ASCTIME_DATE.fullmatch(text)
+            if not match:
+                return None
+            month, day, hour, minute, second, year = match.groups()
+            zone = "GMT"
+    if zone != "GMT":
         return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    try:
-        return parsed.timestamp()
-    except (OverflowError, ValueError, OSError):
+    numbers = int(year), _MONTHS[month.lower()], int(day), int(hour), int(minute), int(second)
+    year_n, month_n, day_n, hour_n, minute_n, second_n = numbers
+    if not (year_n >= 1 and 1 <= day_n <= calendar.monthrange(year_n, month_n)[1] and hour_n <= 23
+            and minute_n <= 59
+            and second_n <= 60):         # 60: a leap second (RFC 9110 5.6.7 "second = 2DIGIT")
         return None
+    return float(calendar.timegm(numbers))
+
+
+def _rfc850_year(two_digits: int, this_year: int) -> int:
+    year = this_year - this_year % 100 + two_digits
+    if year > this_year + 50:
+        year -= 100
+    return year
 
 
 def _delta_seconds(value: str | None) -> int | None:

@@ -814,9 +814,13 @@ def _sf_escape(text: str) -> str:
 
 
 def _with_date(headers: list[tuple[str, str]], response_time: float) -> list[tuple[str, str]]:
-    if any(name.lower() == "date" for name, _ in headers):
+    """The fields with one valid Date: a missing or invalid one becomes the time the
+    response was received (RFC 9110 6.6.1)."""
+    dates = [value for name, value in headers if name.lower() == "date"]
+    if len(dates) == 1 and policy.parse_http_date(dates[0]) is not None:
         return headers
-    return headers + [("Date", formatdate(response_time, usegmt=True))]
+    kept = [(name, value) for name, value in headers if name.lower() != "date"]
+    return kept + [("Date", formatdate(response_time, usegmt=True))]
 
 
 def _storable_headers(headers: CIMultiDictProxy[str], response_time: float) -> list[tuple[str, str]]:

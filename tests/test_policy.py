@@ -86,9 +86,58 @@ def test_parse_cache_control_returns_a_fresh_dict_each_call():
     case("9110-5.6.7-garbage", "yesterday", None),
     case("9110-5.6.7-list-is-not-a-date", "Sun, 06 Nov 1994 08:49:37 GMT, Sun, 06 Nov 1994 08:49:37 GMT", None),
     case("9110-5.6.7-absent", None, None),
+    case("9110-5.6.7-names-case-insensitive", "sun, 06 NOV 1994 08:49:37 GMT", 784111777.0),
+    case("9110-5.6.7-rfc850-names-case-insensitive", "SUNDAY, 06-nov-94 08:49:37 GMT", 784111777.0),
+    case("9110-5.6.7-surrounding-whitespace", "  Sun, 06 Nov 1994 08:49:37 GMT\t", 784111777.0),
+    case("9110-5.6.7-leap-second", "Sat, 31 Dec 2016 23:59:60 GMT", 1483228800.0),
+    case("9110-5.6.7-two-digit-year-in-imf", "Sun, 06 Nov 94 08:49:37 GMT", None),
+    case("9110-5.6.7-utc-zone", "Sun, 06 Nov 1994 08:49:37 UTC", None),
+    case("9110-5.6.7-aest-zone", "Sun, 06 Nov 1994 08:49:37 AEST", None),
+    case("9110-5.6.7-numeric-zone", "Sun, 06 Nov 1994 08:49:37 +0000", None),
+    case("9110-5.6.7-gmt-is-case-sensitive", "Sun, 06 Nov 1994 08:49:37 gmt", None),
+    case("9110-5.6.7-dashes-in-imf", "Sun, 06-Nov-1994 08:49:37 GMT", None),
+    case("9110-5.6.7-dots-in-time", "Sun, 06 Nov 1994 08.49.37 GMT", None),
+    case("9110-5.6.7-one-digit-hour", "Sun, 06 Nov 1994 8:49:37 GMT", None),
+    case("9110-5.6.7-one-digit-day-in-imf", "Sun, 6 Nov 1994 08:49:37 GMT", None),
+    case("9110-5.6.7-missing-comma", "Sun 06 Nov 1994 08:49:37 GMT", None),
+    case("9110-5.6.7-doubled-space", "Sun,  06 Nov 1994 08:49:37 GMT", None),
+    case("9110-5.6.7-no-day-name", "06 Nov 1994 08:49:37 GMT", None),
+    case("9110-5.6.7-long-day-name-in-imf", "Sunday, 06 Nov 1994 08:49:37 GMT", None),
+    case("9110-5.6.7-four-digit-year-in-rfc850", "Sunday, 06-Nov-1994 08:49:37 GMT", None),
+    case("9110-5.6.7-asctime-two-digit-day", "Sun Nov 16 08:49:37 1994", 784975777.0),
+    case("9110-5.6.7-asctime-one-space", "Sun Nov 6 08:49:37 1994", None),
+    case("9110-5.6.7-no-such-day", "Wed, 31 Feb 2021 08:49:37 GMT", None),
+    case("9110-5.6.7-minute-60", "Sun, 06 Nov 1994 08:60:37 GMT", None),
+    case("9110-5.6.7-year-zero", "Sun, 06 Nov 0000 08:49:37 GMT", None),
 ])
 def test_parse_http_date(value, expected):
     assert parse_http_date(value) == expected
+
+
+@pytest.mark.parametrize("value, now_year, year", [
+    case("9110-5.6.7-rfc850-more-than-50-years-ahead-is-past", "Sunday, 06-Nov-94 08:49:37 GMT", 2026, 1994),
+    case("9110-5.6.7-rfc850-near-future-is-this-century", "Wednesday, 06-Nov-30 08:49:37 GMT", 2026, 2030),
+    case("9110-5.6.7-rfc850-exactly-50-years-ahead", "Friday, 06-Nov-76 08:49:37 GMT", 2026, 2076),
+    case("9110-5.6.7-rfc850-51-years-ahead", "Monday, 06-Nov-77 08:49:37 GMT", 2026, 1977),
+])
+def test_rfc850_two_digit_years(value, now_year, year):
+    import calendar
+    now = calendar.timegm((now_year, 6, 1, 0, 0, 0))
+    assert time_year(parse_http_date(value, now=now)) == year
+
+
+def time_year(ts: float) -> int:
+    import time
+    return time.gmtime(ts).tm_year
+
+
+@pytest.mark.parametrize("headers, expected", [
+    case("9111-5.3-invalid-expires-means-expired", {"Date": D0, "Expires": "Sun, 06 Nov 2094 08:49:37 UTC"}, 0.0),
+    case("9111-5.3-expires-two-digit-year-not-decades", {"Date": D0, "Expires": "Thu, 01 Jan 70 00:00:00 GMT"}, 0.0),
+    case("9111-5.3-valid-expires", {"Date": D0, "Expires": http_date(T0 + 120)}, 120.0),
+])
+def test_invalid_expires_is_already_expired(headers, expected):
+    assert policy.freshness_lifetime(headers) == expected
 
 
 @pytest.mark.parametrize("headers, expected", [

@@ -1,0 +1,91 @@
+"""Invalid HTTP-dates from upstream, through a real node (RFC 9110 5.6.7, 6.6.1; RFC 9111 5.3).
+
+The upstream is an aiohttp server inside the test that answers with the
+Date and Expires it is told to; the cache node is a real `edge run` process
+on 127.0.39.31.
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from edge.policy import parse_http_date
+from tests.cluster import NodeProcess
+
+EDGE = "http://127.0.39.31:8080"
+
+
+@pytest.fixture
+async def upstream(aiohttp_server):
+    hits: dict[str, int] = {}
+
+    async def handler(request: web.Request) -> web.Response:
+        hits[request.path] = hits.get(request.path, 0) + 1
+        headers = {name: value for name, value in (("Date", request.query.get("date")),
+                                                    ("Expires", request.query.get("expires"))) if value}
+        return web.Response(text="body", headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    return server, hits
+
+
+@pytest.fixture
+def node(tmp_path, upstream):
+    server, _ = upstream
+    config = tmp_path / "topology.toml"
+    config.write_text(f"""
+state_dir = "{tmp_path / 'state'}"
+[sites.example]
+hosts = ["www.example.com"]
+origin = "http://127.0.0.1:{server.port}"
+[nodes.edge]
+role = "l1"
+listen = "127.0.39.31:8080"
+admin = "127.0.39.31:8091"
+""")
+    process = NodeProcess("edge", config, "127.0.39.31:8091", "127.0.39.31:8080").start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+async def fetch(session: aiohttp.ClientSession, path: str, **query: str) -> aiohttp.ClientResponse:
+    async with session.get(EDGE + path, params=query, headers={"Host": "www.example.com"}) as response:
+        await response.read()
+        return response
+
+
+async def test_an_expires_in_another_zone_is_already_expired(node, upstream):
+    """email.utils would read this as 2094 and keep the object for seventy years."""
+    _, hits = upstream
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            response = await fetch(session, "/utc-expires", expires="Sun, 06 Nov 2094 08:49:37 UTC")
+            assert response.headers["X-Cache"] == "MISS"
+    assert hits["/utc-expires"] == 2
+
+
+async def test_a_valid_expires_is_honoured(node, upstream):
+    _, hits = upstream
+    expires = formatdate(time.time() + 600, usegmt=True)
+    async with aiohttp.ClientSession() as session:
+        statuses = [(await fetch(session, "/valid-expires", expires=expires)).headers["X-Cache"] for _ in range(2)]
+    assert statuses == ["MISS", "HIT"] and hits["/valid-expires"] == 1
+
+
+async def test_an_invalid_date_is_replaced_by_the_time_received(node, upstream):
+    async with aiohttp.ClientSession() as session:
+        before = time.time()
+        response = await fetch(session, "/bad-date", date="Sun, 06 Nov 94 08:49:37 GMT")
+        after = time.time()
+    (date,) = response.headers.getall("Date")
+    received = parse_http_date(date)
+    assert received is not None and before - 1 <= received <= after + 1
