@@ -749,9 +749,11 @@ def client_not_modified(method: str, req_headers: Headers, resp_headers: Headers
     provided".  Section 13.2.1: preconditions only apply when the response
     would be 2xx (`status` of the stored response).
 
-    Deliberately stricter than RFC 9111 section 4.3.2's SHOULD to fall back on
-    the stored Date: without ETag or Last-Modified nothing matches but "*", so
-    a client never gets a 304 on the strength of a date we made up.
+    Without a Last-Modified the stored Date stands in (RFC 9111 section
+    4.3.2: a cache evaluates If-Modified-Since against "the Last-Modified
+    value of the stored response, or, if none, its Date"); the node stores
+    every response with a valid Date (the time it was received when the
+    upstream sent none or an invalid one).
     """
     if method not in ("GET", "HEAD") or not 200 <= status < 300:
         return False
@@ -766,8 +768,12 @@ def client_not_modified(method: str, req_headers: Headers, resp_headers: Headers
         stored = _entity_tags(etag)
         return bool(stored) and stored[0] in wanted
     since = parse_http_date(_field(req_headers, "if-modified-since"))
+    if since is None:
+        return False
     last_modified = parse_http_date(_field(resp_headers, "last-modified"))
-    return since is not None and last_modified is not None and last_modified <= since
+    if last_modified is None:
+        last_modified = parse_http_date(_field(resp_headers, "date"))
+    return last_modified is not None and last_modified <= since
 
 
 # --------------------------------------------------------------------------- ranges

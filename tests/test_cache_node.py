@@ -12,6 +12,7 @@ import http.client as httplib
 import socket
 import subprocess
 import uuid
+from email.utils import formatdate, parsedate_to_datetime
 from urllib.parse import quote
 
 import aiohttp
@@ -194,6 +195,18 @@ async def test_a_get_with_a_body_fills_without_its_body_framing(cluster, http):
     assert [status for status, _, _ in results] == [200, 200, 200]
     assert {h["X-Origin-Body-Length"] for _, h, _ in results} == {"0"}
     assert {h["X-Origin-Hits"] for _, h, _ in results} == {"1"}
+
+
+async def test_if_modified_since_without_last_modified_uses_the_stored_date(cluster, http):
+    """RFC 9111 4.3.2: no Last-Modified, so the stored Date is what If-Modified-Since is checked against."""
+    url = cluster.url("l1-1", unique() + "?cc=max-age=60")
+    _, h, _ = await get(http, url)
+    assert "Last-Modified" not in h and "ETag" not in h
+    status, h2, body = await get(http, url, headers={"If-Modified-Since": h["Date"]})
+    assert (status, h2["X-Cache"], body) == (304, "HIT", b"")
+    earlier = formatdate(parsedate_to_datetime(h["Date"]).timestamp() - 10, usegmt=True)
+    status, _, body = await get(http, url, headers={"If-Modified-Since": earlier})
+    assert status == 200 and body
 
 
 async def test_via_and_forwarded_for_added(cluster, http):
