@@ -26,6 +26,7 @@ Every fetch's coalescing outcome reaches its followers through `_land`.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from edge import policy
-from edge.cachekey import cache_key, variant_store_key
+from edge.cachekey import VARIANT_SEPARATOR, cache_key, variant_store_key
 from edge.config import Node, Site, Topology
 from edge.http.message import BodyAborted, Reply, Request
 from edge.http.rules import serialise_fields, status_line
@@ -64,6 +65,10 @@ CLIENT_ONLY_REQUEST_FIELDS = frozenset({
 })
 CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 VARY_MARKER_STATUS = 0     # a stored Meta with this status records a URL's Vary field names
+# The marker's generation is part of every variant key: a purge or an
+# invalidation removes the marker, and the variants stored under the old
+# generation can never be found again (the LRU reclaims them).
+GENERATION_FIELD = "Generation"
 SMALL_CHUNK = 256 * 1024
 DISK_CHUNK = 4 * 1024 * 1024   # disk hits: fewer thread hops per byte (measured: see README, Disk hits)
 KNOWN_HOSTS_MAX = 4096     # raw Host values remembered by the hit path
@@ -124,6 +129,7 @@ class CacheNode:
         self._via_token = node.name.encode()
         self._sites_by_raw_host: dict[bytes, Site | None] = {}
         self._background: set[asyncio.Task] = set()
+        self._generations = itertools.count()
         # The smallest head any parent accepts: what this node forwards must fit it.
         parents = [topology.node(name).limits for name in node.parents]
         self._parent_head_bytes = min((p.max_header_bytes for p in parents), default=None)
@@ -257,7 +263,7 @@ class CacheNode:
         names = policy.vary_names(stored.meta.fields)
         if names is None:
             return ex.primary, None
-        key = variant_store_key(ex.primary, policy.variant_key(names, ex.request.headers))
+        key = _variant_key(ex.primary, stored.meta, names, ex.request.headers)
         return key, await self.store.get(key)
 
     async def _lookup(self, ex: Exchange) -> Reply:
@@ -405,8 +411,8 @@ class CacheNode:
         if ok:
             store_key = ex.primary
             if names:
-                store_key = variant_store_key(ex.primary, policy.variant_key(names, request.headers))
-                await self._write_vary_marker(ex.primary, multi, request_time, response_time)
+                marker = await self._vary_marker(ex.primary, multi, request_time, response_time)
+                store_key = _variant_key(ex.primary, marker, names, request.headers)
             writer = self.store.writer(store_key, size_hint=response.content_length)
 
         age = policy.current_age(multi, request_time, response_time, self.clock())
@@ -461,16 +467,20 @@ class CacheNode:
             reply = ex.reply(client_status, out_headers, stream, length=client_length)
         return reply, landing
 
-    async def _write_vary_marker(self, primary: str, headers: CIMultiDict[str],
-                                 request_time: float, response_time: float) -> None:
+    async def _vary_marker(self, primary: str, headers: CIMultiDict[str],
+                           request_time: float, response_time: float) -> Meta:
+        """The URL's Vary marker for these field names: the stored one, or a new generation."""
         vary = ", ".join(headers.getall("Vary", ()))
         current = await self.store.get(primary)
         if current is not None and current.meta.status == VARY_MARKER_STATUS \
                 and policy.vary_names(current.meta.fields) == policy.vary_names(headers):
-            return
+            return current.meta
+        generation = f"{time.time_ns():x}.{next(self._generations)}"
+        marker = Meta(status=VARY_MARKER_STATUS, headers=(("Vary", vary), (GENERATION_FIELD, generation)),
+                      request_time=request_time, response_time=response_time, size=0)
         writer = self.store.writer(primary, size_hint=0)
-        await writer.commit(Meta(status=VARY_MARKER_STATUS, headers=(("Vary", vary),),
-                                 request_time=request_time, response_time=response_time, size=0))
+        await writer.commit(marker)
+        return marker
 
     def _refresh_in_background(self, ex: Exchange, key: str, stored: CachedObject) -> None:
         """stale-while-revalidate (RFC 5861 3): refresh once, without holding the client."""
@@ -766,6 +776,12 @@ def _plain(request: Request) -> bool:
     """A GET or HEAD with no range and no conditionals: the stored block answers it as it is."""
     headers = request.headers
     return request.method in CACHEABLE_METHODS and not any(name in headers for name in _NOT_PLAIN)
+
+
+def _variant_key(primary: str, marker: Meta, names: tuple[str, ...], request_headers) -> str:
+    """Where this request's variant lives (RFC 9111 4.1), under the marker's generation."""
+    generation = marker.fields.get(GENERATION_FIELD, "")
+    return variant_store_key(primary, f"{generation}{VARIANT_SEPARATOR}{policy.variant_key(names, request_headers)}")
 
 
 def _append(headers: CIMultiDict[str], name: str, value: str) -> None:

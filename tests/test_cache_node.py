@@ -293,6 +293,29 @@ async def test_purge_needs_token(cluster, http):
     assert h["X-Cache"] == "MISS"
 
 
+@pytest.mark.parametrize("how", ["purge", "unsafe-method"])
+async def test_purging_or_invalidating_a_vary_url_drops_every_variant(cluster, http, how):
+    path = unique() + "?cc=max-age=60&vary=Accept-Language"
+    url = cluster.url("l1-1", path)
+    for language in ("en", "fr"):
+        await get(http, url, headers={"Accept-Language": language})
+        _, h, _ = await get(http, url, headers={"Accept-Language": language})
+        assert h["X-Cache"] == "HIT"
+    if how == "purge":
+        async with http.post(f"http://{cluster.node('l1-1').admin}/purge",
+                             params={"url": f"http://www.example.com{path}"},
+                             headers={"Authorization": "Bearer test-token"}) as r:
+            assert r.status == 200
+    else:
+        status, _, _ = await get(http, url, method="POST", data=b"x")
+        assert status == 200
+    for language in ("en", "fr"):                 # a new fill of one variant must not revive the others
+        _, h, _ = await get(http, url, headers={"Accept-Language": language})
+        assert h["X-Cache"] == "MISS", (language, h["Cache-Status"])
+        _, h, _ = await get(http, url, headers={"Accept-Language": language})
+        assert h["X-Cache"] == "HIT"
+
+
 @pytest.mark.parametrize("node", ["l1-1", "origin"])
 async def test_metrics_pass_promtool(cluster, http, node):
     await get(http, cluster.url("l1-1", unique() + "?cc=max-age=60"))
