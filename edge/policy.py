@@ -86,6 +86,10 @@ UNDERSTOOD_STATUSES = frozenset({
     500, 501, 502, 503, 504, 505, 511,
 })
 
+# Understood, and never stored: 304 updates a stored response (section 4.3.4);
+# 401 and 407 are about credentials.
+_NEVER_STORED_STATUSES = frozenset({304, 401, 407})
+
 # RFC 9111 section 1.2.2: delta-seconds overflow is treated as 2^31.
 DELTA_SECONDS_MAX = 2**31
 HEURISTIC_FRACTION = 0.1
@@ -380,18 +384,27 @@ def storable(method: str, status: int, req_headers: Headers, resp_headers: Heade
     Section 5.2.1.5: a request no-store means "a cache MUST NOT store any part
     of either this request or any response to it".  Section 5.2.2.3: with
     must-understand and a status the cache understands, no-store is ignored.
+
+    Status codes (section 3): a final status the cache does not know may be
+    stored when the response says how long it is fresh (or is ``public``),
+    unless ``must-understand`` is present; 206 and 304 only when understood,
+    which they are not here (see the module docstring).  401 and 407 are
+    understood and deliberately never stored: they are about credentials.
     The directives come from :func:`effective_cache_control` (RFC 9213).
     """
     if method != "GET":
         return False, "method"
     if status == 206:
         return False, "partial"
-    if status not in UNDERSTOOD_STATUSES:
+    if status < 200 or status > 999 or status in _NEVER_STORED_STATUSES:
         return False, "status"
     request_cache_control = _field(req_headers, "cache-control")
     if request_cache_control and "no-store" in _parse_cache_control(request_cache_control):
         return False, "no-store"
     directives, targeted = _policy(resp_headers)
+    understood = status in UNDERSTOOD_STATUSES
+    if "must-understand" in directives and not understood:
+        return False, "status"
     if "no-store" in directives and "must-understand" not in directives:
         return False, "no-store"
     if "private" in directives:

@@ -209,6 +209,20 @@ async def test_if_modified_since_without_last_modified_uses_the_stored_date(clus
     assert status == 200 and body
 
 
+@pytest.mark.parametrize(("status", "cc", "stored"), [
+    (299, "max-age=60", True),                          # RFC 9111 3: unknown, but explicitly fresh
+    (599, "max-age=60", True),
+    (599, "max-age=60, must-understand", False),        # RFC 9111 5.2.2.3
+    (299, "", False),                                   # unknown and no explicit freshness
+])
+async def test_unknown_status_codes_are_stored_only_with_explicit_freshness(cluster, http, status, cc, stored):
+    url = cluster.url("l1-1", unique() + f"?status={status}&cc={quote(cc)}")
+    first, h1, _ = await get(http, url)
+    again, h2, _ = await get(http, url)
+    assert (first, again) == (status, status)
+    assert (h2["X-Cache"], h2["X-Origin-Hits"]) == (("HIT", "1") if stored else ("MISS", "2"))
+
+
 async def test_via_and_forwarded_for_added(cluster, http):
     url = cluster.url("l1-1", unique() + "?cc=no-store")
     _, h, _ = await get(http, url, headers={"X-Forwarded-For": "192.0.2.7"})
