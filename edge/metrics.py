@@ -116,6 +116,9 @@ class NodeMetrics:
         self.inflight = Gauge("edge_inflight_requests", "Client requests being served now.", registry=registry)
         self.invalidations = Counter("edge_invalidations", "Stored objects removed by unsafe methods or purge.",
                                      ["reason"], registry=registry)
+        self.disconnected_stale = Counter(
+            "edge_disconnected_stale", "Stale copies served because the upstream could not be reached "
+            "(RFC 9111 4.2.4).", registry=registry)
         self.loops = Counter("edge_loops_detected", "Requests refused with 508 because this node was in Via.",
                              registry=registry)
         self.refused = Counter("edge_refused_requests", "Requests refused before proxying, by reason.",

@@ -67,6 +67,7 @@ __all__ = [
     "age_value", "cache_status_entry", "client_not_modified", "conditional_headers",
     "current_age", "decide", "effective_cache_control", "freshen", "freshness_lifetime",
     "invalidation_targets", "parse_cache_control", "parse_http_date", "stale_if_error_allowed",
+    "stale_when_disconnected",
     "storable", "variant_key", "vary_names",
 ]
 
@@ -659,6 +660,25 @@ def stale_if_error_allowed(resp_headers: Headers, request_time: float, response_
     return staleness <= window
 
 
+def stale_when_disconnected(resp_headers: Headers, request_time: float, response_time: float, now: float,
+                            max_staleness: float) -> bool:
+    """May the stored response answer a request whose upstream could not be reached at all?
+
+    RFC 9111 section 4.2.4: "A cache MUST NOT generate a stale response unless
+    it is disconnected or doing so is explicitly permitted"; and never when
+    no-cache, must-revalidate, proxy-revalidate or s-maxage forbid it.  An
+    unreachable upstream (refused, reset, closed or timed out before
+    answering) is a disconnected cache; a 5xx answer is not (that is
+    stale-if-error's).  `max_staleness` bounds how stale (per-site setting).
+    """
+    directives, _ = _policy(resp_headers)
+    if "no-cache" in directives or any(name in directives for name in _REVALIDATE_DIRECTIVES):
+        return False
+    staleness = (current_age(resp_headers, request_time, response_time, now)
+                 - freshness_lifetime(resp_headers, response_time=response_time))
+    return staleness <= max_staleness
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -1012,7 +1032,7 @@ def x_cache(*, hit: bool, fwd: str | None = None, fwd_status: int | None = None,
     return "MISS"
 
 
-_HIT_VERDICTS = {"stale-while-revalidate": "UPDATING", "stale-if-error": "STALE"}
+_HIT_VERDICTS = {"stale-while-revalidate": "UPDATING", "stale-if-error": "STALE", "disconnected": "STALE"}
 
 
 def cache_status_entry(node: str, *, hit: bool, fwd: str | None = None, fwd_status: int | None = None,

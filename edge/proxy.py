@@ -339,8 +339,9 @@ class CacheNode:
                 return await self._deliver_stored(ex, stored, age, entry)
             return None     # another variant was stored, or it was evicted already
         if outcome is Outcome.FAILED:
-            served = await self._stale_if_error(ex, stale[1], None) if stale is not None else None
-            if served is None and isinstance(landing.error, UpstreamError):
+            unreachable = isinstance(landing.error, UpstreamError)
+            served = await self._stale_if_error(ex, stale[1], None, unreachable) if stale is not None else None
+            if served is None and unreachable:
                 return self._upstream_error(ex, landing.error)
             return served
         return None
@@ -362,7 +363,7 @@ class CacheNode:
         try:
             response, upstream = await self.upstreams.send("GET", ex.primary, ex.site, ex.raw_target, headers)
         except UpstreamError as exc:
-            served = await self._stale_if_error(ex, stale[1], None) if stale is not None else None
+            served = await self._stale_if_error(ex, stale[1], None, True) if stale is not None else None
             return served or self._upstream_error(ex, exc), Landing(Outcome.FAILED, exc)
         ex.upstream = upstream.name
         streaming = False
@@ -371,7 +372,7 @@ class CacheNode:
             if response.status == 304 and stale is not None:
                 return await self._revalidated(ex, stale, response, request_time, response_time)
             if response.status >= 500 and stale is not None:
-                served = await self._stale_if_error(ex, stale[1], response.status)
+                served = await self._stale_if_error(ex, stale[1], response.status, False)
                 if served is not None:
                     return served, Landing(Outcome.FAILED)
             reply, landing = await self._store(ex, response, upstream, request_time, response_time, fwd, flight)
@@ -514,13 +515,27 @@ class CacheNode:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _stale_if_error(self, ex: Exchange, stored: CachedObject, status: int | None) -> Reply | None:
-        """RFC 5861 4: serve the stale copy when the upstream fails, if the response allows it."""
+    async def _stale_if_error(self, ex: Exchange, stored: CachedObject, status: int | None,
+                              unreachable: bool) -> Reply | None:
+        """Serve the stale copy when the upstream fails, if the response allows it.
+
+        RFC 5861 4 (stale-if-error) for a 5xx answer or an unreachable
+        upstream; and, when the upstream could not be reached at all
+        (`unreachable`), RFC 9111 4.2.4's disconnected cache, up to the site's
+        `stale_if_unreachable` seconds of staleness.
+        """
         meta = stored.meta
-        if not policy.stale_if_error_allowed(meta.fields, meta.request_time, meta.response_time, self.clock()):
+        now = self.clock()
+        if policy.stale_if_error_allowed(meta.fields, meta.request_time, meta.response_time, now):
+            detail = "stale-if-error"
+        elif unreachable and policy.stale_when_disconnected(meta.fields, meta.request_time, meta.response_time,
+                                                               now, ex.site.stale_if_unreachable):
+            detail = "disconnected"
+            self.metrics.disconnected_stale.inc()
+        else:
             return None
         age, ttl = self._age_and_ttl(meta)
-        entry = self._cache_status(ex, hit=True, ttl=ttl, fwd_status=status, detail="stale-if-error")
+        entry = self._cache_status(ex, hit=True, ttl=ttl, fwd_status=status, detail=detail)
         return await self._deliver_stored(ex, stored, age, entry)
 
     # ------------------------------------------------------------------ pass

@@ -109,13 +109,19 @@ async def test_200_mib_object_streams_with_small_memory(cluster, http):
 async def test_stale_if_error_serves_stale_when_origin_is_down(cluster, http):
     cluster.start("origin", "l1-1")
     ok_path = f"/gen/sie-{uuid.uuid4().hex}?cc=max-age=0,stale-if-error=600&etag=1"
-    no_path = f"/gen/nosie-{uuid.uuid4().hex}?cc=max-age=0&etag=1"
+    plain_path = f"/gen/plain-{uuid.uuid4().hex}?cc=max-age=0&etag=1"
+    no_path = f"/gen/nosie-{uuid.uuid4().hex}?cc=max-age=0,must-revalidate&etag=1"
     _, _, _, digest = await fetch(http, cluster.url("l1-1", ok_path))
+    _, _, _, plain_digest = await fetch(http, cluster.url("l1-1", plain_path))
     await fetch(http, cluster.url("l1-1", no_path))
     cluster.node("origin").stop()
     status, h, _, digest2 = await fetch(http, cluster.url("l1-1", ok_path))
     assert (status, h["X-Cache"], digest2) == (200, "STALE", digest)
     assert "stale-if-error" in h["Cache-Status"]
+    # No stale-if-error, but the origin cannot be reached: a disconnected cache (RFC 9111 4.2.4).
+    status, h, _, digest3 = await fetch(http, cluster.url("l1-1", plain_path))
+    assert (status, h["X-Cache"], digest3) == (200, "STALE", plain_digest)
+    assert "detail=disconnected" in h["Cache-Status"]
     status, h, _, _ = await fetch(http, cluster.url("l1-1", no_path))
     assert status == 502 and "error=connection_refused" in h["Proxy-Status"]
 

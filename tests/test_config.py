@@ -78,6 +78,8 @@ def test_minimal_topology_defaults():
         ('role = "l1"', 'role = "l1"\nclient_header_timeout = "10s"', "nodes.l1.client_header_timeout",
          "expected a number"),
         ('role = "l1"', 'role = "l1"\nmax_connections = 0', "nodes.l1.max_connections", "at least 1"),
+        ('hosts = ["www.example.com"]', 'hosts = ["www.example.com"]\nstale_if_unreachable = -1',
+         "sites.example.stale_if_unreachable", "at least 0"),
     ],
 )
 def test_mistakes_name_file_key_and_problem(replace, by, key, problem):

@@ -410,6 +410,23 @@ def test_stale_if_error_allowed(headers, expected):
     assert stale_if_error_allowed(headers, T0, T0, NOW) is expected
 
 
+@pytest.mark.parametrize("headers, max_staleness, expected", [
+    # At NOW the response is 100 s old; fresh for 40 s, so stale by 60 s.
+    case("9111-4.2.4-disconnected-within-bound", {"Date": D0, "Cache-Control": "max-age=40"}, 60, True),
+    case("9111-4.2.4-disconnected-past-bound", {"Date": D0, "Cache-Control": "max-age=40"}, 59, False),
+    case("9111-4.2.4-disconnected-no-directive-needed", {"Date": D0, "Expires": http_date(T0 + 40)}, 86400, True),
+    case("9111-4.2.4-disconnected-must-revalidate", {"Date": D0, "Cache-Control": "max-age=40, must-revalidate"},
+         86400, False),
+    case("9111-4.2.4-disconnected-proxy-revalidate", {"Date": D0, "Cache-Control": "max-age=40, proxy-revalidate"},
+         86400, False),
+    case("9111-5.2.2.10-disconnected-s-maxage", {"Date": D0, "Cache-Control": "s-maxage=40"}, 86400, False),
+    case("9111-5.2.2.4-disconnected-no-cache", {"Date": D0, "Cache-Control": "no-cache"}, 86400, False),
+    case("9111-4.2.4-disconnected-bound-zero-disables", {"Date": D0, "Cache-Control": "max-age=40"}, 0, False),
+])
+def test_stale_when_disconnected(headers, max_staleness, expected):
+    assert policy.stale_when_disconnected(headers, T0, T0, NOW, max_staleness) is expected
+
+
 # --------------------------------------------------------------------------- validation
 
 
