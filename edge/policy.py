@@ -35,9 +35,10 @@ the RFCs leave room, and the reason for each:
   explicit expiration time"; storing it would only cost a write and evict a
   useful object.  A heuristically cacheable status with a validator is stored
   even with zero heuristic lifetime: a 304 is cheaper than a refetch.
-* Qualified ``private="..."`` and ``no-cache="..."`` are treated like the
-  unqualified directives (stricter than RFC 9111 sections 5.2.2.4/5.2.2.7
-  require, and what Varnish does).
+* Qualified ``private="..."`` and ``no-cache="..."`` (RFC 9111 sections
+  5.2.2.7/5.2.2.4) let the response be stored; the listed fields are left
+  out of the stored copy (:func:`hidden_fields`), so they are never served
+  from cache.
 * The request's own Cache-Control (``no-cache``, ``max-age=0``, ``Pragma``) is
   ignored by :func:`decide`, as nginx and Varnish do, so that clients cannot
   force traffic to the origin.  A request ``no-store`` only stops storing.
@@ -67,7 +68,7 @@ __all__ = [
     "age_value", "cache_status_entry", "client_not_modified", "conditional_headers",
     "current_age", "decide", "effective_cache_control", "freshen", "freshness_lifetime",
     "invalidation_targets", "parse_cache_control", "parse_http_date", "stale_if_error_allowed",
-    "stale_when_disconnected",
+    "stale_when_disconnected", "hidden_fields",
     "storable", "variant_key", "vary_names",
 ]
 
@@ -408,14 +409,14 @@ def storable(method: str, status: int, req_headers: Headers, resp_headers: Heade
         return False, "status"
     if "no-store" in directives and "must-understand" not in directives:
         return False, "no-store"
-    if "private" in directives:
+    if _unqualified(directives, "private"):
         return False, "private"
     if (_field(req_headers, "authorization") is not None
             and not any(name in directives for name in ("must-revalidate", "public", "s-maxage"))):
         return False, "authorization"
     if vary_names(resp_headers) is None:
         return False, "vary-star"
-    if _field(resp_headers, "set-cookie") is not None:
+    if _field(resp_headers, "set-cookie") is not None and "set-cookie" not in hidden_fields(resp_headers):
         return False, "set-cookie"
     if ("max-age" in directives or "s-maxage" in directives
             or (not targeted and _field(resp_headers, "expires") is not None)):
@@ -431,11 +432,33 @@ def storable(method: str, status: int, req_headers: Headers, resp_headers: Heade
     return True, basis
 
 
+def _unqualified(directives: Mapping[str, str | None], name: str) -> bool:
+    """The directive is present without field names (``no-cache``, not ``no-cache="Set-Cookie"``)."""
+    return name in directives and not directives[name]
+
+
+def hidden_fields(resp_headers: Headers) -> frozenset[str]:
+    """Field names (lower case) a stored copy must not keep: those listed by qualified
+    ``no-cache="..."`` and ``private="..."`` (RFC 9111 5.2.2.4 and 5.2.2.7).
+
+    The response itself may be stored and reused; the listed fields may not
+    be sent from cache without revalidation, and dropping them from the
+    stored copy is a correct way to honour that.
+    """
+    directives, _ = _policy(resp_headers)
+    names: set[str] = set()
+    for directive in ("no-cache", "private"):
+        value = directives.get(directive)
+        if value:
+            names.update(name.strip().lower() for name in value.split(",") if name.strip())
+    return frozenset(names)
+
+
 def _reusable(directives: Mapping[str, str | None], resp_headers: Headers, lifetime: float) -> bool:
     """Could a stored copy ever answer a request without a full refetch?"""
     if _has_validator(resp_headers):
         return True                                 # a 304 beats a refetch
-    if "no-cache" in directives:
+    if _unqualified(directives, "no-cache"):
         return False
     if lifetime > 0:
         return True
@@ -578,7 +601,7 @@ def assess(resp_headers: Headers, request_time: float, response_time: float,
         lifetime=freshness_lifetime(resp_headers, status=status, response_time=response_time),
         initial_age=current_age(resp_headers, request_time, response_time, response_time),
         response_time=response_time,
-        no_cache="no-cache" in directives,
+        no_cache=_unqualified(directives, "no-cache"),
         revalidate=next((name for name in _REVALIDATE_DIRECTIVES if name in directives), None),
         swr_window=_window(directives, "stale-while-revalidate"),
         has_validator=_has_validator(resp_headers),
@@ -590,10 +613,11 @@ def decide(resp_headers: Headers, request_time: float, response_time: float, now
 
     In order:
 
-    * ``no-cache`` (with or without field names): REVALIDATE.  Section
-      5.2.2.4: "the response MUST NOT be used to satisfy any other request
-      without forwarding it for validation and receiving a successful
-      response"; the qualified form is treated as unqualified.
+    * ``no-cache`` without field names: REVALIDATE.  Section 5.2.2.4: "the
+      response MUST NOT be used to satisfy any other request without
+      forwarding it for validation and receiving a successful response".
+      With field names only those fields are barred, and the node does not
+      store them (:func:`hidden_fields`).
     * fresh: FRESH.  Section 4.2: "response_is_fresh = (freshness_lifetime >
       current_age)".
     * stale with must-revalidate, proxy-revalidate or s-maxage: REVALIDATE.
@@ -650,7 +674,7 @@ def stale_if_error_allowed(resp_headers: Headers, request_time: float, response_
     count as errors (500, 502, 503, 504, unreachable) is the caller's call.
     """
     directives, _ = _policy(resp_headers)
-    if "no-cache" in directives or any(name in directives for name in _REVALIDATE_DIRECTIVES):
+    if _unqualified(directives, "no-cache") or any(name in directives for name in _REVALIDATE_DIRECTIVES):
         return False
     window = _window(directives, "stale-if-error")
     if window is None:
@@ -672,7 +696,7 @@ def stale_when_disconnected(resp_headers: Headers, request_time: float, response
     stale-if-error's).  `max_staleness` bounds how stale (per-site setting).
     """
     directives, _ = _policy(resp_headers)
-    if "no-cache" in directives or any(name in directives for name in _REVALIDATE_DIRECTIVES):
+    if _unqualified(directives, "no-cache") or any(name in directives for name in _REVALIDATE_DIRECTIVES):
         return False
     staleness = (current_age(resp_headers, request_time, response_time, now)
                  - freshness_lifetime(resp_headers, response_time=response_time))

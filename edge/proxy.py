@@ -423,7 +423,10 @@ class CacheNode:
         out_headers = self._client_headers(multi, age, entry, ex.cache_status)
         length = response.content_length
         status = response.status
-        meta_of = lambda size: Meta(status=status, headers=tuple(stored_headers),  # noqa: E731
+        # The stored copy leaves out what no-cache="..." / private="..." name; this client gets all.
+        hidden = policy.hidden_fields(multi) if ok else frozenset()
+        kept = tuple((name, value) for name, value in stored_headers if name.lower() not in hidden)
+        meta_of = lambda size: Meta(status=status, headers=kept,  # noqa: E731
                                     request_time=request_time, response_time=response_time, size=size,
                                     url=f"{ex.site.hosts[0]}{ex.raw_target}")
 

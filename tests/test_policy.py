@@ -209,8 +209,15 @@ FRESH60 = {"Date": D0, "Cache-Control": "max-age=60"}
     case("9213-2.2-cdn-max-age-overrides-no-store", "GET", 200, {},
          {"Date": D0, "Cache-Control": "no-store", "CDN-Cache-Control": "max-age=600"}, (True, "explicit")),
     case("9111-5.2.2.7-private", "GET", 200, {}, {"Cache-Control": "private, max-age=60"}, (False, "private")),
-    case("9111-5.2.2.7-qualified-private-treated-unqualified", "GET", 200, {},
-         {"Cache-Control": 'private="Set-Cookie", max-age=60'}, (False, "private")),
+    case("9111-5.2.2.7-qualified-private-is-storable", "GET", 200, {},
+         {"Date": D0, "Cache-Control": 'private="Set-Cookie", max-age=60'}, (True, "explicit")),
+    case("9111-5.2.2.7-qualified-private-covers-set-cookie", "GET", 200, {},
+         {"Date": D0, "Cache-Control": 'private="Set-Cookie", max-age=60', "Set-Cookie": "id=1"}, (True, "explicit")),
+    case("9111-5.2.2.4-qualified-no-cache-covers-set-cookie", "GET", 200, {},
+         {"Date": D0, "Cache-Control": 'no-cache="set-cookie", max-age=60', "Set-Cookie": "id=1"},
+         (True, "explicit")),
+    case("9111-3-set-cookie-not-covered", "GET", 200, {},
+         {"Date": D0, "Cache-Control": 'private="X-Other", max-age=60', "Set-Cookie": "id=1"}, (False, "set-cookie")),
     case("9213-2.2-cdn-private", "GET", 200, {},
          {"Cache-Control": "public, max-age=60", "CDN-Cache-Control": "private"}, (False, "private")),
     case("9111-3.5-authorization-needs-permission", "GET", 200, {"Authorization": "Basic eDp5"}, FRESH60,
@@ -333,9 +340,9 @@ ETAG = {"ETag": '"v1"'}
     case("9111-5.2.2.4-no-cache-revalidates-even-fresh",
          {"Date": D0, "Cache-Control": "no-cache, max-age=1000", **ETAG}, T0,
          Decision(Action.REVALIDATE, 100.0, 900.0, "no-cache")),
-    case("9111-5.2.2.4-qualified-no-cache-treated-unqualified",
+    case("9111-5.2.2.4-qualified-no-cache-is-fresh",
          {"Date": D0, "Cache-Control": 'no-cache="Set-Cookie", max-age=1000', **ETAG}, T0,
-         Decision(Action.REVALIDATE, 100.0, 900.0, "no-cache")),
+         Decision(Action.FRESH, 100.0, 900.0, "fresh")),
     case("9111-5.2.2.4-no-cache-without-validator-fetches",
          {"Date": D0, "Cache-Control": "no-cache, max-age=1000"}, T0,
          Decision(Action.FETCH, 100.0, 900.0, "no-cache")),
@@ -751,3 +758,15 @@ def test_requested_range(method, request_fields, status, expected):
 ])
 def test_x_cache_follows_from_the_cache_status_entry(params, verdict):
     assert policy.x_cache(**params) == verdict
+
+
+@pytest.mark.parametrize("headers, expected", [
+    case("9111-5.2.2.4-no-cache-fields", {"Cache-Control": 'no-cache="Set-Cookie, X-Token", max-age=60'},
+         {"set-cookie", "x-token"}),
+    case("9111-5.2.2.7-private-fields", {"Cache-Control": 'private="X-User"'}, {"x-user"}),
+    case("9111-5.2.2.4-unqualified-hides-nothing", {"Cache-Control": "no-cache, private"}, set()),
+    case("9213-2.2-cdn-cache-control-fields", {"Cache-Control": "max-age=60",
+                                               "CDN-Cache-Control": 'no-cache="X-Edge", max-age=9'}, {"x-edge"}),
+])
+def test_hidden_fields(headers, expected):
+    assert policy.hidden_fields(headers) == expected

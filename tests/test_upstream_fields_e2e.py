@@ -1,8 +1,9 @@
-"""Invalid HTTP-dates from upstream, through a real node (RFC 9110 5.6.7, 6.6.1; RFC 9111 5.3).
+"""Response fields the test origin cannot send, from a scripted upstream, through a real node.
 
-The upstream is an aiohttp server inside the test that answers with the
-Date and Expires it is told to; the cache node is a real `edge run` process
-on 127.0.39.31.
+Invalid HTTP-dates (RFC 9110 5.6.7, 6.6.1; RFC 9111 5.3) and qualified
+no-cache/private (RFC 9111 5.2.2.4/5.2.2.7).  The upstream is an aiohttp
+server inside the test that answers with the fields it is told to in the
+query; the cache node is a real `edge run` process on 127.0.39.31.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ async def upstream(aiohttp_server):
     async def handler(request: web.Request) -> web.Response:
         hits[request.path] = hits.get(request.path, 0) + 1
         headers = {name: value for name, value in (("Date", request.query.get("date")),
-                                                    ("Expires", request.query.get("expires"))) if value}
+                                                    ("Expires", request.query.get("expires")),
+                                                    ("Cache-Control", request.query.get("cc")),
+                                                    ("Set-Cookie", request.query.get("cookie")),
+                                                    ("X-Token", request.query.get("token"))) if value}
         return web.Response(text="body", headers=headers)
 
     app = web.Application()
@@ -89,3 +93,14 @@ async def test_an_invalid_date_is_replaced_by_the_time_received(node, upstream):
     (date,) = response.headers.getall("Date")
     received = parse_http_date(date)
     assert received is not None and before - 1 <= received <= after + 1
+
+
+async def test_qualified_private_and_no_cache_store_the_response_without_those_fields(node, upstream):
+    _, hits = upstream
+    async with aiohttp.ClientSession() as session:
+        query = {"cc": 'max-age=60, private="Set-Cookie", no-cache="X-Token"', "cookie": "id=alice", "token": "t1"}
+        first = await fetch(session, "/qualified", **query)
+        second = await fetch(session, "/qualified", **query)
+    assert (first.headers["X-Cache"], first.headers["Set-Cookie"], first.headers["X-Token"]) == ("MISS", "id=alice", "t1")
+    assert second.headers["X-Cache"] == "HIT" and hits["/qualified"] == 1
+    assert "Set-Cookie" not in second.headers and "X-Token" not in second.headers
