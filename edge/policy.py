@@ -922,7 +922,14 @@ def _normalise_value(name: str, value: str) -> str:
     if '"' not in value:
         value = _WS_RUN.sub(" ", _WS_AROUND_SEPARATOR.sub(r"\1", value))
     value = value.strip(" \t")
-    return value.lower() if name in _CASE_INSENSITIVE_FIELDS else value
+    if name not in _CASE_INSENSITIVE_FIELDS:
+        return value
+    value = value.lower()
+    if ";" not in value and '"' not in value:
+        # Without q-values these lists carry no order (RFC 9110 12.5.3-12.5.4:
+        # preference is by qvalue): "gzip, br" and "br, gzip" are one variant.
+        value = ",".join(sorted(member.strip() for member in value.split(",") if member.strip()))
+    return value
 
 
 def variant_key(names: tuple[str, ...], req_headers: Headers) -> str:
@@ -934,9 +941,11 @@ def variant_key(names: tuple[str, ...], req_headers: Headers) -> str:
     normalizing both header field values in a way that is known to have
     identical semantics ... (e.g., ... case-normalization, where values are
     defined to be case-insensitive)".  Accept-Encoding, Accept-Charset and
-    Accept-Language are lower-cased; whitespace around "," and ";" is removed
-    and other runs collapse to one space (not inside quoted strings).  An
-    absent field (``name``) is distinct from an empty one (``name=``).
+    Accept-Language are lower-cased, and their members sorted when none has
+    a q-value (the order then means nothing); whitespace around "," and ";"
+    is removed and other runs collapse to one space (not inside quoted
+    strings).  An absent field (``name``) is distinct from an empty one
+    (``name=``).
     """
     parts: list[str] = []
     for name in names:

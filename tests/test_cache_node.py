@@ -85,6 +85,14 @@ async def test_vary_keeps_variants_apart(cluster, http):
     assert (f2["X-Cache"], fr2) == ("HIT", fr)
 
 
+async def test_equivalent_vary_values_share_a_variant(cluster, http):
+    """RFC 9111 4.1: values that mean the same (case, whitespace, unordered list) select one variant."""
+    url = cluster.url("l1-1", unique() + "?cc=max-age=60&vary=Accept-Language")
+    _, first, body = await get(http, url, headers={"Accept-Language": "en, fr"})
+    _, second, body2 = await get(http, url, headers={"Accept-Language": "FR,en"})
+    assert (first["X-Cache"], second["X-Cache"], body2) == ("MISS", "HIT", body)
+
+
 async def test_vary_star_never_served_from_cache(cluster, http):
     url = cluster.url("l1-1", unique() + "?cc=max-age=60&vary=*")
     _, h1, _ = await get(http, url)
