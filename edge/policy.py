@@ -59,7 +59,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urldefrag, urljoin, urlsplit
 
-from edge import structured_fields
+import http_sfv
 
 Headers = Mapping[str, str] | Sequence[tuple[str, str]]
 
@@ -307,21 +307,38 @@ def parse_cache_control(value: str | None) -> dict[str, str | None]:
     return dict(_parse_cache_control(value)) if value else {}
 
 
+# Directives whose argument is delta-seconds: an sf-integer in a targeted field.
+_INTEGER_DIRECTIVES = frozenset({"max-age", "s-maxage", "stale-while-revalidate", "stale-if-error"})
+
+
 @functools.lru_cache(maxsize=1024)
 def _parse_targeted(value: str) -> dict[str, str | None] | None:
-    """A targeted field (RFC 9213 section 2.1) as directives; None when empty or invalid."""
+    """A targeted field (RFC 9213 section 2.1) as directives; None when empty or invalid.
+
+    Parsed as an RFC 8941 Dictionary by ``http_sfv`` (which keeps the types):
+    Boolean true is a bare directive, false is absent; a directive whose value
+    has the wrong type (``max-age="10"``, a String, or ``max-age=1.5``) is
+    invalid and ignored; String and Token arguments (``no-cache="a, b"``)
+    become their text.  Parameters are ignored.
+    """
+    dictionary = http_sfv.Dictionary()
     try:
-        members = structured_fields.parse_dictionary(value.strip(" \t"))
-    except structured_fields.StructuredFieldError:
+        dictionary.parse(value.strip(" \t").encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
         return None
-    if not members:
+    if not dictionary:
         return None
     directives: dict[str, str | None] = {}
-    for name, member in members.items():
-        if member is True:
+    for name, member in dictionary.items():
+        argument = getattr(member, "value", None)
+        if name in _INTEGER_DIRECTIVES:
+            if type(argument) is int and argument >= 0:
+                directives[name] = str(argument)
+        elif argument is True:
             directives[name] = None
-        elif member is not False:
-            directives[name] = member
+        elif isinstance(argument, str):              # String or Token
+            directives[name] = str(argument)
+        # Boolean false is absent; Decimals, byte sequences and inner lists fit no directive.
     return directives
 
 

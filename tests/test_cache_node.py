@@ -155,6 +155,14 @@ async def test_cdn_cache_control_overrides_cache_control(cluster, http):
     assert (h["X-Cache"], h["X-Origin-Hits"]) == ("HIT", "1")
 
 
+async def test_cdn_cache_control_directives_of_the_wrong_type_are_ignored(cluster, http):
+    """RFC 9213 2.1 / RFC 8941: max-age="600" is a String, not an Integer: no freshness from it."""
+    url = cluster.url("l1-1", unique() + "?cc=max-age=600&cdncc=" + quote('max-age="600"'))
+    await get(http, url)
+    _, h, _ = await get(http, url)
+    assert (h["X-Cache"], h["X-Origin-Hits"]) == ("MISS", "2")
+
+
 async def test_head_is_served_from_stored_get(cluster, http):
     url = cluster.url("l1-1", unique() + "?size=3000&cc=max-age=60")
     await get(http, url)
