@@ -1,6 +1,10 @@
 """The cache key: which stored object a request maps to.
 
-The key is the site name plus the normalised request target.  L1 and L2 use
+The key is the site name, the Host (unless the site declares its hosts
+aliases of one another) and the normalised request target: a response is
+never served for a Host it was not fetched for, as Varnish's default hash
+does; a site with ``aliases = true`` shares one object across its hosts and
+sends its origin one canonical Host, as nginx's default does.  L1 and L2 use
 the same function, so the consistent-hash ring sends a URL to the same parent
 from every edge.  GET and HEAD share a key (a HEAD is answered from a stored
 GET).  Normalisation follows RFC 3986 section 6.2.2: percent-encodings of
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from edge.config import Site
+from edge.config import Site, normalise_host
 
 _PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -32,9 +36,16 @@ def normalise_target(raw_target: str) -> str:
     return _PERCENT.sub(_normalise_escape, raw_target)
 
 
-def cache_key(site: Site, raw_target: str) -> str:
-    """The primary cache key of a request for `raw_target` (path and query) on `site`."""
-    return f"{site.name}|{normalise_target(raw_target)}"
+def key_prefix(site: Site, host: str) -> str:
+    """The part of the key fixed by site and Host (`host` as the client sent it)."""
+    if site.aliases:
+        return f"{site.name}|"
+    return f"{site.name}|{normalise_host(host)}|"
+
+
+def cache_key(site: Site, raw_target: str, host: str) -> str:
+    """The primary cache key of a request for `raw_target` (path and query) on `site` with Host `host`."""
+    return key_prefix(site, host) + normalise_target(raw_target)
 
 
 def variant_store_key(primary: str, variant: str) -> str:

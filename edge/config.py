@@ -50,6 +50,7 @@ class Site:
     cdn_name: str                   # the name in the CDN zone the hosts are CNAMEd to
     default: bool = False           # serves Hosts that match no other site
     stale_if_unreachable: float = 86400.0   # serve a copy this stale when the upstream cannot be reached
+    aliases: bool = False           # hosts share objects, and the origin sees hosts[0] as Host
 
 
 @dataclass(frozen=True)
@@ -361,7 +362,7 @@ def _sites(r: _Reader, table: dict, cdn_zone: str) -> tuple[Site, ...]:
         path = f"sites.{name}"
         if not isinstance(body, dict):
             raise r.fail(path, "expected a table")
-        r.unknown(body, {"hosts", "origin", "cdn_name", "default", "stale_if_unreachable"}, path)
+        r.unknown(body, {"hosts", "origin", "cdn_name", "default", "stale_if_unreachable", "aliases"}, path)
         hosts_value = body.get("hosts")
         if not isinstance(hosts_value, list) or not hosts_value:
             raise r.fail(f"{path}.hosts", "expected a non-empty list of host names")
@@ -383,7 +384,8 @@ def _sites(r: _Reader, table: dict, cdn_zone: str) -> tuple[Site, ...]:
             defaults.append(name)
         stale_if_unreachable = float(r.number(body, "stale_if_unreachable", f"{path}.stale_if_unreachable",
                                               Site.stale_if_unreachable, 0))
-        out.append(Site(name, hosts, origin.rstrip("/"), cdn_name, default, stale_if_unreachable))
+        aliases = r.bool(body, "aliases", f"{path}.aliases", False)
+        out.append(Site(name, hosts, origin.rstrip("/"), cdn_name, default, stale_if_unreachable, aliases))
     if len(defaults) > 1:
         raise r.fail(f"sites.{defaults[1]}.default", f"only one site may be the default (also {defaults[0]!r})")
     return tuple(out)

@@ -130,7 +130,7 @@ def _cache_admin_app(topology: Topology, cache_node: CacheNode, front: Front) ->
         site = topology.site_for_host(host)
         if site is None:
             raise web.HTTPNotFound(text=f"no site serves {host!r}\n")
-        removed = await cache_node.purge(site, "/" + path if slash else "/")
+        removed = await cache_node.purge(site, host, "/" + path if slash else "/")
         return web.json_response({"url": url, "purged": removed}, status=200 if removed else 404)
 
     token = os.environ.get(ADMIN_TOKEN_ENV)

@@ -37,7 +37,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from edge import policy
-from edge.cachekey import VARIANT_SEPARATOR, cache_key, variant_store_key
+from edge.cachekey import VARIANT_SEPARATOR, cache_key, key_prefix, normalise_target, variant_store_key
 from edge.config import Node, Site, Topology
 from edge.http.message import BodyAborted, Reply, Request
 from edge.http.rules import serialise_fields, status_line
@@ -154,10 +154,10 @@ class CacheNode:
             return None
         if via is not None and self._via_token in via:
             return None                 # maybe a loop: recv decides
-        site = self._sites_by_raw_host.get(host) or self._site_by_raw_host(host)
-        if site is None:
+        site_and_prefix = self._sites_by_raw_host.get(host) or self._site_by_raw_host(host)
+        if site_and_prefix is None:
             return None
-        stored = self.store.in_memory(cache_key(site, target))
+        stored = self.store.in_memory(site_and_prefix[1] + normalise_target(target))
         if stored is None:
             return None
         meta = stored.meta
@@ -195,14 +195,17 @@ class CacheNode:
         head = b"%s%d; collapsed\r\nAge: %s\r\n" % (block, ttl, policy.age_value(age).encode())
         return ex.reply(200, (), stored.body, head=head, bodyless=ex.request.method == "HEAD")
 
-    def _site_by_raw_host(self, host: bytes) -> Site | None:
+    def _site_by_raw_host(self, host: bytes) -> tuple[Site, str] | None:
+        """The site of a raw Host value and its cache-key prefix, remembered (bounded)."""
         try:
             return self._sites_by_raw_host[host]
         except KeyError:
-            site = self.topology.site_for_host(host.decode("latin-1"))
+            text = host.decode("latin-1")
+            site = self.topology.site_for_host(text)
+            found = (site, key_prefix(site, text)) if site is not None else None
             if len(self._sites_by_raw_host) < KNOWN_HOSTS_MAX:
-                self._sites_by_raw_host[host] = site
-            return site
+                self._sites_by_raw_host[host] = found
+            return found
 
     # ------------------------------------------------------------------ recv
 
@@ -240,7 +243,7 @@ class CacheNode:
             self.metrics.refused.labels("header_too_large").inc()
             return self._error(431, "header fields too large to forward to this node's parents")
 
-        ex = Exchange(request, site, cache_key(site, raw_target), raw_target)
+        ex = Exchange(request, site, cache_key(site, raw_target, host), raw_target)
         if request.method in CACHEABLE_METHODS:
             return await self._lookup(ex)
         return await self._pass(ex)
@@ -351,6 +354,8 @@ class CacheNode:
         headers = strip_hop_by_hop(request.headers, CLIENT_ONLY_REQUEST_FIELDS if cache_fill else frozenset())
         _append(headers, "Via", self.via)
         _append(headers, "X-Forwarded-For", request.remote or "")
+        if ex.site.aliases:
+            headers["Host"] = ex.site.hosts[0]      # one object for all its hosts: one Host upstream
         return headers
 
     async def _fetch(self, ex: Exchange, stale: tuple[str, CachedObject] | None, fwd: str,
@@ -569,16 +574,16 @@ class CacheNode:
         host = ex.request.headers.get("Host", "")
         request_url = f"http://{host}{ex.raw_target}"
         for url in policy.invalidation_targets(ex.request.method, response.status, request_url, response.headers):
-            target = url.split("://", 1)[-1]
-            target = target[target.find("/"):] if "/" in target else "/"
-            key = cache_key(ex.site, target)
+            authority = url.split("://", 1)[-1]
+            target = authority[authority.find("/"):] if "/" in authority else "/"
+            key = cache_key(ex.site, target, authority.split("/", 1)[0])
             if await self.store.delete(key):
                 self.metrics.invalidations.labels("unsafe-method").inc()
                 log.info("invalidated %s after %s", key, ex.request.method)
 
-    async def purge(self, site: Site, raw_target: str) -> bool:
+    async def purge(self, site: Site, host: str, raw_target: str) -> bool:
         """Remove a URL (and its Vary marker, which orphans the variants) from this node."""
-        removed = await self.store.delete(cache_key(site, raw_target))
+        removed = await self.store.delete(cache_key(site, raw_target, host))
         if removed:
             self.metrics.invalidations.labels("purge").inc()
         return removed

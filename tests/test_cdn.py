@@ -43,7 +43,7 @@ async def http():
 def owner_of(cdn: Cluster, path: str) -> str:
     topology = load(cdn.config)
     ring = HashRing({"l2-a": 1.0, "l2-b": 1.0})
-    return ring.owner(cache_key(topology.sites[0], path))
+    return ring.owner(cache_key(topology.sites[0], path, "www.example.com"))
 
 
 def tiers(headers) -> list[str]:

@@ -32,6 +32,7 @@ async def upstream(aiohttp_server):
                                                     ("Cache-Control", request.query.get("cc")),
                                                     ("Set-Cookie", request.query.get("cookie")),
                                                     ("X-Token", request.query.get("token"))) if value}
+        headers["X-Seen-Host"] = request.headers.get("Host", "")
         return web.Response(text="body", headers=headers)
 
     app = web.Application()
@@ -47,8 +48,12 @@ def node(tmp_path, upstream):
     config.write_text(f"""
 state_dir = "{tmp_path / 'state'}"
 [sites.example]
-hosts = ["www.example.com"]
+hosts = ["www.example.com", "static.example.com"]
 origin = "http://127.0.0.1:{server.port}"
+[sites.aliased]
+hosts = ["a.example.com", "b.example.com"]
+origin = "http://127.0.0.1:{server.port}"
+aliases = true
 [nodes.edge]
 role = "l1"
 listen = "127.0.39.31:8080"
@@ -61,8 +66,9 @@ admin = "127.0.39.31:8091"
         process.stop()
 
 
-async def fetch(session: aiohttp.ClientSession, path: str, **query: str) -> aiohttp.ClientResponse:
-    async with session.get(EDGE + path, params=query, headers={"Host": "www.example.com"}) as response:
+async def fetch(session: aiohttp.ClientSession, path: str, host: str = "www.example.com",
+                **query: str) -> aiohttp.ClientResponse:
+    async with session.get(EDGE + path, params=query, headers={"Host": host}) as response:
         await response.read()
         return response
 
@@ -104,3 +110,25 @@ async def test_qualified_private_and_no_cache_store_the_response_without_those_f
     assert (first.headers["X-Cache"], first.headers["Set-Cookie"], first.headers["X-Token"]) == ("MISS", "id=alice", "t1")
     assert second.headers["X-Cache"] == "HIT" and hits["/qualified"] == 1
     assert "Set-Cookie" not in second.headers and "X-Token" not in second.headers
+
+
+async def test_a_site_keys_objects_on_host_unless_its_hosts_are_aliases(node, upstream):
+    """Never a response for a Host it was not fetched for; aliases share, and the origin sees one Host."""
+    _, hits = upstream
+    async with aiohttp.ClientSession() as session:
+        www = await fetch(session, "/per-host", cc="max-age=60")
+        other = await fetch(session, "/per-host", host="WWW.EXAMPLE.COM:8080", cc="max-age=60")
+        a = await fetch(session, "/shared", host="a.example.com", cc="max-age=60")
+        b = await fetch(session, "/shared", host="b.example.com", cc="max-age=60")
+    assert (www.headers["X-Cache"], other.headers["X-Cache"]) == ("MISS", "HIT")    # same host, normalised
+    assert (a.headers["X-Cache"], b.headers["X-Cache"]) == ("MISS", "HIT") and hits["/shared"] == 1
+    assert a.headers["X-Seen-Host"] == "a.example.com"
+
+
+async def test_hosts_that_are_not_aliases_never_share_an_object(node, upstream, tmp_path):
+    _, hits = upstream
+    async with aiohttp.ClientSession() as session:
+        first = await fetch(session, "/apart", host="www.example.com", cc="max-age=60")
+        second = await fetch(session, "/apart", host="static.example.com", cc="max-age=60")
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "MISS") and hits["/apart"] == 2
+    assert second.headers["X-Seen-Host"] == "static.example.com"
