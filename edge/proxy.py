@@ -130,6 +130,7 @@ class CacheNode:
         self._sites_by_raw_host: dict[bytes, Site | None] = {}
         self._background: set[asyncio.Task] = set()
         self._generations = itertools.count()
+        self._tier_names = frozenset(n.name for n in topology.nodes if n.role != "origin") - {node.name}
         # The smallest head any parent accepts: what this node forwards must fit it.
         parents = [topology.node(name).limits for name in node.parents]
         self._parent_head_bytes = min((p.max_header_bytes for p in parents), default=None)
@@ -626,9 +627,13 @@ class CacheNode:
         multi = meta.fields
         headers = self._client_headers(multi, age, entry, ex.cache_status)
         if policy.client_not_modified(request.method, request.headers, multi, status=meta.status):
-            # RFC 9110 15.4.5: a 304 carries the validators and caching fields, no content fields.
-            for name in ("Content-Type", "Content-Encoding", "Content-Language", "Content-Range"):
-                headers.popall(name, None)
+            # RFC 9110 15.4.5: a 304 carries the validators and caching fields, and no other
+            # representation metadata "unless said metadata exists for the purpose of guiding
+            # cache updates": to another tier of this CDN it carries every stored field, so a
+            # change made at the origin reaches every tier (RFC 9111 4.3.4).
+            if not self._from_our_tier(request):
+                for name in ("Content-Type", "Content-Encoding", "Content-Language", "Content-Range"):
+                    headers.popall(name, None)
             return ex.reply(304, headers, b"", length=None, bodyless=True)
         if request.method == "HEAD":
             return ex.reply(meta.status, headers, b"", length=meta.size, bodyless=True)
@@ -646,6 +651,10 @@ class CacheNode:
             log.warning("corrupt cache entry for %s; fetching again", ex.primary)
             return await self._miss(ex, None, "uri-miss")
         return ex.reply(status, headers, _stored_stream(first, chunks, ex.primary), length=end - start)
+
+    def _from_our_tier(self, request: Request) -> bool:
+        """Did the request come through another cache node of this topology (it is in Via)?"""
+        return not self._tier_names.isdisjoint(via_names(request.headers))
 
     def _upstream_error(self, ex: Exchange, exc: UpstreamError, fwd: str = "miss") -> Reply:
         status = 504 if exc.error == "connection_timeout" else 502

@@ -166,3 +166,16 @@ async def test_all_parents_down_goes_direct_only_when_allowed(tmp_path, http, go
             assert status == 502 and "l1-1; error=connection_refused" in h["Proxy-Status"]
     finally:
         c.stop_all()
+
+
+async def test_a_304_to_another_tier_carries_every_stored_field(cdn, http):
+    """RFC 9111 4.3.4 / RFC 9110 15.4.5: between tiers a 304 guides the cache update with all fields."""
+    path = f"/gen/t304-{uuid.uuid4().hex[:10]}?cc=max-age=60&etag=1"
+    l2 = cdn.url(owner_of(cdn, path), path)
+    async with http.get(l2, headers=HOST) as r:
+        etag, content_type = r.headers["ETag"], r.headers["Content-Type"]
+    conditional = {**HOST, "If-None-Match": etag}
+    async with http.get(l2, headers={**conditional, "Via": "1.1 l1-1"}) as r:
+        assert (r.status, r.headers["Content-Type"]) == (304, content_type)
+    async with http.get(l2, headers=conditional) as r:          # a client: the RFC's minimal 304
+        assert r.status == 304 and "Content-Type" not in r.headers
