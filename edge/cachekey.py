@@ -45,7 +45,19 @@ def key_prefix(site: Site, host: str) -> str:
 
 def cache_key(site: Site, raw_target: str, host: str) -> str:
     """The primary cache key of a request for `raw_target` (path and query) on `site` with Host `host`."""
-    return key_prefix(site, host) + normalise_target(raw_target)
+    return key_prefix(site, host) + normalise_target(keyed_target(site, raw_target))
+
+
+def keyed_target(site: Site, raw_target: str) -> str:
+    """The part of the target the key keeps: without the query, or without the site's ignored
+    parameters (as nginx keys on a rewritten ``$args``); the upstream still gets the whole target."""
+    if "?" not in raw_target or not (site.ignore_query or site.ignore_query_params):
+        return raw_target
+    path, _, query = raw_target.partition("?")
+    if site.ignore_query:
+        return path
+    kept = [pair for pair in query.split("&") if pair.partition("=")[0] not in site.ignore_query_params]
+    return f"{path}?{'&'.join(kept)}" if kept else path
 
 
 def variant_store_key(primary: str, variant: str) -> str:

@@ -51,6 +51,9 @@ class Site:
     default: bool = False           # serves Hosts that match no other site
     stale_if_unreachable: float = 86400.0   # serve a copy this stale when the upstream cannot be reached
     aliases: bool = False           # hosts share objects, and the origin sees hosts[0] as Host
+    ignore_query: bool = False      # the query string is not part of the cache key
+    ignore_query_params: tuple[str, ...] = ()   # these query parameters are not part of the key
+    set_cookie: str = "never"       # responses with Set-Cookie: "never" stored, or "strip" it and store
 
 
 @dataclass(frozen=True)
@@ -362,7 +365,8 @@ def _sites(r: _Reader, table: dict, cdn_zone: str) -> tuple[Site, ...]:
         path = f"sites.{name}"
         if not isinstance(body, dict):
             raise r.fail(path, "expected a table")
-        r.unknown(body, {"hosts", "origin", "cdn_name", "default", "stale_if_unreachable", "aliases"}, path)
+        r.unknown(body, {"hosts", "origin", "cdn_name", "default", "stale_if_unreachable", "aliases",
+                         "ignore_query", "ignore_query_params", "set_cookie"}, path)
         hosts_value = body.get("hosts")
         if not isinstance(hosts_value, list) or not hosts_value:
             raise r.fail(f"{path}.hosts", "expected a non-empty list of host names")
@@ -385,7 +389,15 @@ def _sites(r: _Reader, table: dict, cdn_zone: str) -> tuple[Site, ...]:
         stale_if_unreachable = float(r.number(body, "stale_if_unreachable", f"{path}.stale_if_unreachable",
                                               Site.stale_if_unreachable, 0))
         aliases = r.bool(body, "aliases", f"{path}.aliases", False)
-        out.append(Site(name, hosts, origin.rstrip("/"), cdn_name, default, stale_if_unreachable, aliases))
+        ignore_query = r.bool(body, "ignore_query", f"{path}.ignore_query", False)
+        params = body.get("ignore_query_params", [])
+        if not isinstance(params, list) or not all(isinstance(p, str) and p for p in params):
+            raise r.fail(f"{path}.ignore_query_params", f"expected a list of parameter names, got {params!r}")
+        set_cookie = r.str(body, "set_cookie", f"{path}.set_cookie", "never")
+        if set_cookie not in ("never", "strip"):
+            raise r.fail(f"{path}.set_cookie", f"expected never or strip, got {set_cookie!r}")
+        out.append(Site(name, hosts, origin.rstrip("/"), cdn_name, default, stale_if_unreachable, aliases,
+                        ignore_query, tuple(params), set_cookie))
     if len(defaults) > 1:
         raise r.fail(f"sites.{defaults[1]}.default", f"only one site may be the default (also {defaults[0]!r})")
     return tuple(out)

@@ -380,7 +380,8 @@ def _window(directives: Mapping[str, str | None], name: str) -> int | None:
     return _delta_seconds(directives[name]) if name in directives else None
 
 
-def storable(method: str, status: int, req_headers: Headers, resp_headers: Headers) -> tuple[bool, str]:
+def storable(method: str, status: int, req_headers: Headers, resp_headers: Headers, *,
+             strip_set_cookie: bool = False) -> tuple[bool, str]:
     """May this shared cache store the response?  RFC 9111 section 3.
 
     Returns ``(True, basis)`` with basis ``explicit``, ``public`` or
@@ -409,6 +410,8 @@ def storable(method: str, status: int, req_headers: Headers, resp_headers: Heade
     unless ``must-understand`` is present; 206 and 304 only when understood,
     which they are not here (see the module docstring).  401 and 407 are
     understood and deliberately never stored: they are about credentials.
+    A response with Set-Cookie is not stored unless qualified no-cache or
+    private name it, or the site strips it (`strip_set_cookie`).
     The directives come from :func:`effective_cache_control` (RFC 9213).
     """
     if method != "GET":
@@ -433,7 +436,8 @@ def storable(method: str, status: int, req_headers: Headers, resp_headers: Heade
         return False, "authorization"
     if vary_names(resp_headers) is None:
         return False, "vary-star"
-    if _field(resp_headers, "set-cookie") is not None and "set-cookie" not in hidden_fields(resp_headers):
+    if (_field(resp_headers, "set-cookie") is not None and not strip_set_cookie
+            and "set-cookie" not in hidden_fields(resp_headers)):
         return False, "set-cookie"
     if ("max-age" in directives or "s-maxage" in directives
             or (not targeted and _field(resp_headers, "expires") is not None)):

@@ -37,7 +37,8 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from edge import policy
-from edge.cachekey import VARIANT_SEPARATOR, cache_key, key_prefix, normalise_target, variant_store_key
+from edge.cachekey import (VARIANT_SEPARATOR, cache_key, key_prefix, keyed_target, normalise_target,
+                           variant_store_key)
 from edge.config import Node, Site, Topology
 from edge.http.message import BodyAborted, Reply, Request
 from edge.http.rules import serialise_fields, status_line
@@ -158,7 +159,8 @@ class CacheNode:
         site_and_prefix = self._sites_by_raw_host.get(host) or self._site_by_raw_host(host)
         if site_and_prefix is None:
             return None
-        stored = self.store.in_memory(site_and_prefix[1] + normalise_target(target))
+        site, prefix = site_and_prefix
+        stored = self.store.in_memory(prefix + normalise_target(keyed_target(site, target)))
         if stored is None:
             return None
         meta = stored.meta
@@ -410,7 +412,8 @@ class CacheNode:
         request = ex.request
         stored_headers = _storable_headers(response.headers, response_time)
         multi = CIMultiDict(stored_headers)
-        ok, why = policy.storable("GET", response.status, request.headers, multi)
+        strip_cookies = ex.site.set_cookie == "strip"
+        ok, why = policy.storable("GET", response.status, request.headers, multi, strip_set_cookie=strip_cookies)
         names = policy.vary_names(multi) if ok else ()
         if ok and names is None:
             ok, why = False, "vary-star"
@@ -430,7 +433,7 @@ class CacheNode:
         length = response.content_length
         status = response.status
         # The stored copy leaves out what no-cache="..." / private="..." name; this client gets all.
-        hidden = policy.hidden_fields(multi) if ok else frozenset()
+        hidden = (policy.hidden_fields(multi) | ({"set-cookie"} if strip_cookies else set())) if ok else frozenset()
         kept = tuple((name, value) for name, value in stored_headers if name.lower() not in hidden)
         meta_of = lambda size: Meta(status=status, headers=kept,  # noqa: E731
                                     request_time=request_time, response_time=response_time, size=size,

@@ -80,6 +80,12 @@ def test_minimal_topology_defaults():
         ('role = "l1"', 'role = "l1"\nmax_connections = 0', "nodes.l1.max_connections", "at least 1"),
         ('hosts = ["www.example.com"]', 'hosts = ["www.example.com"]\nstale_if_unreachable = -1',
          "sites.example.stale_if_unreachable", "at least 0"),
+        ('hosts = ["www.example.com"]', 'hosts = ["www.example.com"]\nset_cookie = "keep"',
+         "sites.example.set_cookie", "expected never or strip"),
+        ('hosts = ["www.example.com"]', 'hosts = ["www.example.com"]\nignore_query_params = "utm"',
+         "sites.example.ignore_query_params", "expected a list of parameter names"),
+        ('hosts = ["www.example.com"]', 'hosts = ["www.example.com"]\naliases = "yes"',
+         "sites.example.aliases", "expected true or false"),
     ],
 )
 def test_mistakes_name_file_key_and_problem(replace, by, key, problem):

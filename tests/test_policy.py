@@ -279,6 +279,12 @@ def test_storable(method, status, req, resp, expected):
     assert storable(method, status, req, resp) == expected
 
 
+def test_storable_with_set_cookie_stripped_by_site_policy():
+    headers = {"Date": D0, "Cache-Control": "max-age=60", "Set-Cookie": "id=1"}
+    assert storable("GET", 200, {}, headers) == (False, "set-cookie")
+    assert storable("GET", 200, {}, headers, strip_set_cookie=True) == (True, "explicit")
+
+
 # --------------------------------------------------------------------------- freshness and age
 
 

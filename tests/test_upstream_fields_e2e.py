@@ -50,6 +50,15 @@ state_dir = "{tmp_path / 'state'}"
 [sites.example]
 hosts = ["www.example.com", "static.example.com"]
 origin = "http://127.0.0.1:{server.port}"
+[sites.tuned]
+hosts = ["tuned.example.com"]
+origin = "http://127.0.0.1:{server.port}"
+ignore_query_params = ["utm_source", "utm_medium"]
+set_cookie = "strip"
+[sites.nocookies]
+hosts = ["plain.example.com"]
+origin = "http://127.0.0.1:{server.port}"
+ignore_query = true
 [sites.aliased]
 hosts = ["a.example.com", "b.example.com"]
 origin = "http://127.0.0.1:{server.port}"
@@ -132,3 +141,29 @@ async def test_hosts_that_are_not_aliases_never_share_an_object(node, upstream, 
         second = await fetch(session, "/apart", host="static.example.com", cc="max-age=60")
     assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "MISS") and hits["/apart"] == 2
     assert second.headers["X-Seen-Host"] == "static.example.com"
+
+
+async def test_a_sites_ignored_query_parameters_are_not_in_the_key(node, upstream):
+    _, hits = upstream
+    async with aiohttp.ClientSession() as session:
+        first = await fetch(session, "/campaign", host="tuned.example.com", cc="max-age=60", utm_source="mail")
+        second = await fetch(session, "/campaign", host="tuned.example.com", cc="max-age=60", utm_source="ad",
+                             utm_medium="x")
+        other = await fetch(session, "/campaign", host="tuned.example.com", cc="max-age=60", page="2")
+        bare = await fetch(session, "/whole", host="plain.example.com", cc="max-age=60", a="1")
+        bare2 = await fetch(session, "/whole", host="plain.example.com", cc="max-age=60", a="2")
+    assert (first.headers["X-Cache"], second.headers["X-Cache"], other.headers["X-Cache"]) == ("MISS", "HIT", "MISS")
+    assert hits["/campaign"] == 2
+    assert (bare.headers["X-Cache"], bare2.headers["X-Cache"]) == ("MISS", "HIT") and hits["/whole"] == 1
+
+
+async def test_set_cookie_strip_stores_the_response_without_it(node, upstream):
+    _, hits = upstream
+    async with aiohttp.ClientSession() as session:
+        first = await fetch(session, "/cookie", host="tuned.example.com", cc="max-age=60", cookie="id=bob")
+        second = await fetch(session, "/cookie", host="tuned.example.com", cc="max-age=60", cookie="id=bob")
+        kept_out = await fetch(session, "/cookie", cc="max-age=60", cookie="id=bob")        # site default: never
+        again = await fetch(session, "/cookie", cc="max-age=60", cookie="id=bob")
+    assert (first.headers["X-Cache"], first.headers["Set-Cookie"]) == ("MISS", "id=bob")
+    assert second.headers["X-Cache"] == "HIT" and "Set-Cookie" not in second.headers
+    assert (kept_out.headers["X-Cache"], again.headers["X-Cache"]) == ("MISS", "MISS")
