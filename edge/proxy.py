@@ -128,7 +128,7 @@ class CacheNode:
         metrics.inflight.set_function(lambda: self.inflight)
         self.via = f"1.1 {node.name}"
         self._via_token = node.name.encode()
-        self._sites_by_raw_host: dict[bytes, Site | None] = {}
+        self._sites_by_raw_host: dict[bytes, tuple[Site, str] | None] = {}
         self._background: set[asyncio.Task] = set()
         self._generations = itertools.count()
         self._tier_names = frozenset(n.name for n in topology.nodes if n.role != "origin") - {node.name}
