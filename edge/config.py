@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from edge.policy import SiteDefaults
+
 ROLES = ("origin", "l2", "l1")
 DEFAULT_TOPOLOGY = "<built-in deploy/local.toml>"
 
@@ -54,6 +56,7 @@ class Site:
     ignore_query: bool = False      # the query string is not part of the cache key
     ignore_query_params: tuple[str, ...] = ()   # these query parameters are not part of the key
     set_cookie: str = "never"       # responses with Set-Cookie: "never" stored, or "strip" it and store
+    defaults: SiteDefaults = SiteDefaults()     # default_ttl, max_ttl and stale windows, all off
 
 
 @dataclass(frozen=True)
@@ -366,7 +369,8 @@ def _sites(r: _Reader, table: dict, cdn_zone: str) -> tuple[Site, ...]:
         if not isinstance(body, dict):
             raise r.fail(path, "expected a table")
         r.unknown(body, {"hosts", "origin", "cdn_name", "default", "stale_if_unreachable", "aliases",
-                         "ignore_query", "ignore_query_params", "set_cookie"}, path)
+                         "ignore_query", "ignore_query_params", "set_cookie", "default_ttl", "max_ttl",
+                         "stale_while_revalidate", "stale_if_error"}, path)
         hosts_value = body.get("hosts")
         if not isinstance(hosts_value, list) or not hosts_value:
             raise r.fail(f"{path}.hosts", "expected a non-empty list of host names")
@@ -396,8 +400,14 @@ def _sites(r: _Reader, table: dict, cdn_zone: str) -> tuple[Site, ...]:
         set_cookie = r.str(body, "set_cookie", f"{path}.set_cookie", "never")
         if set_cookie not in ("never", "strip"):
             raise r.fail(f"{path}.set_cookie", f"expected never or strip, got {set_cookie!r}")
+        def seconds(key: str, integer: bool = False) -> Any:
+            return r.number(body, key, f"{path}.{key}", None, 0, integer=integer)
+
+        site_defaults = SiteDefaults(default_ttl=seconds("default_ttl"), max_ttl=seconds("max_ttl"),
+                                     stale_while_revalidate=seconds("stale_while_revalidate", integer=True),
+                                     stale_if_error=seconds("stale_if_error", integer=True))
         out.append(Site(name, hosts, origin.rstrip("/"), cdn_name, default, stale_if_unreachable, aliases,
-                        ignore_query, tuple(params), set_cookie))
+                        ignore_query, tuple(params), set_cookie, site_defaults))
     if len(defaults) > 1:
         raise r.fail(f"sites.{defaults[1]}.default", f"only one site may be the default (also {defaults[0]!r})")
     return tuple(out)

@@ -92,6 +92,27 @@ UNDERSTOOD_STATUSES = frozenset({
 # 401 and 407 are about credentials.
 _NEVER_STORED_STATUSES = frozenset({304, 401, 407})
 
+@dataclass(frozen=True)
+class SiteDefaults:
+    """An operator's per-site freshness settings (nginx ``proxy_cache_valid``, Varnish ``default_ttl``).
+
+    `default_ttl` stands in for the heuristic when a response has no explicit
+    freshness (for the statuses nginx applies it to, and the heuristically
+    cacheable ones); `max_ttl` caps every lifetime; the two stale windows
+    apply when the response names none.  None leaves each off.  What the
+    response forbids (no-store, no-cache, must-revalidate...) still wins.
+    """
+
+    default_ttl: float | None = None
+    max_ttl: float | None = None
+    stale_while_revalidate: int | None = None
+    stale_if_error: int | None = None
+
+
+NO_DEFAULTS = SiteDefaults()
+DEFAULT_TTL_STATUSES = HEURISTIC_STATUSES | {302}
+
+
 # RFC 9111 section 1.2.2: delta-seconds overflow is treated as 2^31.
 DELTA_SECONDS_MAX = 2**31
 HEURISTIC_FRACTION = 0.1
@@ -381,7 +402,7 @@ def _window(directives: Mapping[str, str | None], name: str) -> int | None:
 
 
 def storable(method: str, status: int, req_headers: Headers, resp_headers: Headers, *,
-             strip_set_cookie: bool = False) -> tuple[bool, str]:
+             strip_set_cookie: bool = False, defaults: SiteDefaults = NO_DEFAULTS) -> tuple[bool, str]:
     """May this shared cache store the response?  RFC 9111 section 3.
 
     Returns ``(True, basis)`` with basis ``explicit``, ``public`` or
@@ -444,11 +465,14 @@ def storable(method: str, status: int, req_headers: Headers, resp_headers: Heade
         basis = "explicit"
     elif "public" in directives:
         basis = "public"
+    elif defaults.default_ttl is not None and status in DEFAULT_TTL_STATUSES:
+        basis = "default-ttl"
     elif status in HEURISTIC_STATUSES:
         basis = "heuristic"
     else:
         return False, "no-freshness"
-    if not _reusable(directives, resp_headers, freshness_lifetime(resp_headers, status=status)):
+    lifetime = freshness_lifetime(resp_headers, status=status, defaults=defaults)
+    if not _reusable(directives, resp_headers, lifetime, defaults):
         return False, "zero-ttl"
     return True, basis
 
@@ -475,7 +499,8 @@ def hidden_fields(resp_headers: Headers) -> frozenset[str]:
     return frozenset(names)
 
 
-def _reusable(directives: Mapping[str, str | None], resp_headers: Headers, lifetime: float) -> bool:
+def _reusable(directives: Mapping[str, str | None], resp_headers: Headers, lifetime: float,
+              defaults: SiteDefaults = NO_DEFAULTS) -> bool:
     """Could a stored copy ever answer a request without a full refetch?"""
     if _has_validator(resp_headers):
         return True                                 # a 304 beats a refetch
@@ -485,14 +510,31 @@ def _reusable(directives: Mapping[str, str | None], resp_headers: Headers, lifet
         return True
     if any(name in directives for name in _REVALIDATE_DIRECTIVES):
         return False                                # no stale serving allowed
-    return bool(_window(directives, "stale-while-revalidate") or _window(directives, "stale-if-error"))
+    return bool(_stale_window(directives, "stale-while-revalidate", defaults)
+                or _stale_window(directives, "stale-if-error", defaults))
+
+
+def _stale_window(directives: Mapping[str, str | None], name: str, defaults: SiteDefaults) -> int | None:
+    """The response's own stale window (RFC 5861), or the site's default when it names none."""
+    window = _window(directives, name)
+    if window is None:
+        window = defaults.stale_while_revalidate if name == "stale-while-revalidate" else defaults.stale_if_error
+    return window
 
 
 # --------------------------------------------------------------------------- freshness and age
 
 
 def freshness_lifetime(resp_headers: Headers, *, status: int | None = None,
-                       response_time: float | None = None) -> float:
+                       response_time: float | None = None, defaults: SiteDefaults = NO_DEFAULTS) -> float:
+    """:func:`_own_lifetime` under the site's `default_ttl` and `max_ttl`."""
+    lifetime = _own_lifetime(resp_headers, status=status, response_time=response_time,
+                             default_ttl=defaults.default_ttl)
+    return lifetime if defaults.max_ttl is None else min(lifetime, defaults.max_ttl)
+
+
+def _own_lifetime(resp_headers: Headers, *, status: int | None, response_time: float | None,
+                  default_ttl: float | None) -> float:
     """Seconds the response is fresh for, from its own headers.  RFC 9111 section 4.2.1.
 
     "A cache can calculate the freshness lifetime ... by evaluating the
@@ -532,6 +574,8 @@ def freshness_lifetime(resp_headers: Headers, *, status: int | None = None,
             if expires is None or date is None:
                 return 0.0
             return max(0.0, expires - date)
+    if default_ttl is not None and (status is None or status in DEFAULT_TTL_STATUSES):
+        return float(default_ttl)        # the operator's default instead of the heuristic
     if status is not None and status not in HEURISTIC_STATUSES and "public" not in directives:
         return 0.0
     last_modified = parse_http_date(_field(resp_headers, "last-modified"))
@@ -612,19 +656,19 @@ class Assessment:
 
 
 def assess(resp_headers: Headers, request_time: float, response_time: float,
-           status: int | None = None) -> Assessment:
+           status: int | None = None, defaults: SiteDefaults = NO_DEFAULTS) -> Assessment:
     """The time-independent part of :func:`decide` (and of :func:`current_age`).
 
     `status` restricts heuristic freshness as in :func:`freshness_lifetime`.
     """
     directives, _ = _policy(resp_headers)
     return Assessment(
-        lifetime=freshness_lifetime(resp_headers, status=status, response_time=response_time),
+        lifetime=freshness_lifetime(resp_headers, status=status, response_time=response_time, defaults=defaults),
         initial_age=current_age(resp_headers, request_time, response_time, response_time),
         response_time=response_time,
         no_cache=_unqualified(directives, "no-cache"),
         revalidate=next((name for name in _REVALIDATE_DIRECTIVES if name in directives), None),
-        swr_window=_window(directives, "stale-while-revalidate"),
+        swr_window=_stale_window(directives, "stale-while-revalidate", defaults),
         has_validator=_has_validator(resp_headers),
     )
 
@@ -683,7 +727,7 @@ def decide_assessed(stored: Assessment, now: float) -> Decision:
 
 
 def stale_if_error_allowed(resp_headers: Headers, request_time: float, response_time: float,
-                           now: float) -> bool:
+                           now: float, defaults: SiteDefaults = NO_DEFAULTS) -> bool:
     """May the stored response answer a request whose upstream fetch failed?
 
     RFC 5861 section 4: with ``stale-if-error=N``, "when an error is
@@ -697,16 +741,16 @@ def stale_if_error_allowed(resp_headers: Headers, request_time: float, response_
     directives, _ = _policy(resp_headers)
     if _unqualified(directives, "no-cache") or any(name in directives for name in _REVALIDATE_DIRECTIVES):
         return False
-    window = _window(directives, "stale-if-error")
+    window = _stale_window(directives, "stale-if-error", defaults)
     if window is None:
         return False
     staleness = (current_age(resp_headers, request_time, response_time, now)
-                 - freshness_lifetime(resp_headers, response_time=response_time))
+                 - freshness_lifetime(resp_headers, response_time=response_time, defaults=defaults))
     return staleness <= window
 
 
 def stale_when_disconnected(resp_headers: Headers, request_time: float, response_time: float, now: float,
-                            max_staleness: float) -> bool:
+                            max_staleness: float, defaults: SiteDefaults = NO_DEFAULTS) -> bool:
     """May the stored response answer a request whose upstream could not be reached at all?
 
     RFC 9111 section 4.2.4: "A cache MUST NOT generate a stale response unless
@@ -720,7 +764,7 @@ def stale_when_disconnected(resp_headers: Headers, request_time: float, response
     if _unqualified(directives, "no-cache") or any(name in directives for name in _REVALIDATE_DIRECTIVES):
         return False
     staleness = (current_age(resp_headers, request_time, response_time, now)
-                 - freshness_lifetime(resp_headers, response_time=response_time))
+                 - freshness_lifetime(resp_headers, response_time=response_time, defaults=defaults))
     return staleness <= max_staleness
 
 

@@ -165,7 +165,7 @@ class CacheNode:
             return None
         meta = stored.meta
         memo = meta.memo
-        assessment = memo.get("assessment") or _assessment(meta)
+        assessment = memo.get("assessment") or _assessment(meta, site.defaults)
         age = assessment.initial_age + (self.clock() - assessment.response_time)      # policy.age_at
         ttl = assessment.lifetime - age
         if ttl <= 0 or assessment.no_cache or meta.status != 200:
@@ -281,7 +281,7 @@ class CacheNode:
     # ---------------------------------------------------------------- decide
 
     async def _decide(self, ex: Exchange, key: str, stored: CachedObject) -> Reply:
-        decision = policy.decide_assessed(_assessment(stored.meta), self.clock())
+        decision = policy.decide_assessed(_assessment(stored.meta, ex.site.defaults), self.clock())
         if decision.action is policy.Action.FRESH:
             entry = self._cache_status(ex, hit=True, ttl=decision.ttl)
         elif decision.action is policy.Action.STALE_WHILE_REVALIDATE:
@@ -338,7 +338,7 @@ class CacheNode:
             if stored is None:
                 key, stored = await self._find(ex)
             if stored is not None:
-                age, ttl = self._age_and_ttl(stored.meta)
+                age, ttl = self._age_and_ttl(stored.meta, ex.site)
                 entry = self._cache_status(ex, hit=True, ttl=ttl, collapsed=True)
                 if _plain(ex.request) and stored.body is not None and stored.meta.status == 200 and ttl > 0:
                     return self._collapsed_hit(ex, stored, age, ttl)
@@ -399,7 +399,7 @@ class CacheNode:
         meta = replace(stored.meta, headers=tuple(headers), request_time=request_time, response_time=response_time)
         await self.store.update_meta(key, meta)
         fresh = await self.store.get(key) or stored
-        age, ttl = self._age_and_ttl(fresh.meta)
+        age, ttl = self._age_and_ttl(fresh.meta, ex.site)
         entry = self._cache_status(ex, fwd="stale", fwd_status=304, ttl=ttl)
         return await self._deliver_stored(ex, fresh, age, entry), Landing(Outcome.STORED)
 
@@ -413,7 +413,8 @@ class CacheNode:
         stored_headers = _storable_headers(response.headers, response_time)
         multi = CIMultiDict(stored_headers)
         strip_cookies = ex.site.set_cookie == "strip"
-        ok, why = policy.storable("GET", response.status, request.headers, multi, strip_set_cookie=strip_cookies)
+        ok, why = policy.storable("GET", response.status, request.headers, multi, strip_set_cookie=strip_cookies,
+                                  defaults=ex.site.defaults)
         names = policy.vary_names(multi) if ok else ()
         if ok and names is None:
             ok, why = False, "vary-star"
@@ -426,7 +427,7 @@ class CacheNode:
             writer = self.store.writer(store_key, size_hint=response.content_length)
 
         age = policy.current_age(multi, request_time, response_time, self.clock())
-        ttl = policy.freshness_lifetime(multi, status=response.status) - age if ok else None
+        ttl = policy.freshness_lifetime(multi, status=response.status, defaults=ex.site.defaults) - age if ok else None
         entry = self._cache_status(ex, fwd=fwd, fwd_status=response.status, stored=ok, ttl=ttl,
                                    detail=None if ok else why)
         out_headers = self._client_headers(multi, age, entry, ex.cache_status)
@@ -538,15 +539,16 @@ class CacheNode:
         """
         meta = stored.meta
         now = self.clock()
-        if policy.stale_if_error_allowed(meta.fields, meta.request_time, meta.response_time, now):
+        defaults = ex.site.defaults
+        if policy.stale_if_error_allowed(meta.fields, meta.request_time, meta.response_time, now, defaults):
             detail = "stale-if-error"
         elif unreachable and policy.stale_when_disconnected(meta.fields, meta.request_time, meta.response_time,
-                                                               now, ex.site.stale_if_unreachable):
+                                                               now, ex.site.stale_if_unreachable, defaults):
             detail = "disconnected"
             self.metrics.disconnected_stale.inc()
         else:
             return None
-        age, ttl = self._age_and_ttl(meta)
+        age, ttl = self._age_and_ttl(meta, ex.site)
         entry = self._cache_status(ex, hit=True, ttl=ttl, fwd_status=status, detail=detail)
         return await self._deliver_stored(ex, stored, age, entry)
 
@@ -594,9 +596,9 @@ class CacheNode:
 
     # --------------------------------------------------------------- deliver
 
-    def _age_and_ttl(self, meta: Meta) -> tuple[float, float]:
+    def _age_and_ttl(self, meta: Meta, site: Site) -> tuple[float, float]:
         """Current age and remaining freshness of a stored response, now."""
-        assessment = _assessment(meta)
+        assessment = _assessment(meta, site.defaults)
         age = policy.age_at(assessment, self.clock())
         return age, assessment.lifetime - age
 
@@ -825,12 +827,13 @@ def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
     headers[name] = f"{prior}, {value}" if prior else value
 
 
-def _assessment(meta: Meta) -> policy.Assessment:
-    """The policy's time-independent view of a stored response, computed once per Meta."""
+def _assessment(meta: Meta, defaults: policy.SiteDefaults) -> policy.Assessment:
+    """The policy's time-independent view of a stored response (under its site's defaults),
+    computed once per Meta: a stored response belongs to one site."""
     assessment = meta.memo.get("assessment")
     if assessment is None:
         assessment = meta.memo["assessment"] = policy.assess(meta.fields, meta.request_time,
-                                                             meta.response_time, meta.status)
+                                                             meta.response_time, meta.status, defaults)
     return assessment
 
 

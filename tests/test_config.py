@@ -86,6 +86,10 @@ def test_minimal_topology_defaults():
          "sites.example.ignore_query_params", "expected a list of parameter names"),
         ('hosts = ["www.example.com"]', 'hosts = ["www.example.com"]\naliases = "yes"',
          "sites.example.aliases", "expected true or false"),
+        ('hosts = ["www.example.com"]', 'hosts = ["www.example.com"]\ndefault_ttl = "5m"',
+         "sites.example.default_ttl", "expected a number"),
+        ('hosts = ["www.example.com"]', 'hosts = ["www.example.com"]\nstale_if_error = 1.5',
+         "sites.example.stale_if_error", "whole number"),
     ],
 )
 def test_mistakes_name_file_key_and_problem(replace, by, key, problem):

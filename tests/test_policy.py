@@ -792,3 +792,51 @@ def test_x_cache_follows_from_the_cache_status_entry(params, verdict):
 ])
 def test_hidden_fields(headers, expected):
     assert policy.hidden_fields(headers) == expected
+
+
+# ---------------------------------------------------------------- per-site defaults (nginx proxy_cache_valid)
+
+DEF = policy.SiteDefaults(default_ttl=300, max_ttl=3600, stale_while_revalidate=30, stale_if_error=600)
+
+
+@pytest.mark.parametrize("headers, status, defaults, expected", [
+    case("site-default-ttl-replaces-heuristic", {"Date": D0, "Last-Modified": http_date(T0 - 100_000)}, 200,
+         DEF, 300.0),
+    case("site-default-ttl-without-validators", {"Date": D0}, 200, DEF, 300.0),
+    case("site-default-ttl-for-302", {"Date": D0}, 302, DEF, 300.0),
+    case("site-default-ttl-not-for-500", {"Date": D0}, 500, DEF, 0.0),
+    case("site-explicit-max-age-wins", {"Date": D0, "Cache-Control": "max-age=60"}, 200, DEF, 60.0),
+    case("site-max-ttl-caps-explicit", {"Date": D0, "Cache-Control": "max-age=86400"}, 200, DEF, 3600.0),
+    case("site-invalid-expires-still-expired", {"Date": D0, "Expires": "soon"}, 200, DEF, 0.0),
+    case("site-no-defaults-heuristic", {"Date": D0, "Last-Modified": http_date(T0 - 1000)}, 200,
+         policy.NO_DEFAULTS, 100.0),
+])
+def test_site_defaults_freshness(headers, status, defaults, expected):
+    assert policy.freshness_lifetime(headers, status=status, defaults=defaults) == expected
+
+
+@pytest.mark.parametrize("headers, status, expected", [
+    case("site-default-ttl-makes-storable", {"Date": D0}, 200, (True, "default-ttl")),
+    case("site-default-ttl-302", {"Date": D0}, 302, (True, "default-ttl")),
+    case("site-default-ttl-no-store-still-wins", {"Date": D0, "Cache-Control": "no-store"}, 200, (False, "no-store")),
+    case("site-default-ttl-private-still-wins", {"Date": D0, "Cache-Control": "private"}, 200, (False, "private")),
+])
+def test_site_defaults_storable(headers, status, expected):
+    assert storable("GET", status, {}, headers, defaults=DEF) == expected
+
+
+def test_without_site_defaults_a_bare_response_is_not_stored():
+    assert storable("GET", 200, {}, {"Date": D0}) == (False, "zero-ttl")
+    assert storable("GET", 302, {}, {"Date": D0}) == (False, "no-freshness")
+
+
+def test_site_stale_windows_apply_unless_the_response_forbids_it():
+    # At NOW the response is 100 s old and fresh for 40 s: stale by 60 s.
+    plain = {"Date": D0, "Cache-Control": "max-age=40"}
+    assert stale_if_error_allowed(plain, T0, T0, NOW) is False
+    assert stale_if_error_allowed(plain, T0, T0, NOW, DEF) is True
+    assert stale_if_error_allowed({**plain, "Cache-Control": "max-age=40, must-revalidate"}, T0, T0, NOW, DEF) is False
+    assert stale_if_error_allowed({**plain, "Cache-Control": "max-age=40, stale-if-error=10"}, T0, T0, NOW,
+                                  DEF) is False       # the response's own window wins
+    swr = policy.assess(plain, T0, T0, 200, policy.SiteDefaults(stale_while_revalidate=90))
+    assert policy.decide_assessed(swr, NOW).action is policy.Action.STALE_WHILE_REVALIDATE

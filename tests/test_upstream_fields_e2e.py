@@ -55,6 +55,8 @@ hosts = ["tuned.example.com"]
 origin = "http://127.0.0.1:{server.port}"
 ignore_query_params = ["utm_source", "utm_medium"]
 set_cookie = "strip"
+default_ttl = 300
+max_ttl = 600
 [sites.nocookies]
 hosts = ["plain.example.com"]
 origin = "http://127.0.0.1:{server.port}"
@@ -167,3 +169,17 @@ async def test_set_cookie_strip_stores_the_response_without_it(node, upstream):
     assert (first.headers["X-Cache"], first.headers["Set-Cookie"]) == ("MISS", "id=bob")
     assert second.headers["X-Cache"] == "HIT" and "Set-Cookie" not in second.headers
     assert (kept_out.headers["X-Cache"], again.headers["X-Cache"]) == ("MISS", "MISS")
+
+
+async def test_site_default_ttl_and_max_ttl(node, upstream):
+    """nginx proxy_cache_valid: a bare 200 is kept default_ttl; any lifetime is capped at max_ttl."""
+    _, hits = upstream
+    async with aiohttp.ClientSession() as session:
+        bare = [await fetch(session, "/bare", host="tuned.example.com") for _ in range(2)]
+        long = [await fetch(session, "/long", host="tuned.example.com", cc="max-age=86400") for _ in range(2)]
+        elsewhere = [await fetch(session, "/bare-www") for _ in range(2)]          # no defaults on that site
+    assert [r.headers["X-Cache"] for r in bare] == ["MISS", "HIT"] and hits["/bare"] == 1
+    assert "ttl=299" in bare[1].headers["Cache-Status"] or "ttl=300" in bare[1].headers["Cache-Status"]
+    assert [r.headers["X-Cache"] for r in long] == ["MISS", "HIT"]
+    assert "ttl=599" in long[1].headers["Cache-Status"] or "ttl=600" in long[1].headers["Cache-Status"]
+    assert [r.headers["X-Cache"] for r in elsewhere] == ["MISS", "MISS"]
