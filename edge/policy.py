@@ -23,9 +23,11 @@ the RFCs leave room, and the reason for each:
   responses and cuts ranges out of them.
 * ``Vary: *`` is never stored: RFC 9111 section 4.1 says such a response
   always fails to match, so storing it only evicts useful objects.
-* ``Set-Cookie`` responses are never stored (Varnish's and nginx's default):
+* ``Set-Cookie`` responses are not stored (Varnish's and nginx's default):
   replaying one visitor's cookie to every other visitor is the classic CDN
-  data leak.  Origins set cookies on uncached paths, or drop them.
+  data leak.  Unless ``private="Set-Cookie"``/``no-cache="Set-Cookie"``
+  name it, or the site strips it (``strip_set_cookie``): then the response
+  is stored without it.
 * 401 and 407 are never stored: they depend on credentials that are not part
   of the cache key.
 * A response that could never be reused without going to the origin anyway
