@@ -152,3 +152,11 @@ class Cluster:
 
     def url(self, name: str, path: str) -> str:
         return f"http://{self.node(name).traffic}{path}"
+
+
+def single_edge(tmp_path: Path, ip: str, sites: str) -> NodeProcess:
+    """One L1 node "edge" on `ip` (ports 8080/8091) for the given `[sites.*]` TOML; started, stop it after."""
+    config = tmp_path / "topology.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n{sites}\n[nodes.edge]\nrole = "l1"\n'
+                      f'listen = "{ip}:{TRAFFIC_PORT}"\nadmin = "{ip}:{ADMIN_PORT}"\n')
+    return NodeProcess("edge", config, f"{ip}:{ADMIN_PORT}", f"{ip}:{TRAFFIC_PORT}").start()

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.cluster import NodeProcess
+from tests.cluster import single_edge
 
 HOP_BY_HOP_SENT = {
     "Connection": "keep-alive, X-Hop-Token",
@@ -47,18 +47,11 @@ async def upstream(aiohttp_server):
 @pytest.fixture
 def node(tmp_path, upstream):
     server, _ = upstream
-    config = tmp_path / "topology.toml"
-    config.write_text(f"""
-state_dir = "{tmp_path / 'state'}"
+    process = single_edge(tmp_path, "127.0.38.31", f"""
 [sites.example]
 hosts = ["www.example.com"]
 origin = "http://127.0.0.1:{server.port}"
-[nodes.edge]
-role = "l1"
-listen = "127.0.38.31:8080"
-admin = "127.0.38.31:8091"
 """)
-    process = NodeProcess("edge", config, "127.0.38.31:8091", "127.0.38.31:8080").start()
     try:
         yield process
     finally:

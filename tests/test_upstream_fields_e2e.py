@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from edge.policy import parse_http_date
-from tests.cluster import NodeProcess
+from tests.cluster import single_edge
 
 EDGE = "http://127.0.39.31:8080"
 
@@ -44,9 +44,7 @@ async def upstream(aiohttp_server):
 @pytest.fixture
 def node(tmp_path, upstream):
     server, _ = upstream
-    config = tmp_path / "topology.toml"
-    config.write_text(f"""
-state_dir = "{tmp_path / 'state'}"
+    process = single_edge(tmp_path, "127.0.39.31", f"""
 [sites.example]
 hosts = ["www.example.com", "static.example.com"]
 origin = "http://127.0.0.1:{server.port}"
@@ -65,12 +63,7 @@ ignore_query = true
 hosts = ["a.example.com", "b.example.com"]
 origin = "http://127.0.0.1:{server.port}"
 aliases = true
-[nodes.edge]
-role = "l1"
-listen = "127.0.39.31:8080"
-admin = "127.0.39.31:8091"
 """)
-    process = NodeProcess("edge", config, "127.0.39.31:8091", "127.0.39.31:8080").start()
     try:
         yield process
     finally:
