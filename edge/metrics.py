@@ -61,12 +61,16 @@ class RequestStats(Collector):
     def add(self, cache_status: str, method: str, duration: float, body_bytes: int) -> None:
         key = (cache_status, method)
         self.counts[key] = self.counts.get(key, 0) + 1
-        histogram = self.durations.get(cache_status)
-        if histogram is None:
-            histogram = self.durations[cache_status] = ([0] * (len(LATENCY_BUCKETS) + 1), [0.0])
+        histogram = self._histogram(cache_status)
         histogram[0][bisect_left(LATENCY_BUCKETS, duration)] += 1
         histogram[1][0] += duration
         self.body_bytes += body_bytes
+
+    def _histogram(self, cache_status: str) -> tuple[list[int], list[float]]:
+        histogram = self.durations.get(cache_status)
+        if histogram is None:
+            histogram = self.durations[cache_status] = ([0] * (len(LATENCY_BUCKETS) + 1), [0.0])
+        return histogram
 
     def fast_hit(self, method: str, body_bytes: int) -> None:
         self.fast_hits[method] += 1
@@ -78,10 +82,7 @@ class RequestStats(Collector):
                 self.fast_hits[method] = 0
                 key = ("HIT", method)
                 self.counts[key] = self.counts.get(key, 0) + count
-                histogram = self.durations.get("HIT")
-                if histogram is None:
-                    histogram = self.durations["HIT"] = ([0] * (len(LATENCY_BUCKETS) + 1), [0.0])
-                histogram[0][0] += count
+                self._histogram("HIT")[0][0] += count
         requests = CounterMetricFamily("edge_requests", "Client requests by cache status (nginx vocabulary) and method.",
                                        labels=["cache_status", "method"])
         for (cache_status, method), count in sorted(self.counts.items()):

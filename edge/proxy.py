@@ -40,7 +40,7 @@ from edge import policy
 from edge.cachekey import (VARIANT_SEPARATOR, cache_key, key_prefix, keyed_target, normalise_target,
                            variant_store_key)
 from edge.config import Node, Site, Topology
-from edge.http.message import BodyAborted, Reply, Request
+from edge.http.message import BodyAborted, Reply, Request, error_reply
 from edge.http.rules import serialise_fields, status_line
 from edge.metrics import NodeMetrics
 from edge.store import CachedObject, CorruptEntry, Meta, Store
@@ -160,7 +160,9 @@ class CacheNode:
         if site_and_prefix is None:
             return None
         site, prefix = site_and_prefix
-        stored = self.store.in_memory(prefix + normalise_target(keyed_target(site, target)))
+        if "?" in target and (site.ignore_query or site.ignore_query_params):
+            target = keyed_target(site, target)
+        stored = self.store.in_memory(prefix + normalise_target(target))
         if stored is None:
             return None
         meta = stored.meta
@@ -170,10 +172,7 @@ class CacheNode:
         ttl = assessment.lifetime - age
         if ttl <= 0 or assessment.no_cache or meta.status != 200:
             return None
-        block = memo.get("hit_block")
-        if block is None:
-            block = memo["hit_block"] = self._hit_block(meta)
-        head = b"%s%d\r\nAge: %s\r\n" % (block, ttl, policy.age_value(age).encode())
+        head = self._hit_head(meta, age, ttl, b"")
         body = stored.body
         self.metrics.requests.fast_hit(method, len(body) if method == "GET" else 0)
         return head, body, "HIT"
@@ -191,12 +190,16 @@ class CacheNode:
 
     def _collapsed_hit(self, ex: Exchange, stored: CachedObject, age: float, ttl: float) -> Reply:
         """A follower's answer from the object's hit block: many followers wake at once."""
-        meta = stored.meta
+        head = self._hit_head(stored.meta, age, ttl, b"; collapsed")
+        return ex.reply(200, (), stored.body, head=head, bodyless=ex.request.method == "HEAD")
+
+    def _hit_head(self, meta: Meta, age: float, ttl: float, params: bytes) -> bytes:
+        """The stored block (built once per Meta) with this second's ttl, any further
+        Cache-Status parameters, and Age."""
         block = meta.memo.get("hit_block")
         if block is None:
             block = meta.memo["hit_block"] = self._hit_block(meta)
-        head = b"%s%d; collapsed\r\nAge: %s\r\n" % (block, ttl, policy.age_value(age).encode())
-        return ex.reply(200, (), stored.body, head=head, bodyless=ex.request.method == "HEAD")
+        return b"%s%d%s\r\nAge: %s\r\n" % (block, ttl, params, policy.age_value(age).encode())
 
     def _site_by_raw_host(self, host: bytes) -> tuple[Site, str] | None:
         """The site of a raw Host value and its cache-key prefix, remembered (bounded)."""
@@ -665,20 +668,15 @@ class CacheNode:
         status = 504 if exc.error == "connection_timeout" else 502
         entry = self._cache_status(ex, fwd=fwd, detail=exc.error)
         log.warning("%s %s: upstream failed: %s", ex.request.method, ex.raw_target, exc)
-        headers = [
-            ("Date", formatdate(usegmt=True)),
-            ("Content-Type", "text/plain; charset=utf-8"),
+        reply = error_reply(status, f"upstream unavailable: {exc.error}", [
             ("Proxy-Status", f'{self.node.name}; error={exc.error}; details="{_sf_escape(exc.detail)}"'),
-            ("Cache-Status", entry),
-            ("X-Cache", ex.cache_status),
-            ("Via", self.via),
-        ]
-        return ex.reply(status, headers, f"{status} upstream unavailable: {exc.error}\n".encode())
+            ("Cache-Status", entry), ("X-Cache", ex.cache_status), ("Via", self.via),
+        ], cache_status=ex.cache_status)
+        reply.upstream = ex.upstream
+        return reply
 
     def _error(self, status: int, text: str) -> Reply:
-        headers = [("Date", formatdate(usegmt=True)), ("Content-Type", "text/plain; charset=utf-8"),
-                   ("Via", self.via)]
-        return Reply(status, headers, f"{status} {text}\n".encode("utf-8", "replace"), cache_status="REFUSED")
+        return error_reply(status, text, [("Via", self.via)])
 
 
 class FillStream:

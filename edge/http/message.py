@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
+from email.utils import formatdate
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -113,14 +114,14 @@ class Request:
     __slots__ = ("method", "target", "version", "raw_headers", "remote", "body", "keep_alive", "_headers")
 
     def __init__(self, method: str, target: str, version: str, raw_headers: list[tuple[bytes, bytes]],
-                 remote: str, body: RequestBody | None = None):
+                 remote: str, body: RequestBody | None = None, keep_alive: bool = True):
         self.method = method
         self.target = target                  # the request-target exactly as received
         self.version = version                # "1.0" or "1.1"
         self.raw_headers = raw_headers
         self.remote = remote                  # client IP address
         self.body = body                      # None when the request has no body
-        self.keep_alive = True                # the client allows the connection to be kept
+        self.keep_alive = keep_alive          # the client allows the connection to be kept
         self._headers: CIMultiDictProxy[str] | None = None
 
     @property
@@ -171,3 +172,10 @@ class Reply:
 
     def __repr__(self) -> str:
         return f"<Reply {self.status} {self.cache_status} length={self.length}>"
+
+
+def error_reply(status: int, text: str, fields: Iterable[tuple[str, str]] = (),
+                cache_status: str = "REFUSED") -> Reply:
+    """A short plain-text answer this node makes itself (a refusal, an upstream failure)."""
+    return Reply(status, [("Date", formatdate(usegmt=True)), ("Content-Type", "text/plain; charset=utf-8"),
+                          *fields], f"{status} {text}\n".encode("utf-8", "replace"), cache_status=cache_status)

@@ -23,13 +23,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from email.utils import formatdate
 from typing import TYPE_CHECKING
 
 import httptools
 
 from edge.http import rules
-from edge.http.message import BodyAborted, ClientGone, Reply, Request, RequestBody
+from edge.http.message import BodyAborted, ClientGone, Reply, Request, RequestBody, error_reply
 from edge.http.rules import Reject
 
 if TYPE_CHECKING:
@@ -238,38 +237,29 @@ class HttpConnection(asyncio.Protocol):
         raw_method = parser.get_method()
         method = _METHOD_NAMES.get(raw_method) or raw_method.decode("ascii")
         target = url.decode("ascii")
+        body = None
         if _PLAIN_KINDS.issuperset(noted):
             # The common request: no body, no Connection, nothing for the pipeline to decide.
             keep = version == "1.1"
-            if not self._busy and not self._queue and self._reject_after is None and not self._write_paused:
-                hosts = noted.get(_HOST)
-                via = noted.get(_VIA)
-                hit = self.app.hit_now(method, target, hosts[0] if hosts and len(hosts) == 1 else None,
-                                       via[0] if via else None)
-                if hit is not None:
-                    self._write_hit(method, target, version, keep, hit, noted)
-                    return
-            body = None
         else:
             rules.check_framing(noted.get(_TE, ()), noted.get(_CL, ()))
             keep = rules.keep_alive(version, noted.get(_CONN, ()))
-            has_body = _TE in noted or (_CL in noted and noted[_CL][0].strip() not in (b"0", b""))
             expect = noted.get(_EXPECT)
             wants_continue = rules.expects_continue(expect[0] if expect else None)   # 417 if unknown
-            body = None
-            if has_body:
+            if _TE in noted or (_CL in noted and noted[_CL][0].strip() not in (b"0", b"")):
                 body = self._body = RequestBody(lambda: self._pause_reading("body"),
                                                 lambda: self._resume_reading("body"),
                                                 self.limits.client_body_timeout,
                                                 self._send_continue if wants_continue and version == "1.1" else None)
-            elif not (self._busy or self._queue or self._write_paused) and self._reject_after is None \
-                    and _SLOW not in noted:
-                hit = self.app.hit_now(method, target, _only(noted, _HOST), _first_raw(noted, _VIA))
-                if hit is not None:
-                    self._write_hit(method, target, version, keep, hit, noted)
-                    return
-        request = Request(method, target, version, fields, self.remote, body)
-        request.keep_alive = keep
+        if body is None and _SLOW not in noted and not (self._busy or self._queue or self._write_paused) \
+                and self._reject_after is None:
+            hosts, via = noted.get(_HOST), noted.get(_VIA)      # inline: this is the hit path
+            hit = self.app.hit_now(method, target, hosts[0] if hosts and len(hosts) == 1 else None,
+                                   via[0] if via else None)
+            if hit is not None:
+                self._write_hit(method, target, version, keep, hit, noted)
+                return
+        request = Request(method, target, version, fields, self.remote, body, keep)
         self._queue.append(request)
         if len(self._queue) >= MAX_QUEUED:
             self._pause_reading("queue")
@@ -510,12 +500,6 @@ class HttpConnection(asyncio.Protocol):
 
 _REFUSAL_REASONS = {400: "bad_request", 408: "header_timeout", 414: "uri_too_long", 417: "expectation",
                     431: "header_too_large", 500: "internal_error", 501: "unknown_method"}
-
-
-def error_reply(status: int, text: str) -> Reply:
-    body = f"{status} {text}\n".encode("utf-8", "replace")
-    return Reply(status, [("Date", formatdate(usegmt=True)), ("Content-Type", "text/plain; charset=utf-8")],
-                 body, cache_status="REFUSED")
 
 
 def _unknown_method(data: bytes) -> Reject:
