@@ -53,9 +53,11 @@ class TieredStore:
 
     async def settled(self, key: str | None = None) -> None:
         """Wait until the background disk writes (of `key`, or all) have landed."""
-        while True:
-            pending = [self._disk_pending[key]] if key in self._disk_pending else \
-                ([] if key is not None else list(self._disk_pending.values()))
+        while True:         # a write may be queued behind the ones awaited: look again
+            if key is None:
+                pending = list(self._disk_pending.values())
+            else:
+                pending = [self._disk_pending[key]] if key in self._disk_pending else []
             if not pending:
                 return
             await asyncio.gather(*pending, return_exceptions=True)
