@@ -29,24 +29,23 @@ class ClientGone(Exception):
     """The client closed its connection (or timed out) while its body was being read."""
 
 
-class RequestBody:
-    """A request body as it arrives, read with backpressure.
+class ArrivingBody:
+    """A message body as it arrives from a socket, read with backpressure.
 
     The connection feeds chunks in; when more than ``high_water`` bytes wait,
-    it stops reading from the socket until the reader has taken them.  A
-    reader waits at most ``timeout`` seconds for the next chunk (nginx
-    ``client_body_timeout``).  For ``Expect: 100-continue`` the interim
-    response is sent the first time the body is read, as uvicorn and aiohttp
-    do: a pipeline that answers without reading the body never asks for it.
+    it stops reading from the socket (``pause``) until the reader has taken
+    them (``resume``).  A reader waits at most ``timeout`` seconds for the next
+    chunk, then gets ``timeout_error(timeout)``.  Used for request bodies here
+    and for response bodies by the upstream client.
     """
 
     def __init__(self, pause: Callable[[], None], resume: Callable[[], None], timeout: float,
-                 send_continue: Callable[[], None] | None = None, high_water: int = 256 * 1024):
+                 timeout_error: Callable[[float], Exception], high_water: int = 256 * 1024):
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._pause, self._resume = pause, resume
         self._timeout = timeout
-        self._send_continue = send_continue
+        self._timeout_error = timeout_error
         self._high_water = high_water
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
@@ -83,9 +82,6 @@ class RequestBody:
 
     async def read(self) -> bytes:
         """The next chunk; b"" at the end of the body."""
-        if self._send_continue is not None:
-            send, self._send_continue = self._send_continue, None
-            send()
         while not self._chunks:
             if self.complete:
                 return b""
@@ -95,7 +91,7 @@ class RequestBody:
             try:
                 await asyncio.wait_for(self._waiter, self._timeout)
             except asyncio.TimeoutError:
-                raise ClientGone(f"no request body bytes for {self._timeout:g}s") from None
+                raise self._timeout_error(self._timeout) from None
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
         if self._paused and self._buffered <= self._high_water // 4:
@@ -106,6 +102,29 @@ class RequestBody:
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while chunk := await self.read():
             yield chunk
+
+
+def _body_timeout(timeout: float) -> Exception:
+    return ClientGone(f"no request body bytes for {timeout:g}s")
+
+
+class RequestBody(ArrivingBody):
+    """A request body.  For ``Expect: 100-continue`` the interim response is
+    sent the first time the body is read, as uvicorn and aiohttp do: a
+    pipeline that answers without reading the body never asks for it.
+    ``timeout`` is nginx's ``client_body_timeout``.
+    """
+
+    def __init__(self, pause: Callable[[], None], resume: Callable[[], None], timeout: float,
+                 send_continue: Callable[[], None] | None = None, high_water: int = 256 * 1024):
+        super().__init__(pause, resume, timeout, _body_timeout, high_water)
+        self._send_continue = send_continue
+
+    async def read(self) -> bytes:
+        if self._send_continue is not None:
+            send, self._send_continue = self._send_continue, None
+            send()
+        return await super().read()
 
 
 class Request:
