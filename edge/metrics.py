@@ -107,6 +107,9 @@ class NodeMetrics:
         registry.register(self.requests)
         self.upstream_requests = Counter("edge_upstream_requests", "Requests sent upstream, by upstream and outcome.",
                                          ["upstream", "outcome"], registry=registry)
+        self.upstream_excess = Counter(
+            "edge_upstream_excess_body", "Upstream responses followed by bytes beyond their framing "
+            "(RFC 9112 6.3): the response is delivered and that connection closed.", ["upstream"], registry=registry)
         self.upstream_duration = Histogram("edge_upstream_response_seconds",
                                            "Time from sending a request upstream to its response headers.",
                                            ["upstream"], buckets=LATENCY_BUCKETS, registry=registry)

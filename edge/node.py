@@ -29,7 +29,7 @@ from edge.http.server import Front
 from edge.metrics import NodeMetrics
 from edge.proxy import CacheNode
 from edge.store import DiskStore, MemoryStore, TieredStore
-from edge.upstream.client import UpstreamPool, make_session
+from edge.upstream.client import UpstreamPool
 
 log = logging.getLogger("edge.node")
 
@@ -87,9 +87,7 @@ async def _cache_node(topology: Topology, node: Node, stack: AsyncExitStack) -> 
     stack.push_async_callback(store.close)
     metrics.watch_store(store.tiers)
 
-    session = make_session(node.parent_policy.timeout, node.listen.host)
-    stack.push_async_callback(session.close)
-    upstreams = UpstreamPool(topology, node, session, metrics)
+    upstreams = UpstreamPool(topology, node, metrics)
     await upstreams.start()
     stack.push_async_callback(upstreams.close)
     cache_node = CacheNode(topology, node, store, upstreams, metrics)

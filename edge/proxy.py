@@ -33,20 +33,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from email.utils import formatdate
 
-import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from edge import policy
 from edge.cachekey import (VARIANT_SEPARATOR, cache_key, key_prefix, keyed_target, normalise_target,
                            variant_store_key)
 from edge.config import Node, Site, Topology
-from edge.http.message import BodyAborted, Reply, Request, error_reply
+from edge.http.message import BodyAborted, ClientGone, Reply, Request, error_reply
 from edge.http.rules import serialise_fields, status_line
 from edge.metrics import NodeMetrics
 from edge.store import CachedObject, CorruptEntry, Meta, Store
 from edge.store.base import Writer
 from edge.upstream.client import Upstream, UpstreamError, UpstreamPool
 from edge.upstream.coalesce import Coalescer, Flight, Landing, Outcome
+from edge.upstream.http1 import TIMEOUT_ERRORS, UpstreamIOError, UpstreamResponse
 
 log = logging.getLogger("edge.proxy")
 
@@ -70,7 +70,6 @@ VARY_MARKER_STATUS = 0     # a stored Meta with this status records a URL's Vary
 # invalidation removes the marker, and the variants stored under the old
 # generation can never be found again (the LRU reclaims them).
 GENERATION_FIELD = "Generation"
-SMALL_CHUNK = 256 * 1024
 DISK_CHUNK = 4 * 1024 * 1024   # disk hits: fewer thread hops per byte (measured: see README, Disk hits)
 KNOWN_HOSTS_MAX = 4096     # raw Host values remembered by the hit path
 
@@ -393,7 +392,7 @@ class CacheNode:
             if not streaming:
                 response.release()
 
-    async def _revalidated(self, ex: Exchange, stale: tuple[str, CachedObject], response: aiohttp.ClientResponse,
+    async def _revalidated(self, ex: Exchange, stale: tuple[str, CachedObject], response: UpstreamResponse,
                            request_time: float, response_time: float) -> tuple[Reply, Landing]:
         """RFC 9111 4.3.4: a 304 freshens the stored headers; the stored body is served."""
         key, stored = stale
@@ -408,7 +407,7 @@ class CacheNode:
 
     # ----------------------------------------------------------------- store
 
-    async def _store(self, ex: Exchange, response: aiohttp.ClientResponse, upstream: Upstream,
+    async def _store(self, ex: Exchange, response: UpstreamResponse, upstream: Upstream,
                      request_time: float, response_time: float, fwd: str,
                      flight: Flight | None) -> tuple[Reply, Landing | asyncio.Future[Landing]]:
         """Store what policy allows; small bodies whole, large ones streamed to client and store at once."""
@@ -447,7 +446,7 @@ class CacheNode:
             # Small: read whole, store, then answer (followers are released first).
             try:
                 body = await response.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except UpstreamIOError as exc:
                 if writer:
                     await writer.abort()
                 error = UpstreamError("http_response_incomplete", str(exc) or type(exc).__name__, [upstream.name])
@@ -511,7 +510,7 @@ class CacheNode:
         async def refresh() -> None:
             try:
                 await self._miss_as_leader(background, (key, stored), flight)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, BodyAborted) as exc:
+            except (UpstreamIOError, OSError, BodyAborted) as exc:
                 log.info("background refresh of %s broke: %s", ex.primary, exc)
 
         self.spawn(refresh())
@@ -566,6 +565,11 @@ class CacheNode:
                                                            headers, request.body)
         except UpstreamError as exc:
             return self._upstream_error(ex, exc, fwd="bypass")
+        except ClientGone as exc:
+            # The client stalled or left mid-upload (nginx client_body_timeout): its
+            # fault, not the upstream's; the upstream connection was cut, not finished.
+            log.info("%s %s: request body failed: %s", request.method, ex.raw_target, exc)
+            return self._error(408, "request body not received in time")
         ex.upstream = upstream.name
         try:
             await self._invalidate(ex, response)
@@ -578,7 +582,7 @@ class CacheNode:
         return ex.reply(response.status, out_headers, _relay(response), length=response.content_length,
                         bodyless=request.method == "HEAD")
 
-    async def _invalidate(self, ex: Exchange, response: aiohttp.ClientResponse) -> None:
+    async def _invalidate(self, ex: Exchange, response: UpstreamResponse) -> None:
         """RFC 9111 4.4: a successful unsafe method invalidates the URL and same-origin Location."""
         host = ex.request.headers.get("Host", "")
         request_url = f"http://{host}{ex.raw_target}"
@@ -665,7 +669,7 @@ class CacheNode:
         return not self._tier_names.isdisjoint(via_names(request.headers))
 
     def _upstream_error(self, ex: Exchange, exc: UpstreamError, fwd: str = "miss") -> Reply:
-        status = 504 if exc.error == "connection_timeout" else 502
+        status = 504 if exc.error in TIMEOUT_ERRORS else 502
         entry = self._cache_status(ex, fwd=fwd, detail=exc.error)
         log.warning("%s %s: upstream failed: %s", ex.request.method, ex.raw_target, exc)
         reply = error_reply(status, f"upstream unavailable: {exc.error}", [
@@ -689,7 +693,7 @@ class FillStream:
     object.  `landing` (when storing) resolves with the coalescing outcome.
     """
 
-    def __init__(self, node: CacheNode, key: str, response: aiohttp.ClientResponse, writer: Writer | None,
+    def __init__(self, node: CacheNode, key: str, response: UpstreamResponse, writer: Writer | None,
                  meta_of: Callable[[int], Meta], span: tuple[int, int] | None,
                  landing: asyncio.Future[Landing] | None):
         self._node, self._key, self._response, self._writer = node, key, response, writer
@@ -718,8 +722,8 @@ class FillStream:
     async def _next_chunk(self) -> bytes | None:
         """The next upstream chunk, stored; None at the end (the fill is then committed)."""
         try:
-            chunk = await self._response.content.read(SMALL_CHUNK)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            chunk = await self._response.read_chunk()
+        except UpstreamIOError as exc:
             log.warning("upstream body for %s broke after %d bytes: %s", self._key, self._read, exc)
             await self._finish(None)
             raise BodyAborted(f"upstream body broke: {exc}") from None
@@ -793,12 +797,12 @@ async def _stored_stream(first: bytes, chunks, key: str):
         await chunks.aclose()
 
 
-async def _relay(response: aiohttp.ClientResponse):
+async def _relay(response: UpstreamResponse):
     """A pass-through body, chunk by chunk; the upstream connection is released at the end."""
     try:
-        while chunk := await response.content.read(SMALL_CHUNK):
+        while chunk := await response.read_chunk():
             yield chunk
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except UpstreamIOError as exc:
         raise BodyAborted(f"upstream body broke: {exc}") from None
     finally:
         response.release()

@@ -7,11 +7,11 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 
-import aiohttp
 import pytest
 from aiohttp import web
 
 from edge.upstream.health import ActiveProber, ParentHealth
+from edge.upstream.http1 import Address, Http1Client
 
 OK, FAIL = True, False      # an event: a good or a failed request/probe
 UP, DOWN = True, False      # the state after it
@@ -137,9 +137,11 @@ async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+async def session() -> AsyncIterator[Http1Client]:
+    """The upstream client the probers share (a node's own, as in production)."""
+    client = Http1Client(connect_timeout=2.0, read_timeout=2.0)
+    yield client
+    await client.close()
 
 
 @pytest.fixture
@@ -178,7 +180,7 @@ async def hung_url(aiohttp_server) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def probers(session: aiohttp.ClientSession) -> AsyncIterator[list[ActiveProber]]:
+async def probers(session: Http1Client) -> AsyncIterator[list[ActiveProber]]:
     """Probers a test starts; all are closed at the end (before their session) even if the test fails."""
     started: list[ActiveProber] = []
     yield started
@@ -311,7 +313,10 @@ async def test_start_and_close(make_parent, session) -> None:
         await prober.close()
     assert not prober.running
     await prober.close()   # a second close is harmless
-    assert not session.closed   # the session belongs to the caller
+    # The client belongs to the caller: it still sends requests.
+    response = await session.request(Address.from_url(url), "GET", "/healthz", ())
+    response.release()
+    assert response.status == 200
 
 
 async def test_probe_once_records_one_result_per_parent(make_parent, refused_url, session) -> None:

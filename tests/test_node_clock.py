@@ -23,7 +23,7 @@ from edge.http.server import Front
 from edge.metrics import NodeMetrics
 from edge.proxy import CacheNode
 from edge.store import DiskStore, MemoryStore, TieredStore
-from edge.upstream.client import UpstreamPool, make_session
+from edge.upstream.client import UpstreamPool
 from origin.app import make_app as make_origin_app
 
 
@@ -61,9 +61,8 @@ admin = "127.0.0.1:0"
     clock = Clock(time.time())
     store = TieredStore(MemoryStore(2**20, 2**20), DiskStore(tmp_path / "cache", 2**24))
     await store.start()
-    session = make_session(5.0)
     metrics = NodeMetrics(CollectorRegistry())
-    upstreams = UpstreamPool(topology, node, session, metrics)
+    upstreams = UpstreamPool(topology, node, metrics)
     cache_node = CacheNode(topology, node, store, upstreams, metrics, clock=clock)
     front = Front(cache_node, node.limits, AccessLog("off"))
     await front.start("127.0.0.1", 0)
@@ -72,7 +71,7 @@ admin = "127.0.0.1:0"
     finally:
         await front.drain()
         await cache_node.close()
-        await session.close()
+        await upstreams.close()
         await store.close()
 
 

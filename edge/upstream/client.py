@@ -1,4 +1,4 @@
-"""Sending requests upstream: one shared ClientSession, parents in ring order, then the origin.
+"""Sending requests upstream: parents in ring order, then the origin, on one HTTP/1.1 client.
 
 `UpstreamPool.send` picks the candidates for a cache key (healthy parents in
 consistent-hash order, then the origin when `go_direct` allows), and moves to
@@ -10,19 +10,17 @@ answer, not a parent failure, and is passed through.
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
-import aiohttp
-from yarl import URL
+from multidict import CIMultiDict
 
 from edge.config import Node, Site, Topology
 from edge.metrics import NodeMetrics
 from edge.upstream.health import ActiveProber, ParentHealth
+from edge.upstream.http1 import Address, Http1Client, UpstreamIOError, UpstreamResponse
 from edge.upstream.ring import HashRing
 
 log = logging.getLogger("edge.upstream")
@@ -33,7 +31,7 @@ PARENT_FAILURE_STATUSES = frozenset({502, 503, 504})
 @dataclass(frozen=True)
 class Upstream:
     name: str            # parent node name, or "origin"
-    base_url: str        # scheme://host:port, no trailing slash
+    address: Address
     is_parent: bool
 
 
@@ -43,36 +41,6 @@ class UpstreamError(Exception):
     def __init__(self, error: str, detail: str, tried: list[str]):
         super().__init__(f"{error}: {detail} (tried {', '.join(tried) or 'nothing'})")
         self.error, self.detail, self.tried = error, detail, tried
-
-
-def make_session(timeout: float, source_ip: str | None = None) -> aiohttp.ClientSession:
-    """The process's one upstream session: keep-alive, no decompression, no added headers.
-
-    Connections leave from `source_ip` (the node's own address) so parents and
-    origins see which node asked, as they would across hosts.
-    """
-    local_addr = (source_ip, 0) if source_ip and source_ip not in ("0.0.0.0", "::") else None
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300,
-                                     local_addr=local_addr)
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,       # bodies are stored and relayed exactly as received
-        skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout),
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
-
-
-class _CountingBody:
-    """Wraps a request body stream so we know whether any byte was sent (then no retry)."""
-
-    def __init__(self, chunks: AsyncIterator[bytes]):
-        self._chunks, self.started = chunks, False
-
-    async def __aiter__(self):
-        async for chunk in self._chunks:
-            self.started = True
-            yield chunk
 
 
 def proxy_status_error(headers: Mapping[str, str], name: str) -> bool:
@@ -85,13 +53,15 @@ def proxy_status_error(headers: Mapping[str, str], name: str) -> bool:
 
 
 class UpstreamPool:
-    def __init__(self, topology: Topology, node: Node, session: aiohttp.ClientSession, metrics: NodeMetrics,
-                 hash_ring: HashRing | None = None):
-        self.node, self.session, self.metrics = node, session, metrics
+    def __init__(self, topology: Topology, node: Node, metrics: NodeMetrics, hash_ring: HashRing | None = None):
+        self.node, self.metrics = node, metrics
         self.policy = node.parent_policy
         self.parents = {
-            name: Upstream(name, topology.node(name).listen.url, True) for name in node.parents
+            name: Upstream(name, Address.from_url(topology.node(name).listen.url), True) for name in node.parents
         }
+        self._names = {upstream.address: name for name, upstream in self.parents.items()}
+        self.client = Http1Client(connect_timeout=self.policy.timeout, read_timeout=self.policy.timeout,
+                                  source_ip=node.listen.host, on_excess=self._excess)
         weights = {name: 1.0 for name in node.parents}
         weights.update(dict(node.parent_weights))
         self.ring = hash_ring if hash_ring is not None else HashRing(weights)
@@ -100,11 +70,9 @@ class UpstreamPool:
         for name in node.parents:
             metrics.parent_up.labels(name).set(1)
         health_urls = {name: f"{topology.node(name).admin.url}/healthz" for name in node.parents}
-        self.prober = ActiveProber(self.health, health_urls, session,
+        self.prober = ActiveProber(self.health, health_urls, self.client,
                                    interval=self.policy.probe_interval, timeout=min(self.policy.timeout, 2.0))
         self._origins: dict[str, Upstream] = {}
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.policy.timeout,
-                                              sock_read=self.policy.timeout)
 
     async def start(self) -> None:
         if self.parents:
@@ -112,6 +80,11 @@ class UpstreamPool:
 
     async def close(self) -> None:
         await self.prober.close()
+        await self.client.close()
+
+    def _excess(self, address: Address) -> None:
+        """An upstream sent bytes beyond a response (RFC 9112 6.3); its connection was closed."""
+        self.metrics.upstream_excess.labels(self._names.get(address, "origin")).inc()
 
     def _on_health_change(self, name: str, up: bool) -> None:
         self.metrics.parent_up.labels(name).set(1 if up else 0)
@@ -123,7 +96,7 @@ class UpstreamPool:
     def origin(self, site: Site) -> Upstream:
         upstream = self._origins.get(site.origin)
         if upstream is None:
-            upstream = self._origins[site.origin] = Upstream("origin", site.origin, False)
+            upstream = self._origins[site.origin] = Upstream("origin", Address.from_url(site.origin), False)
         return upstream
 
     def candidates(self, key: str, site: Site) -> list[Upstream]:
@@ -137,32 +110,28 @@ class UpstreamPool:
         # Never direct: when every parent is down, try them anyway rather than fail outright.
         return healthy or [self.parents[name] for name in ordered]
 
-    async def send(self, method: str, key: str, site: Site, raw_target: str, headers: Mapping[str, str],
-                   body: AsyncIterator[bytes] | None = None) -> tuple[aiohttp.ClientResponse, Upstream]:
+    async def send(self, method: str, key: str, site: Site, raw_target: str, headers: CIMultiDict[str],
+                   body: AsyncIterator[bytes] | None = None) -> tuple[UpstreamResponse, Upstream]:
         """Send the request to the first candidate that answers; the caller releases the response."""
-        counted = _CountingBody(body) if body is not None else None
         tried: list[str] = []
         last_error = ("destination_unavailable", "no upstream configured")
         candidates = self.candidates(key, site)
         for index, upstream in enumerate(candidates):
             tried.append(upstream.name)
-            url = URL(upstream.base_url + raw_target, encoded=True)
             started = time.monotonic()
             try:
-                response = await self.session.request(
-                    method, url, headers=headers, data=counted, allow_redirects=False,
-                    timeout=self._timeout, compress=None)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                last_error = _classify(exc)
-                self._failed(upstream, last_error[0])
-                if counted is not None and counted.started:
+                response = await self.client.request(upstream.address, method, raw_target, headers.items(), body)
+            except UpstreamIOError as exc:
+                last_error = (exc.error, exc.detail)
+                self._failed(upstream, exc.error)
+                if exc.body_started:
                     break   # the body is gone; it cannot be replayed to the next candidate
                 continue
             self.metrics.upstream_duration.labels(upstream.name).observe(time.monotonic() - started)
             is_last = index == len(candidates) - 1
             if (upstream.is_parent and response.status in PARENT_FAILURE_STATUSES
                     and proxy_status_error(response.headers, upstream.name) and not is_last
-                    and (counted is None or not counted.started)):
+                    and not response.body_started):
                 # The parent itself could not get an answer: try the next one.
                 response.release()
                 last_error = ("destination_unavailable", f"{upstream.name} answered {response.status}")
@@ -180,15 +149,3 @@ class UpstreamPool:
             self.health.failure(upstream.name)
         log.info("upstream %s failed: %s", upstream.name, outcome)
 
-
-def _classify(exc: BaseException) -> tuple[str, str]:
-    """Map a client exception to an RFC 9209 Proxy-Status error type."""
-    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return "connection_timeout", str(exc) or "timed out"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        if exc.os_error is not None and exc.os_error.errno == errno.ECONNREFUSED:
-            return "connection_refused", str(exc.os_error)
-        return "destination_unavailable", str(exc)
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "connection_terminated", "upstream closed the connection"
-    return "proxy_internal_error", str(exc) or type(exc).__name__

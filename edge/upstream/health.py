@@ -16,8 +16,9 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
-import aiohttp
+from edge.upstream.http1 import Address, Http1Client
 
 log = logging.getLogger(__name__)
 
@@ -105,22 +106,22 @@ class ActiveProber:
     or no complete answer within `timeout` seconds is a failure.  All parents
     are probed at once each round, so one hung parent delays the others by at
     most `timeout`, and idle parents are probed too: a dead parent is found
-    before a request has to fail on it.  The session is the caller's (one per
+    before a request has to fail on it.  The client is the caller's (one per
     process) and is not closed here.
     """
 
     def __init__(self, health: ParentHealth, urls: Mapping[str, str],
-                 session: aiohttp.ClientSession, interval: float, timeout: float) -> None:
+                 client: Http1Client, interval: float, timeout: float) -> None:
         unknown = sorted(set(urls) - set(health.names))
         if unknown:
             raise ValueError(f"no health state for parent {unknown[0]!r}")
         if interval <= 0 or timeout <= 0:
             raise ValueError(f"interval and timeout must be positive, got {interval!r} and {timeout!r}")
         self._health = health
-        self._urls = dict(urls)
-        self._session = session
+        self._urls = {name: (Address.from_url(url), urlsplit(url).path or "/") for name, url in urls.items()}
+        self._client = client
         self._interval = interval
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = timeout
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -162,13 +163,17 @@ class ActiveProber:
             await asyncio.sleep(self._interval)
 
     async def _probe(self, name: str) -> bool:
-        url = self._urls[name]
+        address, path = self._urls[name]
         try:
-            async with self._session.get(url, timeout=self._timeout, allow_redirects=False) as response:
-                await response.read()   # a complete answer, not just a status line
-                if response.status == 200:
-                    return True
-                log.debug("parent %s: probe %s answered %d", name, url, response.status)
+            async with asyncio.timeout(self._timeout):
+                response = await self._client.request(address, "GET", path, (), read_timeout=self._timeout)
+                try:
+                    await response.read()   # a complete answer, not just a status line
+                finally:
+                    response.release()
+            if response.status == 200:
+                return True
+            log.debug("parent %s: probe %s%s answered %d", name, address, path, response.status)
         except Exception as exc:   # refused, reset, timed out, bad answer: all mean "not healthy"
-            log.debug("parent %s: probe %s failed: %r", name, url, exc)
+            log.debug("parent %s: probe %s%s failed: %r", name, address, path, exc)
         return False

@@ -1,0 +1,490 @@
+"""Our HTTP/1.1 client for parents and origins: httptools (llhttp) on a keep-alive pool.
+
+Why not aiohttp's client, which this replaced:
+
+* a complete response followed by more bytes than its Content-Length says
+  (RFC 9112 6.3) made aiohttp's parser fail the whole response ("Bad status
+  line"), so the client got a 502 for an answer that had arrived whole.  Here
+  the Content-Length bytes are delivered, and that connection is closed and
+  counted (`on_excess`);
+* on a miss it was the largest single cost of an L1's event loop (about 40%
+  in `benchmarks/profile.py`): a request here is one write of a pre-joined
+  head and one parser per response.
+
+One request at a time per connection (no pipelining upstream, like nginx and
+Varnish).  A request that finds its pooled connection closed by the server
+before any byte of the response (the keep-alive race) is sent once more on a
+new connection, if it is idempotent and none of its body was sent.
+
+Errors are :class:`UpstreamIOError` carrying an RFC 9209 Proxy-Status error
+type.  Every wait is bounded: connecting (`connect_timeout`), the response
+head (`read_timeout`), each body read (`read_timeout`), each write.  The
+response head is bounded in size; a response body is buffered up to 256 KiB,
+then reading from the socket pauses until the consumer takes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httptools
+from multidict import CIMultiDict
+
+from edge.http.message import ArrivingBody
+from edge.http.rules import serialise_fields
+
+log = logging.getLogger("edge.upstream")
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+MAX_HEAD_BYTES = 64 * 1024          # a response head larger than this is refused (502)
+MAX_FIELDS = 256
+BODY_HIGH_WATER = 256 * 1024
+_NO_BODY_STATUSES = frozenset({204, 304})
+# The errors that mean "waited too long" (a 504 to the client, not a 502).
+TIMEOUT_ERRORS = frozenset({"connection_timeout", "http_response_timeout", "connection_read_timeout",
+                            "connection_write_timeout"})
+
+
+class UpstreamIOError(Exception):
+    """A request upstream failed; `error` is an RFC 9209 Proxy-Status error type."""
+
+    def __init__(self, error: str, detail: str):
+        super().__init__(f"{error}: {detail}")
+        self.error, self.detail = error, detail
+        self.body_started = False         # some of the request body was taken: it cannot be sent again
+
+
+class _Stale(UpstreamIOError):
+    """A reused connection was closed before any byte of the response: safe to try again."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where to connect, and the authority to send as Host when the request has none."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def from_url(cls, url: str) -> Address:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+        return cls(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.authority}"
+
+
+class Http1Client:
+    """Sends requests to upstreams over pooled HTTP/1.1 connections."""
+
+    def __init__(self, *, connect_timeout: float, read_timeout: float, source_ip: str | None = None,
+                 idle_timeout: float = 30.0, max_idle_per_address: int = 64,
+                 on_excess: Callable[[Address], None] | None = None):
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        # Connections leave from the node's own address so that parents and
+        # origins see which node asked, as they would across hosts.
+        self._local_addr = (source_ip, 0) if source_ip and source_ip not in ("0.0.0.0", "::") else None
+        self._idle_timeout, self._max_idle = idle_timeout, max_idle_per_address
+        self._on_excess = on_excess
+        self._idle: dict[Address, list[_Connection]] = {}
+        self._open: set[_Connection] = set()
+        self._tls: ssl.SSLContext | None = None
+
+    async def request(self, address: Address, method: str, target: str, fields: Iterable[tuple[str, str]],
+                      body: AsyncIterator[bytes] | None = None, *,
+                      read_timeout: float | None = None) -> UpstreamResponse:
+        """Send one request; returns once the response head has arrived.
+
+        `fields` are sent as given, plus Host (when absent) and the body's
+        framing: a body with a Content-Length field is sent as it is, any
+        other body chunked.  The caller must `release()` the response.
+        """
+        fields = list(fields)
+        names = {name.lower() for name, _ in fields}
+        if "host" not in names:
+            fields.insert(0, ("Host", address.authority))
+        if body is not None and "content-length" not in names:
+            fields.append(("Transfer-Encoding", "chunked"))
+        head = f"{method} {target} HTTP/1.1\r\n".encode("latin-1") + serialise_fields(fields) + b"\r\n"
+        timeout = self.read_timeout if read_timeout is None else read_timeout
+        chunked = body is not None and "content-length" not in names
+        sent = _SentBody(body, chunked) if body is not None else None
+        connection = self._pooled(address)
+        while True:
+            try:
+                if connection is None:
+                    connection = await self._connect(address)
+                response = await connection.exchange(head, sent, method, timeout)
+            except UpstreamIOError as exc:
+                exc.body_started = sent is not None and sent.started
+                if isinstance(exc, _Stale) and method in IDEMPOTENT and not exc.body_started:
+                    connection = None    # a new connection this time (the pool may hold more dead ones)
+                    continue
+                raise
+            response.body_started = sent is not None and sent.started
+            return response
+
+    async def close(self) -> None:
+        """Close every connection, idle or in use."""
+        for connection in list(self._open):
+            connection.abort()
+        self._idle.clear()
+
+    # ------------------------------------------------------------------ pool
+
+    def _pooled(self, address: Address) -> _Connection | None:
+        idle = self._idle.get(address)
+        now = time.monotonic()
+        while idle:
+            connection = idle.pop()
+            if not connection.closed and now - connection.idle_since < self._idle_timeout:
+                return connection
+            connection.abort()
+        return None
+
+    def _put_back(self, connection: _Connection) -> None:
+        idle = self._idle.setdefault(connection.address, [])
+        if len(idle) >= self._max_idle:
+            connection.abort()
+            return
+        connection.idle_since = time.monotonic()
+        idle.append(connection)
+
+    def _forget(self, connection: _Connection) -> None:
+        self._open.discard(connection)
+        idle = self._idle.get(connection.address)
+        if idle and connection in idle:
+            idle.remove(connection)
+
+    def _excess(self, address: Address, count: int) -> None:
+        log.warning("upstream %s sent %d bytes beyond its response; connection closed", address, count)
+        if self._on_excess is not None:
+            self._on_excess(address)
+
+    async def _connect(self, address: Address) -> _Connection:
+        loop = asyncio.get_running_loop()
+        tls = None
+        if address.scheme == "https":
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            tls = self._tls
+        try:
+            _, connection = await asyncio.wait_for(loop.create_connection(
+                lambda: _Connection(self, address), address.host, address.port, ssl=tls,
+                local_addr=self._local_addr), self.connect_timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamIOError("connection_timeout", f"no connection to {address} within "
+                                                        f"{self.connect_timeout:g}s") from None
+        except ConnectionRefusedError as exc:
+            raise UpstreamIOError("connection_refused", f"{address}: {exc.strerror or exc}") from None
+        except socket.gaierror as exc:
+            raise UpstreamIOError("dns_error", f"{address.host}: {exc.strerror or exc}") from None
+        except ssl.SSLError as exc:
+            raise UpstreamIOError("tls_protocol_error", f"{address}: {exc}") from None
+        except OSError as exc:
+            raise UpstreamIOError("destination_unavailable", f"{address}: {exc.strerror or exc}") from None
+        self._open.add(connection)
+        return connection
+
+
+class _SentBody:
+    """A request body on its way out; `started` once any byte has been taken from it."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], chunked: bool):
+        self.chunks, self.chunked, self.started = chunks, chunked, False
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection: at most one exchange at a time."""
+
+    def __init__(self, client: Http1Client, address: Address):
+        self.client, self.address = client, address
+        self.transport: asyncio.Transport | None = None
+        self.response: UpstreamResponse | None = None
+        self.closed = False
+        self.used = False                 # an exchange ran on it before (it came from the pool)
+        self.idle_since = 0.0
+        self._write_paused = False
+        self._drained: asyncio.Future[None] | None = None
+
+    # ---------------------------------------------------------------- asyncio
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        response = self.response
+        if response is None or response.complete:
+            # Bytes nobody asked for: the stream is out of step; never reuse it.
+            self.client._excess(self.address, len(data))
+            self.abort()
+            return
+        response._feed(data)
+
+    def eof_received(self) -> bool:
+        return False                      # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.response is not None:
+            self.response._lost(exc)
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_exception(UpstreamIOError("connection_terminated", "closed while sending the request"))
+        self.client._forget(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    # -------------------------------------------------------------- exchange
+
+    def abort(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+    async def exchange(self, head: bytes, body: _SentBody | None, method: str,
+                       timeout: float) -> UpstreamResponse:
+        reused, self.used = self.used, True
+        response = self.response = UpstreamResponse(self, method, timeout)
+        try:
+            self.transport.write(head)
+            if body is not None:
+                await self._send_body(body, timeout)
+            return await response._wait_head(timeout, reused)
+        except BaseException:
+            self.abort()
+            if response._head.done() and not response._head.cancelled():
+                response._head.exception()      # retrieved: the error is the one being raised
+            raise
+
+    async def _send_body(self, body: _SentBody, timeout: float) -> None:
+        write = self.transport.write
+        async for chunk in body.chunks:
+            body.started = True
+            if not chunk:
+                continue
+            if body.chunked:
+                write(b"%x\r\n" % len(chunk))
+                write(chunk)
+                write(b"\r\n")
+            else:
+                write(chunk)
+            if self._write_paused:
+                await self._drain(timeout)
+            if self.closed:
+                raise UpstreamIOError("connection_terminated", "closed while sending the request body")
+        if body.chunked:
+            write(b"0\r\n\r\n")
+
+    async def _drain(self, timeout: float) -> None:
+        self._drained = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(self._drained, timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamIOError("connection_write_timeout",
+                                  f"request body not taken for {timeout:g}s") from None
+
+    def finished(self, response: UpstreamResponse) -> None:
+        """The consumer is done with `response`: pool the connection when it can be reused."""
+        if self.response is not response:
+            return
+        self.response = None
+        if self.closed or not response.reusable:
+            self.abort()
+        else:
+            self.transport.resume_reading()   # the body may have paused it, and ended unread
+            self.client._put_back(self)
+
+
+class UpstreamResponse:
+    """A response head, and its body as it arrives.
+
+    `headers` decode values with surrogateescape, so serialising them again
+    gives back the bytes received.  `content_length` is the field's value
+    (None when absent), also for HEAD and 304.
+    """
+
+    def __init__(self, connection: _Connection, method: str, timeout: float):
+        self._connection = connection
+        self._head_only = method == "HEAD"
+        self._parser = httptools.HttpResponseParser(self)
+        self._head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._interim = False
+        self._until_close = False
+        self._received = 0
+        self.status = 0
+        self.version = "1.1"
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.content_length: int | None = None
+        self.complete = False             # the whole response has arrived
+        self.body_started = False         # some of the request body was sent
+        self.keep_alive = False
+        self.excess = False
+        self._body = ArrivingBody(connection.transport.pause_reading, connection.transport.resume_reading,
+                                  timeout, _body_timeout, BODY_HIGH_WATER)
+
+    # ------------------------------------------------------- parser callbacks
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.excess = True            # a second message where none was asked for
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD_BYTES or len(self._fields) >= MAX_FIELDS:
+            raise UpstreamIOError("http_response_header_section_size",
+                                  f"response head over {MAX_HEAD_BYTES} bytes or {MAX_FIELDS} fields")
+        self._fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:
+            # 1xx interim responses (100, 103) are not forwarded; the final one follows.
+            if status == 101:
+                raise UpstreamIOError("http_upgrade_failed", "upstream switched protocols unasked")
+            self._interim = True
+            self._fields, self._head_bytes = [], 0
+            return
+        self.status = status
+        self.version = self._parser.get_http_version()
+        self.keep_alive = self._parser.should_keep_alive()
+        headers = self.headers
+        for name, value in self._fields:
+            headers.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+        self._fields = []
+        length = headers.get("Content-Length")
+        if length is not None:
+            self.content_length = int(length)          # llhttp has checked it is one number
+        if self._head_only or status in _NO_BODY_STATUSES:
+            self._complete()
+        elif length is None and not _chunked(headers):
+            self._until_close = True                   # RFC 9112 6.3 item 8: the body ends at close
+        if not self._head.done():
+            self._head.set_result(None)
+
+    def on_body(self, data: bytes) -> None:
+        if self.complete:
+            self.excess = True            # a body after a HEAD response
+            return
+        self._body.feed(data)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self._complete()
+
+    def _complete(self) -> None:
+        if not self.complete:
+            self.complete = True
+            self._body.finish()
+
+    # ------------------------------------------------------- connection side
+
+    def _feed(self, data: bytes) -> None:
+        self._received += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if self.complete:
+                self.excess = True        # bytes after the response that are not a response
+            else:
+                cause = exc.__context__ if isinstance(exc.__context__, UpstreamIOError) else None
+                self._fail(cause or UpstreamIOError("http_protocol_error", f"bad response: {exc}"))
+                self._connection.abort()
+                return
+        if self.excess:
+            self._connection.client._excess(self._connection.address, len(data))
+            self._connection.abort()
+        elif self._received > MAX_HEAD_BYTES and not self._head.done():
+            # httptools joins a field's pieces before calling on_header: bound the head here too.
+            self._fail(UpstreamIOError("http_response_header_section_size",
+                                       f"no complete response head in {MAX_HEAD_BYTES} bytes"))
+            self._connection.abort()
+
+    def _lost(self, exc: Exception | None) -> None:
+        if self.complete:
+            return
+        if self._until_close and self._head.done():
+            self._complete()
+            return
+        reason = f": {exc}" if exc else ""
+        if not self._head.done():
+            self._fail(UpstreamIOError("connection_terminated", f"closed before a response{reason}"))
+        else:
+            self._fail(UpstreamIOError("http_response_incomplete",
+                                       f"closed after {self._body.received} body bytes{reason}"))
+
+    def _fail(self, error: UpstreamIOError) -> None:
+        if not self._head.done():
+            self._head.set_exception(error)
+        self._body.fail(error)
+
+    async def _wait_head(self, timeout: float, reused: bool) -> UpstreamResponse:
+        try:
+            await asyncio.wait_for(self._head, timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamIOError("http_response_timeout", f"no response within {timeout:g}s") from None
+        except UpstreamIOError as exc:
+            if reused and self._received == 0 and exc.error == "connection_terminated":
+                raise _Stale(exc.error, exc.detail) from None
+            raise
+        return self
+
+    # ---------------------------------------------------------- consumer side
+
+    @property
+    def reusable(self) -> bool:
+        return self.complete and self.keep_alive and not self.excess and not self._until_close
+
+    async def read_chunk(self) -> bytes:
+        """The next piece of the body; b"" at its end."""
+        return await self._body.read()
+
+    async def read(self) -> bytes:
+        """The whole body (the caller knows it is small)."""
+        return b"".join([chunk async for chunk in self._body])
+
+    def release(self) -> None:
+        """Done with this response: the connection goes back to the pool, or is closed
+        when the body was not read to its end."""
+        self._connection.finished(self)
+
+    def close(self) -> None:
+        """Done, and the rest of the body is not wanted: close the connection."""
+        self._connection.abort()
+        self._connection.finished(self)
+
+
+def _chunked(headers: CIMultiDict[str]) -> bool:
+    codings = ",".join(headers.getall("Transfer-Encoding", ()))
+    return codings.rsplit(",", 1)[-1].strip().lower() == "chunked"
+
+
+def _body_timeout(timeout: float) -> Exception:
+    return UpstreamIOError("connection_read_timeout", f"no response body bytes for {timeout:g}s")
