@@ -673,6 +673,27 @@ def test_sigterm_drains_in_flight_requests(start_nodes):
     assert_no_traceback(node)
 
 
+def test_a_drain_that_starts_while_a_reply_streams_closes_that_connection_after_it(start_nodes):
+    """The reply was begun keep-alive; once it is out, the draining node closes the connection
+    and exits, rather than holding an idle connection for the whole drain_timeout."""
+    (node,) = start_nodes(("edge-drain-stream", "l1", 37, ""))
+    size = 32 * MiB
+    target = unique("drain-stream") + f"?size={size}&cc=max-age=600"
+    assert fetch(node.traffic, target, timeout=30).status == 200          # now a disk hit
+    with Conn(node.traffic, timeout=10, rcvbuf=64 * 1024) as reader:
+        reader.send(request("GET", target))
+        head = reader.read_head()
+        assert head.status == 200 and head.header("Connection") != "close"
+        time.sleep(0.3)                     # the node is now waiting for this slow reader
+        signalled = time.monotonic()
+        node.proc.send_signal(signal.SIGTERM)
+        reader.discard(size)
+        assert reader.closed_within(2.0), "the connection was kept after its reply while draining"
+    assert node.proc.wait(timeout=10) == 0
+    assert time.monotonic() - signalled < 5.0, "the node waited for an idle connection to drain"
+    assert_no_traceback(node)
+
+
 # --------------------------------------------------------------------------- 9. backpressure
 
 def test_slow_reader_of_large_disk_hit_is_not_buffered(cluster, l1):

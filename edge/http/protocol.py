@@ -364,7 +364,9 @@ class HttpConnection(asyncio.Protocol):
         self._busy = False
         if self.closed:
             return
-        if not keep:
+        if not keep or self.front.draining:
+            # A drain that began while this reply streamed (drain_now saw us busy)
+            # closes the connection now that the reply is out.
             self.close()
             return
         if self._head_started:
