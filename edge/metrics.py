@@ -25,7 +25,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 
 class StoreCollector(Collector):
-    """Objects, bytes and evictions per cache tier, read when scraped."""
+    """Objects, bytes, evictions and corrupt entries per cache tier, read when scraped."""
 
     def __init__(self, tiers: Callable[[], Iterable]):
         self._tiers = tiers
@@ -36,13 +36,18 @@ class StoreCollector(Collector):
                                  labels=["tier"])
         evictions = CounterMetricFamily("edge_cache_evictions", "Objects evicted to make room, per cache tier.",
                                         labels=["tier"])
+        corrupt = CounterMetricFamily("edge_cache_corrupt_entries", "Broken entries found (checksum, size or "
+                                      "meta) and removed, per tier that checks its entries.", labels=["tier"])
         for tier in self._tiers():
             objects.add_metric([tier.name], tier.objects)
             size.add_metric([tier.name], tier.bytes)
             evictions.add_metric([tier.name], tier.evictions)
+            if hasattr(tier, "corrupt"):      # the memory tier has nothing to check
+                corrupt.add_metric([tier.name], tier.corrupt)
         yield objects
         yield size
         yield evictions
+        yield corrupt
 
 
 class RequestStats(Collector):

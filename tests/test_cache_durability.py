@@ -92,6 +92,63 @@ async def test_garbage_meta_file_is_a_miss(cluster, http):
     assert (status, h["X-Cache"], h["X-Origin-Hits"], size) == (200, "MISS", "2", 100)
 
 
+async def wait_for_body_file(cluster: Cluster, node: str) -> Path:
+    """The one body file of `node`'s disk cache, once the write-behind has committed it (meta in place)."""
+    for _ in range(200):
+        files = body_files(cluster, node)
+        if files and files[0].with_suffix(".meta").exists():
+            return files[0]
+        await asyncio.sleep(0.02)
+    raise AssertionError("no body file appeared")
+
+
+def flip(path: Path, offset: int) -> None:
+    """Change four bytes of a file in place: same size, same names, wrong content."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = f.read(4)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+async def test_flipped_bytes_in_a_disk_body_are_never_served(cluster, http):
+    """Issue 10 item 1: a body that has its size but not its content is a miss (first block) ..."""
+    cluster.start("origin", "l1-1")
+    path = f"/gen/flipped-{uuid.uuid4().hex}?size={2 * MiB}&cc=max-age=600"   # disk only (> memory_object_max)
+    status, h, size, digest = await fetch(http, cluster.url("l1-1", path))
+    assert (status, h["X-Cache"], size) == (200, "MISS", 2 * MiB)
+    body = await wait_for_body_file(cluster, "l1-1")
+    assert (await fetch(http, cluster.url("l1-1", path)))[1]["X-Cache"] == "HIT"
+    flip(body, 1000)                                     # inside the first checksummed block
+    status, h, size, digest2 = await fetch(http, cluster.url("l1-1", path))
+    assert (status, h["X-Cache"], h["X-Origin-Hits"], size, digest2) == (200, "MISS", "2", 2 * MiB, digest)
+    assert 'edge_cache_corrupt_entries_total{tier="disk"} 1.0' in cluster.node("l1-1").metrics()
+
+    # ... and a client already receiving a response when a later block fails (past
+    # the first 4 MiB read, which is checked before the head is sent) gets a cut
+    # connection, never a complete-looking response with wrong bytes.
+    cluster.node("l1-1").stop()
+    for stale in body_files(cluster, "l1-1"):
+        stale.unlink()
+        stale.with_suffix(".meta").unlink()
+    cluster.start("l1-1")
+    path = f"/gen/flipped-late-{uuid.uuid4().hex}?size={6 * MiB}&cc=max-age=600"
+    status, h, size, digest = await fetch(http, cluster.url("l1-1", path))
+    assert (status, h["X-Cache"], size) == (200, "MISS", 6 * MiB)
+    flip(await wait_for_body_file(cluster, "l1-1"), 5 * MiB + 1000)
+    received, complete = 0, False
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with http.get(cluster.url("l1-1", path), headers=HOST) as r:
+            assert r.headers["X-Cache"] == "HIT"
+            async for chunk in r.content.iter_chunked(MiB):
+                received += len(chunk)
+            complete = True
+    assert not complete and received < 6 * MiB
+    status, h, size, digest2 = await fetch(http, cluster.url("l1-1", path))
+    assert (status, h["X-Cache"], size, digest2) == (200, "MISS", 6 * MiB, digest)
+    assert 'edge_cache_corrupt_entries_total{tier="disk"} 1.0' in cluster.node("l1-1").metrics()
+
+
 async def test_200_mib_object_streams_with_small_memory(cluster, http):
     cluster.start("origin", "l1-1")
     node = cluster.node("l1-1")

@@ -15,8 +15,9 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+import xxhash
 
-from edge.store.disk import SMALL_BODY
+from edge.store.disk import BLOCK_SIZE, SMALL_BODY, _BlockSums
 from edge.store import (ENTRY_OVERHEAD, CachedObject, CorruptEntry, DiskStore, MemoryStore, Meta,
                         TieredStore, key_hash)
 
@@ -55,6 +56,18 @@ def files_under(directory: Path) -> list[str]:
 def entry_paths(directory: Path, key: str) -> tuple[Path, Path]:
     h = key_hash(key)
     return directory / h[:2] / f"{h}.meta", directory / h[:2] / f"{h}.body"
+
+
+def read_meta_record(path: Path) -> dict:
+    """A disk meta file is JSON, then a line with the JSON's xxh3-64 in hex."""
+    payload, check = path.read_bytes().rstrip(b"\n").rsplit(b"\n", 1)
+    assert int(check, 16) == xxhash.xxh3_64_intdigest(payload)
+    return json.loads(payload)
+
+
+def write_meta_record(path: Path, record: dict) -> None:
+    payload = json.dumps(record).encode()
+    path.write_bytes(b"%s\n%016x\n" % (payload, xxhash.xxh3_64_intdigest(payload)))
 
 
 def body_of(n: int, seed: int) -> bytes:
@@ -217,7 +230,7 @@ async def test_disk_round_trip_with_any_key(tmp_path, open_disk):
         assert await read_all(hit) == body                # chunks() can be read again
         meta_path, body_path = entry_paths(tmp_path / "cache", key)
         assert body_path.read_bytes() == body
-        assert json.loads(meta_path.read_bytes())["key"] == key
+        assert read_meta_record(meta_path)["key"] == key
     assert disk.objects == len(KEYS)
     assert await disk.get("never stored") is None
     assert [f for f in files_under(tmp_path / "cache") if ".tmp-" in f] == []
@@ -428,16 +441,17 @@ async def test_disk_truncated_body_is_a_miss_and_removed(tmp_path, open_disk):
 async def test_disk_body_truncated_after_lookup_raises_corrupt_entry_mid_read(tmp_path, open_disk):
     directory = tmp_path / "cache"
     disk = await open_disk(directory)
-    body = body_of(100 * KiB, 3)
+    body = body_of(3 * BLOCK_SIZE, 3)
     assert await put(disk, "k", body)
     hit = await disk.get("k")
     meta_path, body_path = entry_paths(directory, "k")
-    # Truncated between lookup and read: opened fine, runs short while reading.
-    stream = hit.chunks(16 * KiB)
+    # Truncated between lookup and read: opened fine, runs short while reading
+    # (reads are whole checksummed blocks: cut inside the second one).
+    stream = hit.chunks(BLOCK_SIZE)
     first = await anext(stream)
-    assert first == body[:16 * KiB]
+    assert first == body[:BLOCK_SIZE]
     with open(body_path, "r+b") as f:
-        f.truncate(40 * KiB)
+        f.truncate(BLOCK_SIZE + 40 * KiB)
     with pytest.raises(CorruptEntry):
         async for _ in stream:
             pass
@@ -474,9 +488,9 @@ async def test_disk_garbage_meta_is_a_miss_and_removed(tmp_path, open_disk):
 
     # A meta naming another key is as bad as garbage.
     meta_other, _ = entry_paths(directory, "otherkey")
-    record = json.loads(meta_other.read_bytes())
+    record = read_meta_record(meta_other)
     record["key"] = "someone else"
-    meta_other.write_bytes(json.dumps(record).encode())
+    write_meta_record(meta_other, record)             # a well-formed meta, with its checksum
     assert await disk.get("otherkey") is None and not meta_other.exists()
 
     meta_restart, body_restart = entry_paths(directory, "restart")
@@ -754,3 +768,84 @@ async def test_file_calls_queued_during_a_hop_share_the_next_one_in_order():
     assert ran == [n for n in range(50) if n % 7 != 3]
     for n, result in enumerate(results):
         assert (isinstance(result, ValueError) and result.args == (n,)) if n % 7 == 3 else result == n * n
+
+
+# ------------------------------------------------------------------ disk checksums (issue 10 item 1)
+
+
+@pytest.mark.parametrize("size", [0, 1, BLOCK_SIZE - 1, BLOCK_SIZE, BLOCK_SIZE + 1, 3 * BLOCK_SIZE + 17])
+@pytest.mark.parametrize("chunk", [1000, BLOCK_SIZE - 3, BLOCK_SIZE, 5 * BLOCK_SIZE])
+def test_block_sums_do_not_depend_on_how_the_body_was_written(size, chunk):
+    body = body_of(size, size)
+    sums = _BlockSums()
+    for start in range(0, size, chunk):
+        sums.update(body[start:start + chunk])
+    expected = [xxhash.xxh3_64_intdigest(body[i:i + BLOCK_SIZE]) for i in range(0, size, BLOCK_SIZE)]
+    assert sums.finish() == expected
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("where", [0, BLOCK_SIZE - 1, BLOCK_SIZE, 2 * BLOCK_SIZE + 500])
+async def test_a_flipped_body_bit_is_never_handed_out(tmp_path, open_disk, where):
+    directory = tmp_path / "cache"
+    disk = await open_disk(directory)
+    body = body_of(2 * BLOCK_SIZE + 1000, 7)
+    assert await put(disk, "k", body)
+    meta_path, body_path = entry_paths(directory, "k")
+    flip_byte(body_path, where)
+    hit = await disk.get("k")                        # meta and size are fine: found
+    assert hit is not None
+    handed_out = b""
+    with pytest.raises(CorruptEntry, match=f"block {where // BLOCK_SIZE} fails its checksum"):
+        async for piece in hit.chunks(BLOCK_SIZE):
+            handed_out += piece
+    assert handed_out == body[:where - where % BLOCK_SIZE]     # only blocks that passed
+    assert disk.corrupt == 1 and disk.objects == 0
+    assert not meta_path.exists() and not body_path.exists()
+
+
+async def test_a_range_reads_and_checks_only_its_own_blocks(tmp_path, open_disk):
+    directory = tmp_path / "cache"
+    disk = await open_disk(directory)
+    body = body_of(3 * BLOCK_SIZE, 8)
+    assert await put(disk, "k", body)
+    flip_byte(entry_paths(directory, "k")[1], 10)               # block 0
+    hit = await disk.get("k")
+    start, end = 2 * BLOCK_SIZE + 5, 2 * BLOCK_SIZE + 4000
+    assert b"".join([p async for p in hit.chunks(64 * KiB, start, end)]) == body[start:end]
+    with pytest.raises(CorruptEntry):
+        await read_all(hit)
+
+
+async def test_a_meta_changed_but_still_json_is_a_miss_and_removed(tmp_path, open_disk):
+    directory = tmp_path / "cache"
+    disk = await open_disk(directory)
+    assert await put(disk, "k", b"body")
+    meta_path, body_path = entry_paths(directory, "k")
+    raw = meta_path.read_bytes()
+    meta_path.write_bytes(raw.replace(b"application/javascript", b"application/javascripu"))
+    assert await disk.get("k") is None
+    assert disk.corrupt == 1 and not meta_path.exists() and not body_path.exists()
+
+
+async def test_entries_of_the_previous_format_are_dropped_at_start(tmp_path, open_disk):
+    """Format 1 had no checksums: nothing in it can be trusted, so a restart starts without it."""
+    directory = tmp_path / "cache"
+    disk = await open_disk(directory)
+    assert await put(disk, "k", b"old body")
+    await disk.close()
+    meta_path, body_path = entry_paths(directory, "k")
+    record = read_meta_record(meta_path)
+    record["format"] = 1
+    del record["sums"], record["block"]
+    meta_path.write_bytes(json.dumps(record).encode())          # as format 1 wrote it
+    again = await open_disk(directory)
+    assert again.objects == 0 and again.corrupt == 1
+    assert await again.get("k") is None and not body_path.exists()

@@ -3,8 +3,18 @@
 Layout (like nginx's ``levels=2``): an entry for ``key`` lives in
 ``<dir>/<h[:2]>/<h>.meta`` and ``<dir>/<h[:2]>/<h>.body`` where ``h`` is the
 sha256 hex digest of the key.  The meta file is JSON (format version, the
-key itself, the :class:`Meta` fields).  An entry is valid only when its meta
-parses, names the same key, and the body file is exactly ``meta.size`` bytes.
+key itself, the :class:`Meta` fields, the body's block checksums) followed
+by a line with the checksum of that JSON.  An entry is valid only when its
+meta matches its checksum, parses, names the same key, and the body file is
+exactly ``meta.size`` bytes.
+
+Checksums: the body is checked in blocks of ``BLOCK_SIZE`` bytes, each with
+its xxh3-64 (about 40 GB/s here, so a hit pays well under a tenth of its
+time for it; zlib's CRC32 ran at 4.7 GB/s).  Every block is checked after it
+is read and before any byte of it is handed out; a mismatch drops the entry
+(counted in ``corrupt``) and raises :class:`CorruptEntry`: before the first
+byte that is a miss, after it the client's connection is cut, so a flipped
+bit on disk is never served as a complete response.
 
 Commit protocol (crash safe without fsync for everything but power loss):
 the body is streamed to ``.tmp-<instance>-<random>`` in the entry's
@@ -45,12 +55,14 @@ from typing import Any
 import aiofiles
 import aiofiles.os
 import aiofiles.threadpool
+import xxhash
 
 from edge.store.base import DEFAULT_CHUNK_SIZE, CachedObject, CorruptEntry, Meta
 
 log = logging.getLogger("edge.store.disk")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: block checksums, and a checksum of the meta itself
+BLOCK_SIZE = 1024 * 1024    # the unit of body checksums: a read is verified block by block
 TEMP_PREFIX = ".tmp-"
 _LOCK_STRIPES = 256
 _HEX = frozenset("0123456789abcdef")
@@ -111,6 +123,7 @@ class DiskStore:
         self._files = _ThreadBatch()     # lookups, installs and removals, batched per thread hop
         self.rebuilt = asyncio.Event()   # set when the start-up scan has finished
         self.rebuild_errors = 0          # subdirectories the scan could not read
+        self.corrupt = 0                 # broken entries found (checksum, size, meta) and removed
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -154,14 +167,14 @@ class DiskStore:
                     self._touch(h)
                     log.warning("disk cache: entry for %s vanished from %s", _short(key), meta_path)
                 return None
-            meta, meta_len = found
+            meta, meta_len, sums = found
             entry = self._index.get(key)
             if entry is None:            # on disk but not indexed yet: adopt it
                 entry = self._index_put(key, meta.size + meta_len)
                 self._touch(h)
             else:
                 self._index.move_to_end(key)
-            return DiskObject(meta, self, key, h, entry.version)
+            return DiskObject(meta, self, key, h, entry.version, sums)
 
     async def _open_body(self, obj: DiskObject) -> Any:
         """Open the body of exactly the version ``obj`` was looked up as."""
@@ -186,6 +199,7 @@ class DiskStore:
 
     async def _discard_locked(self, key: str, h: str, problem: str) -> None:
         log.warning("disk cache: dropping entry for %s (%s): %s", _short(key), h, problem)
+        self.corrupt += 1
         self._index_drop(key)
         self._touch(h)
         await asyncio.to_thread(_remove_quietly, *self._paths(h))
@@ -238,13 +252,12 @@ class DiskStore:
             return False
         h = key_hash(key)
         meta_path, body_path = self._paths(h)
-        meta_bytes = _encode_meta(key, meta)
         tmp_meta = self._temp_name(h)        # used only if the entry (so its directory) exists
         async with self._lock(h):
             self._touch(h)
             try:
-                outcome = await asyncio.to_thread(_rewrite_meta, key, meta.size, meta_bytes,
-                                                  tmp_meta, meta_path, body_path, self.fsync)
+                outcome, meta_len = await asyncio.to_thread(_rewrite_meta, key, meta, tmp_meta,
+                                                            meta_path, body_path, self.fsync)
             except CorruptEntry as exc:
                 await self._discard_locked(key, h, str(exc))
                 return False
@@ -257,7 +270,7 @@ class DiskStore:
             if outcome == "size differs":
                 return False
             entry = self._index.get(key)
-            charge = meta.size + len(meta_bytes)
+            charge = meta.size + meta_len
             if entry is None:
                 self._index_put(key, charge)
             else:                         # same body, same version: readers stay valid
@@ -375,6 +388,7 @@ class DiskStore:
                     await asyncio.to_thread(_remove_quietly, *self._paths(h))
                     removed += 1
         if removed:
+            self.corrupt += removed
             log.warning("disk cache %s: removed %d broken entries", self.directory, removed)
         log.info("disk cache %s: index rebuilt: %d entries, %d bytes",
                  self.directory, len(self._index), self._bytes)
@@ -418,39 +432,61 @@ class _ScanResult:
 
 
 class DiskObject(CachedObject):
-    """A disk hit: the meta is read, the body is opened and streamed on demand."""
+    """A disk hit: the meta is read, the body is opened, read and checked on demand."""
 
-    __slots__ = ("store", "key", "hash", "version")
+    __slots__ = ("store", "key", "hash", "version", "sums")
 
-    def __init__(self, meta: Meta, store: DiskStore, key: str, h: str, version: int):
+    def __init__(self, meta: Meta, store: DiskStore, key: str, h: str, version: int, sums: list[int]):
         super().__init__(meta, None)
         self.store = store
         self.key = key
         self.hash = h
         self.version = version
+        self.sums = sums                 # xxh3-64 of each BLOCK_SIZE block of the body
 
     async def chunks(self, chunk_size: int = DEFAULT_CHUNK_SIZE, start: int = 0,
                      end: int | None = None) -> AsyncIterator[bytes]:
+        """The body from `start` to `end`, each piece checked before it is yielded.
+
+        Reads whole blocks (from the block holding `start` to the one holding
+        the last byte) so that every byte handed out was checked; a read is
+        `chunk_size` rounded down to whole blocks, at least one, and what is
+        yielded comes in pieces of at most `chunk_size`.
+        """
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
-        stop = self.meta.size if end is None else min(end, self.meta.size)
+        size = self.meta.size
+        stop = size if end is None else min(end, size)
+        if start >= stop:
+            return
+        read_size = max(BLOCK_SIZE, chunk_size - chunk_size % BLOCK_SIZE)
+        last = min(size, -(-stop // BLOCK_SIZE) * BLOCK_SIZE)    # the end of the block holding stop - 1
+        position = start - start % BLOCK_SIZE
         file = await self.store._open_body(self)
-        remaining = max(0, stop - start)
         problem = ""
         try:
-            if start:
-                await file.seek(start)
-            while remaining > 0:
+            if position:
+                await file.seek(position)
+            while position < last:
+                want = min(read_size, last - position)
                 try:
-                    data = await file.read(min(chunk_size, remaining))
+                    data = await file.read(want)
                 except OSError as exc:
                     problem = f"read error: {exc}"
                     break
-                if not data:
-                    problem = f"body ended {remaining} bytes short of {self.meta.size}"
+                if len(data) != want:
+                    problem = f"body ended {last - position - len(data)} bytes short of {size}"
                     break
-                remaining -= len(data)
-                yield data
+                problem = _check_blocks(data, position, self.sums)
+                if problem:
+                    break
+                low, high = max(start - position, 0), min(stop - position, want)
+                position += want
+                if low == 0 and high == want and want <= chunk_size:
+                    yield data
+                    continue
+                for piece in range(low, high, chunk_size):
+                    yield data[piece:min(piece + chunk_size, high)]
         finally:
             try:
                 await file.close()
@@ -459,6 +495,45 @@ class DiskObject(CachedObject):
         if problem:
             await self.store._discard_version(self, problem)
             raise CorruptEntry(problem)
+
+
+def _check_blocks(data: bytes, position: int, sums: list[int]) -> str:
+    """'' when every block of `data` (read from block-aligned `position`) matches its checksum."""
+    view = memoryview(data)
+    first = position // BLOCK_SIZE
+    for offset in range(0, len(data), BLOCK_SIZE):
+        index = first + offset // BLOCK_SIZE
+        if xxhash.xxh3_64_intdigest(view[offset:offset + BLOCK_SIZE]) != sums[index]:
+            return f"block {index} fails its checksum"
+    return ""
+
+
+class _BlockSums:
+    """Checksums of a body's blocks, computed as the body is written in chunks of any size."""
+
+    def __init__(self) -> None:
+        self.sums: list[int] = []
+        self._hasher = xxhash.xxh3_64()
+        self._filled = 0
+
+    def update(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            take = min(len(view), BLOCK_SIZE - self._filled)
+            self._hasher.update(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == BLOCK_SIZE:
+                self.sums.append(self._hasher.intdigest())
+                self._hasher.reset()
+                self._filled = 0
+
+    def finish(self) -> list[int]:
+        if self._filled:
+            self.sums.append(self._hasher.intdigest())
+            self._hasher.reset()
+            self._filled = 0
+        return self.sums
 
 
 SMALL_BODY = 256 * 1024   # bodies up to this size are written at commit, in one thread hop
@@ -481,6 +556,7 @@ class DiskWriter:
         # Small bodies wait in memory and reach the disk in one thread hop at
         # commit, instead of an open, writes and a close through aiofiles.
         self._buffer: list[bytes] = []
+        self._sums = _BlockSums()
 
     async def write(self, chunk: bytes) -> None:
         if self._done:
@@ -488,6 +564,7 @@ class DiskWriter:
         self.written += len(chunk)
         if self.dropped:
             return
+        self._sums.update(chunk)
         if self.written > self._store.max_bytes:
             self.dropped = True      # outgrew the whole tier: stop spending disk on it
             await self._discard_temp()
@@ -511,7 +588,7 @@ class DiskWriter:
             raise RuntimeError("commit after commit or abort")
         self._done = True
         store = self._store
-        meta_bytes = _encode_meta(self._key, meta)
+        meta_bytes = _encode_meta(self._key, meta, self._sums.finish())
         charge = meta.size + len(meta_bytes)
         if self.dropped or meta.size != self.written or charge > store.max_bytes:
             await self._discard_temp()
@@ -633,14 +710,25 @@ def _run_calls(calls: list[tuple[Callable[..., Any], tuple]]) -> list[tuple[bool
 
 # These run in worker threads (asyncio.to_thread), never on the event loop.
 
-def _encode_meta(key: str, meta: Meta) -> bytes:
-    record = {"format": FORMAT_VERSION, "key": key, **meta.to_dict()}
-    return json.dumps(record, separators=(",", ":")).encode("ascii")
+def _encode_meta(key: str, meta: Meta, sums: list[int]) -> bytes:
+    """The meta file: JSON, then a line with the JSON's own checksum (16 hex digits)."""
+    # Fixed-width hex: an entry's charge (its meta length) depends on its body's size only.
+    record = {"format": FORMAT_VERSION, "key": key, **meta.to_dict(), "block": BLOCK_SIZE,
+              "sums": [f"{value:016x}" for value in sums]}
+    payload = json.dumps(record, separators=(",", ":")).encode("ascii")
+    return b"%s\n%016x\n" % (payload, xxhash.xxh3_64_intdigest(payload))
 
 
-def _decode_meta(raw: bytes) -> tuple[str, Meta]:
+def _decode_meta(raw: bytes) -> tuple[str, Meta, list[int]]:
+    payload, _, check = raw.rstrip(b"\n").rpartition(b"\n")
     try:
-        record = json.loads(raw)
+        valid = int(check, 16) == xxhash.xxh3_64_intdigest(payload)
+    except ValueError:
+        valid = False
+    if not valid:
+        raise CorruptEntry("meta fails its checksum")
+    try:
+        record = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptEntry(f"meta is not JSON: {exc}") from None
     if not isinstance(record, dict):
@@ -650,11 +738,17 @@ def _decode_meta(raw: bytes) -> tuple[str, Meta]:
     key = record.get("key")
     if not isinstance(key, str):
         raise CorruptEntry("meta has no key")
-    return key, Meta.from_dict(record)
+    meta = Meta.from_dict(record)
+    sums = record.get("sums")
+    if (record.get("block") != BLOCK_SIZE or not isinstance(sums, list)
+            or len(sums) != -(-meta.size // BLOCK_SIZE)
+            or not all(isinstance(v, str) and len(v) == 16 and set(v) <= _HEX for v in sums)):
+        raise CorruptEntry("meta block checksums do not fit the body")
+    return key, meta, [int(value, 16) for value in sums]
 
 
-def _read_entry(meta_path: Path, body_path: Path, key: str) -> tuple[Meta, int] | None:
-    """The entry's meta and meta length; None if absent; CorruptEntry if invalid."""
+def _read_entry(meta_path: Path, body_path: Path, key: str) -> tuple[Meta, int, list[int]] | None:
+    """The entry's meta, meta length and block checksums; None if absent; CorruptEntry if invalid."""
     try:
         with open(meta_path, "rb") as f:
             raw = f.read()
@@ -662,7 +756,7 @@ def _read_entry(meta_path: Path, body_path: Path, key: str) -> tuple[Meta, int] 
         return None
     except OSError as exc:
         raise CorruptEntry(f"cannot read meta: {exc}") from None
-    stored_key, meta = _decode_meta(raw)
+    stored_key, meta, sums = _decode_meta(raw)
     if stored_key != key:
         raise CorruptEntry("meta names another key")
     try:
@@ -671,7 +765,7 @@ def _read_entry(meta_path: Path, body_path: Path, key: str) -> tuple[Meta, int] 
         raise CorruptEntry(f"body unreadable: {exc.strerror or exc}") from None
     if size != meta.size:
         raise CorruptEntry(f"body is {size} bytes, meta says {meta.size}")
-    return meta, len(raw)
+    return meta, len(raw), sums
 
 
 def _open_body_checked(body_path: Path, size: int) -> Any:
@@ -717,20 +811,22 @@ def _install_files(tmp_body: Path, tmp_meta: Path, meta_bytes: bytes,
         _fsync_dir(meta_path.parent)
 
 
-def _rewrite_meta(key: str, size: int, meta_bytes: bytes, tmp_meta: Path,
-                  meta_path: Path, body_path: Path, fsync: bool) -> str:
+def _rewrite_meta(key: str, meta: Meta, tmp_meta: Path, meta_path: Path, body_path: Path,
+                  fsync: bool) -> tuple[str, int]:
+    """Replace the entry's meta, keeping its body and block checksums: the outcome and the new meta length."""
     current = _read_entry(meta_path, body_path, key)
     if current is None:
-        return "absent"
-    if current[0].size != size:
-        return "size differs"
+        return "absent", 0
+    if current[0].size != meta.size:
+        return "size differs", 0
+    meta_bytes = _encode_meta(key, meta, current[2])
     try:
         _write_file(tmp_meta, meta_bytes, fsync)
         os.replace(tmp_meta, meta_path)
     except OSError:
         _unlink(tmp_meta)
         raise
-    return "ok"
+    return "ok", len(meta_bytes)
 
 
 def _unlink(path: Path) -> bool:
@@ -804,7 +900,7 @@ def _scan_subdir(path: Path, sub: str, own_temp_prefix: str
         try:
             with open(meta_path, "rb") as f:
                 raw = f.read()
-            key, meta = _decode_meta(raw)
+            key, meta, _ = _decode_meta(raw)
         except (OSError, CorruptEntry):
             bad.append(h)
             continue
