@@ -75,6 +75,10 @@ class ParentPolicy:
     probe_interval: float = 1.0     # seconds between active probes of every parent
     timeout: float = 10.0           # connect + first byte, seconds
     go_direct: bool = True          # all parents down: go to the origin (ATS go_direct)
+    # One client request's fetch, across every attempt (nginx proxy_next_upstream_timeout).
+    deadline: float = 20.0
+    max_conns: int = 512            # open connections per upstream (nginx max_conns)
+    queue: int = 1024               # requests waiting for one of them; beyond: 503 at once
 
 
 @dataclass(frozen=True)
@@ -417,7 +421,7 @@ _NODE_KEYS = {"role", "listen", "admin", "region", "lat", "lon", "parents", "par
               "memory_size", "memory_object_max", "disk_size", "stream_threshold", "cache_dir",
               "content_dir", "content_cache_control", "max_inflight", "parent_fall",
               "parent_rise", "parent_probe_interval", "parent_timeout", "go_direct",
-              "access_log", "access_log_format", *FrontLimits.__dataclass_fields__}
+              "upstream_deadline", "upstream_max_conns", "upstream_queue", "access_log", "access_log_format", *FrontLimits.__dataclass_fields__}
 
 
 def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path) -> tuple[Node, ...]:
@@ -461,6 +465,11 @@ def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path) -> tuple[
             probe_interval=float(r.number(body, "parent_probe_interval", f"{path}.parent_probe_interval", 1.0, 0.01)),
             timeout=float(r.number(body, "parent_timeout", f"{path}.parent_timeout", 10.0, 0.01)),
             go_direct=r.bool(body, "go_direct", f"{path}.go_direct", True),
+            deadline=float(r.number(body, "upstream_deadline", f"{path}.upstream_deadline",
+                                    ParentPolicy.deadline, 0.01)),
+            max_conns=r.number(body, "upstream_max_conns", f"{path}.upstream_max_conns", ParentPolicy.max_conns, 1,
+                               integer=True),
+            queue=r.number(body, "upstream_queue", f"{path}.upstream_queue", ParentPolicy.queue, 0, integer=True),
         )
 
         def directory(key: str) -> Path | None:

@@ -50,6 +50,25 @@ class StoreCollector(Collector):
         yield corrupt
 
 
+class UpstreamConnectionsCollector(Collector):
+    """Connections to each upstream address in use and idle, and requests queued for one, read when scraped."""
+
+    def __init__(self, stats: Callable[[], Iterable[tuple[str, str, int, int, int]]]):
+        self._stats = stats
+
+    def collect(self):
+        connections = GaugeMetricFamily("edge_upstream_connections", "Open connections to an upstream, by state.",
+                                        labels=["upstream", "address", "state"])
+        queued = GaugeMetricFamily("edge_upstream_queued", "Requests waiting for a connection to an upstream "
+                                   "(upstream_max_conns reached).", labels=["upstream", "address"])
+        for name, address, active, idle, waiting in self._stats():
+            connections.add_metric([name, address, "active"], active)
+            connections.add_metric([name, address, "idle"], idle)
+            queued.add_metric([name, address], waiting)
+        yield connections
+        yield queued
+
+
 class RequestStats(Collector):
     """Client requests, body bytes and durations as plain numbers, exported when scraped.
 
@@ -141,3 +160,6 @@ class NodeMetrics:
 
     def watch_store(self, tiers: Callable[[], Iterable]) -> None:
         self.registry.register(StoreCollector(tiers))
+
+    def watch_upstreams(self, stats: Callable[[], Iterable[tuple[str, str, int, int, int]]]) -> None:
+        self.registry.register(UpstreamConnectionsCollector(stats))

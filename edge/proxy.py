@@ -382,7 +382,8 @@ class CacheNode:
             if response.status == 304 and stale is not None:
                 return await self._revalidated(ex, stale, response, request_time, response_time)
             if response.status >= 500 and stale is not None:
-                served = await self._stale_if_error(ex, stale[1], response.status, False)
+                served = await self._stale_if_error(ex, stale[1], response.status,
+                                                    self.upstreams.unreachable(response, upstream))
                 if served is not None:
                     return served, Landing(Outcome.FAILED)
             reply, landing = await self._store(ex, response, upstream, request_time, response_time, fwd, flight)
@@ -669,7 +670,7 @@ class CacheNode:
         return not self._tier_names.isdisjoint(via_names(request.headers))
 
     def _upstream_error(self, ex: Exchange, exc: UpstreamError, fwd: str = "miss") -> Reply:
-        status = 504 if exc.error in TIMEOUT_ERRORS else 502
+        status = 504 if exc.error in TIMEOUT_ERRORS else 503 if exc.error == "connection_limit_reached" else 502
         entry = self._cache_status(ex, fwd=fwd, detail=exc.error)
         log.warning("%s %s: upstream failed: %s", ex.request.method, ex.raw_target, exc)
         reply = error_reply(status, f"upstream unavailable: {exc.error}", [

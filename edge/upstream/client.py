@@ -2,14 +2,23 @@
 
 `UpstreamPool.send` picks the candidates for a cache key (healthy parents in
 consistent-hash order, then the origin when `go_direct` allows), and moves to
-the next one when a candidate fails before answering: a connection error, a
-timeout, or an error the parent generated itself (it says so with a
-`Proxy-Status` entry naming itself, RFC 9209).  An origin's own 5xx is an
-answer, not a parent failure, and is passed through.
+the next one when a candidate fails before answering: it cannot be reached,
+it times out, or it answers with an error about itself (a `Proxy-Status`
+entry naming itself with `proxy_internal_error`, RFC 9209).  An answer is
+passed through: an origin's own 5xx, and a parent's 502/504 saying *its*
+upstream could not be reached (`connection_refused`,
+`destination_unavailable`, ...).  That parent is healthy: one dead origin
+must not take every parent out of service for every site.
+
+Every attempt of one request shares one deadline (`upstream_deadline`, like
+nginx's `proxy_next_upstream_timeout`): the next candidate is tried only
+while time remains.  A parent is given the whole remaining time for its
+head, since it bounds its own fetch; the origin gets `parent_timeout` of it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -25,7 +34,13 @@ from edge.upstream.ring import HashRing
 
 log = logging.getLogger("edge.upstream")
 
-PARENT_FAILURE_STATUSES = frozenset({502, 503, 504})
+# A parent's error entries about itself: it failed, try the next one.
+PARENT_OWN_ERRORS = frozenset({"proxy_internal_error", "proxy_configuration_error"})
+# A parent's (or our own) error entries meaning "the upstream could not be reached at all"
+# (RFC 9111 4.2.4 disconnected operation may then serve stale).
+UNREACHABLE_ERRORS = frozenset({"connection_refused", "connection_terminated", "connection_timeout",
+                                "destination_unavailable", "destination_not_found", "destination_ip_unroutable",
+                                "dns_error", "dns_timeout", "http_response_timeout"})
 
 
 @dataclass(frozen=True)
@@ -43,13 +58,15 @@ class UpstreamError(Exception):
         self.error, self.detail, self.tried = error, detail, tried
 
 
-def proxy_status_error(headers: Mapping[str, str], name: str) -> bool:
-    """True when a Proxy-Status entry (RFC 9209) names `name` with an error."""
+def proxy_status_error(headers: Mapping[str, str], name: str) -> str | None:
+    """The error type of the `Proxy-Status` entry (RFC 9209) naming `name`, if it has one."""
     for member in headers.get("Proxy-Status", "").split(","):
         parts = [p.strip() for p in member.split(";")]
-        if parts and parts[0].strip('"') == name and any(p.startswith("error=") for p in parts[1:]):
-            return True
-    return False
+        if parts and parts[0].strip('"') == name:
+            for param in parts[1:]:
+                if param.startswith("error="):
+                    return param[len("error="):].strip('"')
+    return None
 
 
 class UpstreamPool:
@@ -61,7 +78,8 @@ class UpstreamPool:
         }
         self._names = {upstream.address: name for name, upstream in self.parents.items()}
         self.client = Http1Client(connect_timeout=self.policy.timeout, read_timeout=self.policy.timeout,
-                                  source_ip=node.listen.host, on_excess=self._excess)
+                                  source_ip=node.listen.host, max_conns=self.policy.max_conns,
+                                  queue=self.policy.queue, on_excess=self._excess)
         weights = {name: 1.0 for name in node.parents}
         weights.update(dict(node.parent_weights))
         self.ring = hash_ring if hash_ring is not None else HashRing(weights)
@@ -73,6 +91,7 @@ class UpstreamPool:
         self.prober = ActiveProber(self.health, health_urls, self.client,
                                    interval=self.policy.probe_interval, timeout=min(self.policy.timeout, 2.0))
         self._origins: dict[str, Upstream] = {}
+        metrics.watch_upstreams(self.connection_stats)
 
     async def start(self) -> None:
         if self.parents:
@@ -85,6 +104,16 @@ class UpstreamPool:
     def _excess(self, address: Address) -> None:
         """An upstream sent bytes beyond a response (RFC 9112 6.3); its connection was closed."""
         self.metrics.upstream_excess.labels(self._names.get(address, "origin")).inc()
+
+    def connection_stats(self) -> list[tuple[str, str, int, int, int]]:
+        """Per upstream address: name, address, connections in use, idle, requests queued."""
+        return [(self._names.get(address, "origin"), str(address), active, idle, queued)
+                for address, active, idle, queued in self.client.stats()]
+
+    def unreachable(self, response: UpstreamResponse, upstream: Upstream) -> bool:
+        """Did this parent answer that it could not reach its own upstream at all?"""
+        return upstream.is_parent and response.status >= 500 and \
+            proxy_status_error(response.headers, upstream.name) in UNREACHABLE_ERRORS
 
     def _on_health_change(self, name: str, up: bool) -> None:
         self.metrics.parent_up.labels(name).set(1 if up else 0)
@@ -116,28 +145,39 @@ class UpstreamPool:
         tried: list[str] = []
         last_error = ("destination_unavailable", "no upstream configured")
         candidates = self.candidates(key, site)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.policy.deadline
         for index, upstream in enumerate(candidates):
+            left = deadline - loop.time()
+            if left <= 0:
+                last_error = ("http_response_timeout", f"no answer within the {self.policy.deadline:g}s "
+                                                       f"upstream deadline")
+                break
             tried.append(upstream.name)
             started = time.monotonic()
             try:
-                response = await self.client.request(upstream.address, method, raw_target, headers.items(), body)
+                response = await self.client.request(
+                    upstream.address, method, raw_target, headers.items(), body,
+                    read_timeout=left if upstream.is_parent else self.policy.timeout, deadline=deadline)
             except UpstreamIOError as exc:
                 last_error = (exc.error, exc.detail)
+                if exc.error == "connection_limit_reached":
+                    # Our own limit, not the upstream's failure: answer 503 now, try nothing else.
+                    self.metrics.upstream_requests.labels(upstream.name, exc.error).inc()
+                    break
                 self._failed(upstream, exc.error)
                 if exc.body_started:
                     break   # the body is gone; it cannot be replayed to the next candidate
                 continue
             self.metrics.upstream_duration.labels(upstream.name).observe(time.monotonic() - started)
-            is_last = index == len(candidates) - 1
-            if (upstream.is_parent and response.status in PARENT_FAILURE_STATUSES
-                    and proxy_status_error(response.headers, upstream.name) and not is_last
-                    and not response.body_started):
-                # The parent itself could not get an answer: try the next one.
-                response.release()
+            if upstream.is_parent and proxy_status_error(response.headers, upstream.name) in PARENT_OWN_ERRORS:
+                # The parent failed in itself (not its upstream): the next one may do better.
                 last_error = ("destination_unavailable", f"{upstream.name} answered {response.status}")
                 self._failed(upstream, f"status_{response.status}")
-                continue
-            if upstream.is_parent:
+                if index < len(candidates) - 1 and not response.body_started:
+                    response.release()
+                    continue
+            elif upstream.is_parent:
                 self.health.success(upstream.name)
             self.metrics.upstream_requests.labels(upstream.name, f"{response.status // 100}xx").inc()
             return response, upstream

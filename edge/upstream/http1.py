@@ -30,6 +30,7 @@ import logging
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -95,8 +96,15 @@ class Http1Client:
 
     def __init__(self, *, connect_timeout: float, read_timeout: float, source_ip: str | None = None,
                  idle_timeout: float = 30.0, max_idle_per_address: int = 64,
+                 max_conns: int = 512, queue: int = 1024,
                  on_excess: Callable[[Address], None] | None = None):
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        # At most `max_conns` connections open per address (in use or idle, as
+        # nginx's max_conns); up to `queue` requests wait for one, the rest get
+        # connection_limit_reached at once.
+        self.max_conns, self.queue = max_conns, queue
+        self._opened: dict[Address, int] = {}
+        self._waiting: dict[Address, deque[asyncio.Future[_Connection | None]]] = {}
         # Connections leave from the node's own address so that parents and
         # origins see which node asked, as they would across hosts.
         self._local_addr = (source_ip, 0) if source_ip and source_ip not in ("0.0.0.0", "::") else None
@@ -108,12 +116,14 @@ class Http1Client:
 
     async def request(self, address: Address, method: str, target: str, fields: Iterable[tuple[str, str]],
                       body: AsyncIterator[bytes] | None = None, *,
-                      read_timeout: float | None = None) -> UpstreamResponse:
+                      read_timeout: float | None = None, deadline: float | None = None) -> UpstreamResponse:
         """Send one request; returns once the response head has arrived.
 
         `fields` are sent as given, plus Host (when absent) and the body's
         framing: a body with a Content-Length field is sent as it is, any
-        other body chunked.  The caller must `release()` the response.
+        other body chunked.  Waiting for a connection, connecting and waiting
+        for the head all end by `deadline` (loop time) when one is given.
+        The caller must `release()` the response.
         """
         fields = list(fields)
         names = {name.lower() for name, _ in fields}
@@ -125,16 +135,23 @@ class Http1Client:
         timeout = self.read_timeout if read_timeout is None else read_timeout
         chunked = body is not None and "content-length" not in names
         sent = _SentBody(body, chunked) if body is not None else None
-        connection = self._pooled(address)
+        loop = asyncio.get_running_loop()
+        connection: _Connection | None = None
+        reuse = True
         while True:
+            left = timeout if deadline is None else min(timeout, deadline - loop.time())
             try:
+                if left <= 0:
+                    raise UpstreamIOError("http_response_timeout", "the request's upstream deadline passed")
                 if connection is None:
-                    connection = await self._connect(address)
-                response = await connection.exchange(head, sent, method, timeout)
+                    connection = await self._acquire(address, left, reuse)
+                if connection is None:
+                    connection = await self._connect(address, left)
+                response = await connection.exchange(head, sent, method, left, timeout)
             except UpstreamIOError as exc:
                 exc.body_started = sent is not None and sent.started
                 if isinstance(exc, _Stale) and method in IDEMPOTENT and not exc.body_started:
-                    connection = None    # a new connection this time (the pool may hold more dead ones)
+                    connection, reuse = None, False   # a new connection (the pool may hold more dead ones)
                     continue
                 raise
             response.body_started = sent is not None and sent.started
@@ -146,7 +163,55 @@ class Http1Client:
             connection.abort()
         self._idle.clear()
 
+    def stats(self) -> list[tuple[Address, int, int, int]]:
+        """Per address: connections in use, idle, and requests queued for one."""
+        return [(address, opened - len(self._idle.get(address, ())), len(self._idle.get(address, ())),
+                 len(self._waiting.get(address, ())))
+                for address, opened in self._opened.items()]
+
     # ------------------------------------------------------------------ pool
+
+    async def _acquire(self, address: Address, timeout: float, reuse: bool) -> _Connection | None:
+        """A pooled connection, or None with a slot reserved to open one; waits while the address is full."""
+        if reuse:
+            connection = self._pooled(address)
+            if connection is not None:
+                return connection
+        if self._opened.get(address, 0) < self.max_conns:
+            self._opened[address] = self._opened.get(address, 0) + 1
+            return None
+        waiting = self._waiting.setdefault(address, deque())
+        if len(waiting) >= self.queue:
+            raise UpstreamIOError("connection_limit_reached",
+                                  f"{address}: {self.max_conns} connections busy and {self.queue} requests queued")
+        turn: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        waiting.append(turn)
+        try:
+            return await asyncio.wait_for(turn, timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamIOError("connection_limit_reached",
+                                  f"{address}: no connection free within {timeout:g}s") from None
+        finally:
+            if turn in waiting:
+                waiting.remove(turn)
+
+    def _hand_over(self, address: Address, connection: _Connection | None) -> bool:
+        """Give a released connection (or, with None, a free slot) to the first waiter; False if none waits."""
+        waiting = self._waiting.get(address)
+        while waiting:
+            turn = waiting.popleft()
+            if not turn.done():
+                turn.set_result(connection)
+                return True
+        return False
+
+    def _slot_freed(self, address: Address) -> None:
+        if not self._hand_over(address, None):
+            left = self._opened.get(address, 1) - 1
+            if left:
+                self._opened[address] = left
+            else:
+                self._opened.pop(address, None)
 
     def _pooled(self, address: Address) -> _Connection | None:
         idle = self._idle.get(address)
@@ -159,6 +224,8 @@ class Http1Client:
         return None
 
     def _put_back(self, connection: _Connection) -> None:
+        if self._hand_over(connection.address, connection):
+            return
         idle = self._idle.setdefault(connection.address, [])
         if len(idle) >= self._max_idle:
             connection.abort()
@@ -167,40 +234,52 @@ class Http1Client:
         idle.append(connection)
 
     def _forget(self, connection: _Connection) -> None:
+        if connection not in self._open:
+            return
         self._open.discard(connection)
         idle = self._idle.get(connection.address)
         if idle and connection in idle:
             idle.remove(connection)
+        self._slot_freed(connection.address)
 
     def _excess(self, address: Address, count: int) -> None:
         log.warning("upstream %s sent %d bytes beyond its response; connection closed", address, count)
         if self._on_excess is not None:
             self._on_excess(address)
 
-    async def _connect(self, address: Address) -> _Connection:
+    async def _connect(self, address: Address, timeout: float) -> _Connection:
+        """Open a connection in the slot `_acquire` reserved; the slot is freed again if it fails."""
         loop = asyncio.get_running_loop()
         tls = None
         if address.scheme == "https":
             if self._tls is None:
                 self._tls = ssl.create_default_context()
             tls = self._tls
+        timeout = min(timeout, self.connect_timeout)
         try:
             _, connection = await asyncio.wait_for(loop.create_connection(
                 lambda: _Connection(self, address), address.host, address.port, ssl=tls,
-                local_addr=self._local_addr), self.connect_timeout)
-        except asyncio.TimeoutError:
-            raise UpstreamIOError("connection_timeout", f"no connection to {address} within "
-                                                        f"{self.connect_timeout:g}s") from None
-        except ConnectionRefusedError as exc:
-            raise UpstreamIOError("connection_refused", f"{address}: {exc.strerror or exc}") from None
-        except socket.gaierror as exc:
-            raise UpstreamIOError("dns_error", f"{address.host}: {exc.strerror or exc}") from None
-        except ssl.SSLError as exc:
-            raise UpstreamIOError("tls_protocol_error", f"{address}: {exc}") from None
-        except OSError as exc:
-            raise UpstreamIOError("destination_unavailable", f"{address}: {exc.strerror or exc}") from None
+                local_addr=self._local_addr), timeout)
+        except BaseException as exc:
+            self._slot_freed(address)
+            raise _connect_error(exc, address, timeout) from None
         self._open.add(connection)
         return connection
+
+
+def _connect_error(exc: BaseException, address: Address, timeout: float) -> BaseException:
+    """What a failed connect means, as an RFC 9209 error type (anything else passes unchanged)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return UpstreamIOError("connection_timeout", f"no connection to {address} within {timeout:g}s")
+    if isinstance(exc, ConnectionRefusedError):
+        return UpstreamIOError("connection_refused", f"{address}: {exc.strerror or exc}")
+    if isinstance(exc, socket.gaierror):
+        return UpstreamIOError("dns_error", f"{address.host}: {exc.strerror or exc}")
+    if isinstance(exc, ssl.SSLError):
+        return UpstreamIOError("tls_protocol_error", f"{address}: {exc}")
+    if isinstance(exc, OSError):
+        return UpstreamIOError("destination_unavailable", f"{address}: {exc.strerror or exc}")
+    return exc
 
 
 class _SentBody:
@@ -266,14 +345,16 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     async def exchange(self, head: bytes, body: _SentBody | None, method: str,
-                       timeout: float) -> UpstreamResponse:
+                       head_timeout: float, read_timeout: float) -> UpstreamResponse:
+        """Send a request and wait up to `head_timeout` for its response head; each later
+        read of the body (and each write of the request body) waits up to `read_timeout`."""
         reused, self.used = self.used, True
-        response = self.response = UpstreamResponse(self, method, timeout)
+        response = self.response = UpstreamResponse(self, method, read_timeout)
         try:
             self.transport.write(head)
             if body is not None:
-                await self._send_body(body, timeout)
-            return await response._wait_head(timeout, reused)
+                await self._send_body(body, read_timeout)
+            return await response._wait_head(head_timeout, reused)
         except BaseException:
             self.abort()
             if response._head.done() and not response._head.cancelled():
