@@ -299,13 +299,18 @@ class Answerer:
                         f"no coverage block holds {address} and no default region: edges in topology order")
 
     def choose(self, region: str | None, version: int, health: HealthSnapshot) -> Choice:
-        """The nearest `answers` edges that are up, preferring those not overloaded.
+        """The nearest `answers` edges that are up, preferring those not overloaded, in that order.
 
-        An overloaded edge is healthy but busy: it is handed out only when
-        fewer than `answers` edges are both up and not overloaded, wherever
-        they are.  If no candidate is up, the nearest are answered anyway (a
-        far-off or dead edge is still better than no answer) and the choice
-        says so.
+        The order is the client's failover order: clients (curl, browsers)
+        connect to the first address and try the next when a connect fails,
+        so the nearest healthy edge comes first and the next nearest healthy
+        one after it.  That second address is what carries a client whose
+        first edge dies while the answer is still in its cache (the TTL).
+
+        An overloaded edge is healthy but busy: it comes after every edge
+        that is up and not overloaded, wherever they are.  If no candidate
+        is up, the nearest are answered anyway (a far-off or dead edge is
+        still better than no answer) and the choice says so.
         """
         ranked = self._ranked[(region, version)]
         fresh: list[Edge] = []
