@@ -206,6 +206,24 @@ def test_answers_defaults_to_two() -> None:
     assert addresses(ask(Answerer(topology(text=text)), CDN)) == [EAST, EAST2]
 
 
+SHARED_ADDRESS = TOPOLOGY.replace('listen = "127.0.46.3:8080"', 'listen = "127.0.46.1:8081"')
+
+SHARED = [
+    # l1-east2 now listens on l1-east's address (another port): as a fallback it would be no fallback.
+    ("127.0.13.1", {}, ["127.0.46.1", WEST], "the nearer of the two is answered, then another address"),
+    ("127.0.11.1", {}, ["127.0.46.1", WEST], "the second edge on the address is passed over"),
+    ("127.0.11.1", {"l1-east": DOWN, "l1-east2": DOWN, "l1-west": DOWN}, ["127.0.46.1", WEST],
+     "all down: the nearest two addresses"),
+]
+
+
+@pytest.mark.parametrize("client,health,expected,why", SHARED, ids=[s[3] for s in SHARED])
+def test_edges_sharing_an_address_count_once(client: str, health: dict, expected: list[str], why: str) -> None:
+    response = ask(Answerer(topology(answers=2, text=SHARED_ADDRESS)), "www.example.com", client=client,
+                   health=health)
+    assert addresses(response) == expected
+
+
 # --------------------------------------------------------------------------- authoritative behaviour
 
 ZONE = [
