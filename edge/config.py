@@ -139,7 +139,7 @@ class Dns:
     customer_zones: tuple[str, ...]   # zones holding the sites' customer names (CNAMEs)
     cdn_zone: str                     # zone holding the CDN names (A/AAAA of edges)
     ttl: int = 30
-    answers: int = 1
+    answers: int = 2                  # the nearest healthy edge, then the next nearest: the client's fallback
     default_region: str | None = None
     health: HealthCheck = HealthCheck()
     nameserver: str = ""              # NS target at each apex; defaults to ns1.<cdn_zone>
@@ -587,7 +587,7 @@ def _dns(r: _Reader, table: dict, sites: tuple[Site, ...], regions: set[str]) ->
         admin=r.address(table, "admin", "dns.admin"),
         customer_zones=zones, cdn_zone=cdn_zone,
         ttl=r.number(table, "ttl", "dns.ttl", 30, 0, integer=True),
-        answers=r.number(table, "answers", "dns.answers", 1, 1, integer=True),
+        answers=r.number(table, "answers", "dns.answers", 2, 1, integer=True),
         default_region=default_region, health=health,
         nameserver=r.dns_name(table["nameserver"], "dns.nameserver") if "nameserver" in table else f"ns1.{cdn_zone}",
         hostmaster=r.dns_name(table["hostmaster"], "dns.hostmaster") if "hostmaster" in table else f"hostmaster.{cdn_zone}",

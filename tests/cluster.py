@@ -23,8 +23,12 @@ TRAFFIC_PORT, ADMIN_PORT = 8080, 8091
 
 
 def topology_text(net: str, *, l2: int = 0, l1: int = 1, cache_dir: Path, extra_node: str = "",
-                  extra: str = "") -> str:
-    """A topology on 127.0.<net>.x: origin .10, L2s .21.., L1s .31.., one site www.example.com."""
+                  extra: str = "", l1_regions: tuple[str, ...] = ()) -> str:
+    """A topology on 127.0.<net>.x: origin .10, L2s .21.., L1s .31.., one site www.example.com.
+
+    `l1_regions` places the L1s in order (l1-1 in the first, ...) for the DNS
+    scheduler; `extra` then has to define those regions.
+    """
     lines = [
         f'state_dir = "{cache_dir}"',
         "[sites.example]",
@@ -44,7 +48,7 @@ def topology_text(net: str, *, l2: int = 0, l1: int = 1, cache_dir: Path, extra_
                   f'listen = "127.0.{net}.{31 + i}:{TRAFFIC_PORT}"', f'admin = "127.0.{net}.{31 + i}:{ADMIN_PORT}"',
                   'memory_size = "16MiB"', 'disk_size = "512MiB"', 'parents = "all"',
                   "parent_fall = 2", "parent_rise = 2", "parent_probe_interval = 0.1", "parent_timeout = 2.0",
-                  extra_node]
+                  f'region = "{l1_regions[i]}"' if i < len(l1_regions) else "", extra_node]
     return "\n".join(lines) + "\n" + extra
 
 
@@ -106,6 +110,14 @@ class NodeProcess:
                 self.proc.wait()
         self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no drain, the listening socket simply goes away."""
+        if self.proc is None:
+            return
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.proc = None
+
     @property
     def pid(self) -> int:
         assert self.proc is not None
@@ -136,9 +148,11 @@ class Cluster:
         return cls(config, net)
 
     def node(self, name: str) -> NodeProcess:
+        """A node of the topology by name; "dns" is the scheduler (its traffic address is DNS)."""
         if name not in self.nodes:
             from edge.config import load
-            spec = load(self.config).node(name)
+            topology = load(self.config)
+            spec = topology.dns if name == "dns" and topology.dns is not None else topology.node(name)
             self.nodes[name] = NodeProcess(name, self.config, str(spec.admin), str(spec.listen))
         return self.nodes[name]
 

@@ -43,6 +43,7 @@ def test_default_topology_is_the_documented_one():
     }
     assert topology.node("l1-east").parents == ("l2-a", "l2-b")
     assert str(topology.dns.listen) == "127.0.5.1:8053"
+    assert topology.dns.answers == 2          # the nearest healthy L1, then the fallback
     assert topology.sites[0].cdn_name == "www.example.com.cdn.example.net"
 
 

@@ -161,19 +161,67 @@ def test_all_down_is_flagged_and_partial_outage_is_not(answerer: Answerer) -> No
     assert not answerer.answer(query, client, {"l1-east": DOWN, "l1-east2": DOWN}).all_down
 
 
-MULTI = [
-    ("127.0.11.1", {}, {EAST, EAST2}),
-    ("127.0.12.1", {}, {WEST, EAST2}),
-    ("127.0.11.1", {"l1-east": BUSY}, {EAST2, WEST}),
-    ("127.0.11.1", {"l1-east": DOWN, "l1-west": DOWN}, {EAST2}),
-    ("127.0.11.1", {"l1-east": DOWN, "l1-east2": DOWN, "l1-west": DOWN}, {EAST, EAST2}),
+def addresses(response: dns.message.Message) -> list[str]:
+    """The A/AAAA addresses of the answer, in the order they were put in."""
+    return [rr.address for rrset in response.answer if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)
+            for rr in rrset]
+
+
+ORDER = [
+    # (client, ECS option, health, expected addresses in order, why), with answers = 2 (the default)
+    ("127.0.11.1", None, {}, [EAST, EAST2], "nearest first, the next nearest after it"),
+    ("127.0.12.1", None, {}, [WEST, EAST2], "west: Washington (3920 km) before New York (4130 km)"),
+    ("127.0.13.1", None, {}, [EAST2, EAST], "central: Washington (955 km) before New York (1145 km)"),
+    ("127.0.11.1", "127.0.12.0/24", {}, [WEST, EAST2], "the client subnet decides, not the source"),
+    ("127.0.12.1", "127.0.11.0/24", {}, [EAST, EAST2], "the client subnet decides, the other way"),
+    ("127.0.11.1", None, {"l1-east": DOWN}, [EAST2, WEST], "nearest down: the next two, in order"),
+    ("127.0.11.1", None, {"l1-east2": DOWN}, [EAST, WEST], "a dead edge is never the fallback"),
+    ("127.0.11.1", None, {"l1-east": BUSY}, [EAST2, WEST], "overloaded nearest: two healthy ones beat it"),
+    ("127.0.12.1", None, {"l1-east2": BUSY}, [WEST, EAST], "an overloaded second is passed over too"),
+    ("127.0.11.1", None, {"l1-east": BUSY, "l1-west": DOWN}, [EAST2, EAST],
+     "overloaded only as the fallback, after the healthy one"),
+    ("127.0.11.1", None, {"l1-east": BUSY, "l1-east2": BUSY}, [WEST, EAST],
+     "the one not overloaded first however far, then the nearest overloaded"),
+    ("127.0.11.1", None, {"l1-east": DOWN, "l1-west": DOWN}, [EAST2], "one edge up: that one alone"),
+    ("127.0.11.1", None, {"l1-east": DOWN, "l1-east2": DOWN, "l1-west": DOWN}, [EAST, EAST2],
+     "all down: the nearest two anyway"),
 ]
 
 
-@pytest.mark.parametrize("client,health,expected", MULTI)
-def test_answers_gives_that_many_nearest_edges(client: str, health: dict, expected: set[str]) -> None:
-    response = ask(Answerer(topology(answers=2)), "www.example.com", client=client, health=health)
-    assert lines(response.answer) == {CNAME} | {a_record(a) for a in expected}
+@pytest.mark.parametrize("client,ecs,health,expected,why", ORDER, ids=[o[4] for o in ORDER])
+def test_answer_is_the_nearest_healthy_edge_then_the_next_nearest(client: str, ecs: str | None, health: dict,
+                                                                  expected: list[str], why: str) -> None:
+    answerer = Answerer(topology(answers=2))
+    response = ask(answerer, "www.example.com", client=client, health=health, ecs=ecs)
+    assert response.answer[0].to_text() == CNAME
+    assert addresses(response) == expected
+    subnet = ipaddress.ip_network(ecs) if ecs else None
+    record = answerer.explain("www.example.com", ipaddress.ip_address(client), health, subnet=subnet)
+    assert record["answer"] == expected
+
+
+def test_answers_defaults_to_two() -> None:
+    text = "\n".join(line for line in TOPOLOGY.splitlines() if not line.startswith("answers"))
+    assert Answerer(topology(text=text)).answers == 2
+    assert addresses(ask(Answerer(topology(text=text)), CDN)) == [EAST, EAST2]
+
+
+SHARED_ADDRESS = TOPOLOGY.replace('listen = "127.0.46.3:8080"', 'listen = "127.0.46.1:8081"')
+
+SHARED = [
+    # l1-east2 now listens on l1-east's address (another port): as a fallback it would be no fallback.
+    ("127.0.13.1", {}, ["127.0.46.1", WEST], "the nearer of the two is answered, then another address"),
+    ("127.0.11.1", {}, ["127.0.46.1", WEST], "the second edge on the address is passed over"),
+    ("127.0.11.1", {"l1-east": DOWN, "l1-east2": DOWN, "l1-west": DOWN}, ["127.0.46.1", WEST],
+     "all down: the nearest two addresses"),
+]
+
+
+@pytest.mark.parametrize("client,health,expected,why", SHARED, ids=[s[3] for s in SHARED])
+def test_edges_sharing_an_address_count_once(client: str, health: dict, expected: list[str], why: str) -> None:
+    response = ask(Answerer(topology(answers=2, text=SHARED_ADDRESS)), "www.example.com", client=client,
+                   health=health)
+    assert addresses(response) == expected
 
 
 # --------------------------------------------------------------------------- authoritative behaviour

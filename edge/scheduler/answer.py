@@ -119,6 +119,11 @@ class Answer:
         return any(choice.all_down for choice in self.choices)
 
 
+def _address_taken(edge: Edge, *chosen: list[Edge]) -> bool:
+    """Whether an edge in `chosen` already has `edge`'s address (lists of an answer or two: a scan)."""
+    return any(other.address == edge.address for edges in chosen for other in edges)
+
+
 # --------------------------------------------------------------------------- zone data
 
 
@@ -299,27 +304,37 @@ class Answerer:
                         f"no coverage block holds {address} and no default region: edges in topology order")
 
     def choose(self, region: str | None, version: int, health: HealthSnapshot) -> Choice:
-        """The nearest `answers` edges that are up, preferring those not overloaded.
+        """The nearest `answers` edges that are up, preferring those not overloaded, in that order.
 
-        An overloaded edge is healthy but busy: it is handed out only when
-        fewer than `answers` edges are both up and not overloaded, wherever
-        they are.  If no candidate is up, the nearest are answered anyway (a
-        far-off or dead edge is still better than no answer) and the choice
-        says so.
+        The order is the client's failover order: clients (curl, browsers)
+        connect to the first address and try the next when a connect fails,
+        so the nearest healthy edge comes first and the next nearest healthy
+        one after it.  That second address is what carries a client whose
+        first edge dies while the answer is still in its cache (the TTL).
+
+        An overloaded edge is healthy but busy: it comes after every edge
+        that is up and not overloaded, wherever they are.  An edge on an
+        address already chosen is passed over (two L1s may share an IP on
+        different ports): the RRset would hold the address once, and the
+        same address twice is no fallback.  If no candidate is up, the
+        nearest are answered anyway (a far-off or dead edge is still better
+        than no answer) and the choice says so.
         """
         ranked = self._ranked[(region, version)]
         fresh: list[Edge] = []
         busy: list[Edge] = []
         for edge, _ in ranked:
             status = health.get(edge.name, UNPROBED)
-            if status.up:
+            if status.up and not _address_taken(edge, fresh, busy):
                 (busy if status.overloaded else fresh).append(edge)
                 if len(fresh) >= self.answers:
                     break
         chosen = (fresh + busy)[: self.answers]
         all_down = not chosen and bool(ranked)
         if all_down:
-            chosen = [edge for edge, _ in ranked[: self.answers]]
+            for edge, _ in ranked:
+                if len(chosen) < self.answers and not _address_taken(edge, chosen):
+                    chosen.append(edge)
         return Choice(version, ranked, tuple(chosen), all_down)
 
     # ----------------------------------------------------------------- answering

@@ -75,21 +75,30 @@ def udp_limit(query: dns.message.Message, our_payload: int) -> int:
 
 
 def render(response: dns.message.Message, limit: int) -> bytes:
-    """Wire format within `limit` bytes: drop additional records, then truncate (TC)."""
+    """Wire format within `limit` bytes: drop additional records, then truncate (TC).
+
+    Records go out in the order the resolver put them in their RRset:
+    dnspython shuffles an RRset's records by default, but the scheduler's
+    order is the client's failover order (nearest edge first).
+    """
     try:
-        return response.to_wire(max_size=limit)
+        return _wire(response, limit)
     except dns.exception.TooBig:
         pass
     if response.additional:
         # RFC 2181 section 9: leaving out additional data needs no TC bit.
         response.additional = []
         try:
-            return response.to_wire(max_size=limit)
+            return _wire(response, limit)
         except dns.exception.TooBig:
             pass
     response.answer, response.authority = [], []
     response.flags |= dns.flags.TC
-    return response.to_wire(max_size=limit)
+    return _wire(response, limit)
+
+
+def _wire(response: dns.message.Message, limit: int) -> bytes:
+    return response.to_wire(max_size=limit, want_shuffle=False)
 
 
 def error_response(wire: bytes, rcode: dns.rcode.Rcode) -> dns.message.Message | None:
