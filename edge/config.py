@@ -22,6 +22,19 @@ from edge.policy import SiteDefaults
 ROLES = ("origin", "l2", "l1")
 DEFAULT_TOPOLOGY = "<built-in deploy/local.toml>"
 
+# Every method the HTTP front's parser (llhttp) knows; any other gets 501 before a site is chosen.
+PARSER_METHODS = frozenset({
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "PURGE", "QUERY",
+    "COPY", "LOCK", "MKCOL", "MOVE", "PROPFIND", "PROPPATCH", "SEARCH", "UNLOCK", "BIND", "REBIND", "UNBIND",
+    "ACL", "REPORT", "MKACTIVITY", "CHECKOUT", "MERGE", "M-SEARCH", "NOTIFY", "SUBSCRIBE", "UNSUBSCRIBE",
+    "MKCALENDAR", "LINK", "UNLINK", "SOURCE",
+})
+# RFC 9110's methods but CONNECT (a tunnel, which a reverse proxy does not open) and TRACE
+# (it echoes the request, with the fields this CDN added, back to the client; nginx refuses
+# it too).  Like CloudFront's allowed methods, anything else must be listed by the site.
+DEFAULT_ALLOWED_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 class ConfigError(Exception):
     """A problem with the topology file, phrased for the operator."""
@@ -57,6 +70,12 @@ class Site:
     ignore_query_params: tuple[str, ...] = ()   # these query parameters are not part of the key
     set_cookie: str = "never"       # responses with Set-Cookie: "never" stored, or "strip" it and store
     defaults: SiteDefaults = SiteDefaults()     # default_ttl, max_ttl and stale windows, all off
+    allowed_methods: tuple[str, ...] = DEFAULT_ALLOWED_METHODS   # others get 405, never forwarded
+
+    @property
+    def allow_field(self) -> str:
+        """The value of the Allow field a 405 must carry (RFC 9110 15.5.6)."""
+        return ", ".join(self.allowed_methods)
 
 
 @dataclass(frozen=True)
@@ -122,6 +141,7 @@ class Node:
     limits: FrontLimits = FrontLimits()
     access_log: str = "-"                 # "-" (stdout), "off", or a file path
     access_log_format: str = "combined"
+    admin_allow: tuple[Network, ...] | None = None   # who may read the admin listener; None: anyone
 
 
 @dataclass(frozen=True)
@@ -144,6 +164,7 @@ class Dns:
     health: HealthCheck = HealthCheck()
     nameserver: str = ""              # NS target at each apex; defaults to ns1.<cdn_zone>
     hostmaster: str = ""
+    admin_allow: tuple[Network, ...] | None = None   # who may read the admin listener; None: anyone
 
 
 @dataclass(frozen=True)
@@ -287,6 +308,27 @@ class _Reader:
             raise self.fail(path, f"expected an IP address, got {host!r}") from None
         return Address(host, int(port))
 
+    def networks(self, value: Any, path: str) -> tuple[Network, ...]:
+        """An nginx-style allow list: addresses and CIDR blocks, at least one."""
+        if not isinstance(value, list) or not value:
+            raise self.fail(path, 'expected a non-empty list of addresses or CIDR blocks such as ["10.0.0.0/8"] '
+                                  f"(leave the key out to allow every client), got {value!r}")
+        out = []
+        for item in value:
+            if not isinstance(item, str):
+                raise self.fail(path, f"expected an address or CIDR block, got {item!r}")
+            try:
+                out.append(ipaddress.ip_network(item.strip()))
+            except ValueError:
+                try:
+                    loose = ipaddress.ip_network(item.strip(), strict=False)
+                except ValueError:
+                    raise self.fail(path, f"not an address or CIDR block: {item!r}") from None
+                # nginx only warns here; an allow list that is not what it says is refused.
+                raise self.fail(path, f"{item!r} has bits set past its prefix length "
+                                      f"(did you mean {str(loose)!r}?)") from None
+        return tuple(out)
+
     def dns_name(self, value: Any, path: str) -> str:
         if not isinstance(value, str):
             raise self.fail(path, f"expected a DNS name, got {value!r}")
@@ -315,7 +357,7 @@ def parse(text: str, source: str, base_dir: Path) -> Topology:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "(syntax)", str(exc)) from None
-    r.unknown(data, {"state_dir", "sites", "regions", "coverage", "nodes", "dns"}, "")
+    r.unknown(data, {"state_dir", "admin_allow", "sites", "regions", "coverage", "nodes", "dns"}, "")
 
     state_dir = Path(r.str(data, "state_dir", "state_dir", "var"))
     if not state_dir.is_absolute():
@@ -326,9 +368,11 @@ def parse(text: str, source: str, base_dir: Path) -> Topology:
     coverage = _coverage(r, r.table(data, "coverage", "coverage"), region_names)
     dns_table = r.table(data, "dns", "dns")
     cdn_zone = r.dns_name(dns_table["cdn_zone"], "dns.cdn_zone") if "cdn_zone" in dns_table else ""
+    # Topology-wide default of every admin listener's allow list; a node or [dns] may set its own.
+    admin_allow = r.networks(data["admin_allow"], "admin_allow") if "admin_allow" in data else None
     sites = _sites(r, r.table(data, "sites", "sites", required=True), cdn_zone)
-    nodes = _nodes(r, r.table(data, "nodes", "nodes", required=True), region_names, base_dir)
-    dns = _dns(r, dns_table, sites, region_names) if dns_table else None
+    nodes = _nodes(r, r.table(data, "nodes", "nodes", required=True), region_names, base_dir, admin_allow)
+    dns = _dns(r, dns_table, sites, region_names, admin_allow) if dns_table else None
     return Topology(source=source, sites=sites, nodes=nodes, regions=regions,
                     coverage=coverage, dns=dns, state_dir=state_dir)
 
@@ -374,7 +418,7 @@ def _sites(r: _Reader, table: dict, cdn_zone: str) -> tuple[Site, ...]:
             raise r.fail(path, "expected a table")
         r.unknown(body, {"hosts", "origin", "cdn_name", "default", "stale_if_unreachable", "aliases",
                          "ignore_query", "ignore_query_params", "set_cookie", "default_ttl", "max_ttl",
-                         "stale_while_revalidate", "stale_if_error"}, path)
+                         "stale_while_revalidate", "stale_if_error", "allowed_methods"}, path)
         hosts_value = body.get("hosts")
         if not isinstance(hosts_value, list) or not hosts_value:
             raise r.fail(f"{path}.hosts", "expected a non-empty list of host names")
@@ -411,20 +455,50 @@ def _sites(r: _Reader, table: dict, cdn_zone: str) -> tuple[Site, ...]:
                                      stale_while_revalidate=seconds("stale_while_revalidate", integer=True),
                                      stale_if_error=seconds("stale_if_error", integer=True))
         out.append(Site(name, hosts, origin.rstrip("/"), cdn_name, default, stale_if_unreachable, aliases,
-                        ignore_query, tuple(params), set_cookie, site_defaults))
+                        ignore_query, tuple(params), set_cookie, site_defaults,
+                        _allowed_methods(r, body, f"{path}.allowed_methods")))
     if len(defaults) > 1:
         raise r.fail(f"sites.{defaults[1]}.default", f"only one site may be the default (also {defaults[0]!r})")
     return tuple(out)
+
+
+def _allowed_methods(r: _Reader, body: dict, path: str) -> tuple[str, ...]:
+    """The methods a site forwards (CloudFront's allowed methods): tokens the front's parser
+    knows, GET and HEAD always among them, CONNECT never."""
+    if "allowed_methods" not in body:
+        return DEFAULT_ALLOWED_METHODS
+    value = body["allowed_methods"]
+    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+        raise r.fail(path, f'expected a list of methods such as ["GET", "HEAD", "POST"], got {value!r}')
+    for method in value:
+        if method in PARSER_METHODS:
+            continue
+        if method.strip().upper() in PARSER_METHODS:
+            raise r.fail(path, f"{method!r} is not a method; did you mean {method.strip().upper()!r}? "
+                               "(methods are case-sensitive, RFC 9110 9.1)")
+        raise r.fail(path, f"{method!r} is not a method the HTTP front knows (it answers those 501 "
+                           f"whatever the site says); known: {', '.join(sorted(PARSER_METHODS))}")
+    if "CONNECT" in value:
+        raise r.fail(path, "CONNECT asks for a tunnel, which this reverse proxy does not open")
+    for needed in ("GET", "HEAD"):
+        if needed not in value:
+            raise r.fail(path, f"{needed} must be allowed: every HTTP server supports GET and HEAD "
+                               "(RFC 9110 9.1), and fresh hits of both are answered before any site check")
+    if len(set(value)) != len(value):
+        raise r.fail(path, "a method is listed twice")
+    return tuple(value)
 
 
 _NODE_KEYS = {"role", "listen", "admin", "region", "lat", "lon", "parents", "parent_weights",
               "memory_size", "memory_object_max", "disk_size", "stream_threshold", "cache_dir",
               "content_dir", "content_cache_control", "max_inflight", "parent_fall",
               "parent_rise", "parent_probe_interval", "parent_timeout", "go_direct",
-              "upstream_deadline", "upstream_max_conns", "upstream_queue", "access_log", "access_log_format", *FrontLimits.__dataclass_fields__}
+              "upstream_deadline", "upstream_max_conns", "upstream_queue", "access_log", "access_log_format",
+              "admin_allow", *FrontLimits.__dataclass_fields__}
 
 
-def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path) -> tuple[Node, ...]:
+def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path,
+           admin_allow: tuple[Network, ...] | None) -> tuple[Node, ...]:
     out: list[Node] = []
     addresses: dict[Address, str] = {}
     for name, body in table.items():
@@ -502,6 +576,8 @@ def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path) -> tuple[
                                         Node.content_cache_control),
             max_inflight=r.number(body, "max_inflight", f"{path}.max_inflight", 1000, 1, integer=True),
             limits=limits, access_log=access_log, access_log_format=access_log_format,
+            admin_allow=r.networks(body["admin_allow"], f"{path}.admin_allow") if "admin_allow" in body
+            else admin_allow,
         )
         out.append((node, parents_value))
 
@@ -555,9 +631,10 @@ def _limits(r: _Reader, body: dict, path: str) -> FrontLimits:
     )
 
 
-def _dns(r: _Reader, table: dict, sites: tuple[Site, ...], regions: set[str]) -> Dns:
+def _dns(r: _Reader, table: dict, sites: tuple[Site, ...], regions: set[str],
+         admin_allow: tuple[Network, ...] | None) -> Dns:
     r.unknown(table, {"listen", "admin", "zones", "cdn_zone", "ttl", "answers", "default_region",
-                      "health", "nameserver", "hostmaster"}, "dns")
+                      "health", "nameserver", "hostmaster", "admin_allow"}, "dns")
     if "cdn_zone" not in table:
         raise r.fail("dns.cdn_zone", "missing (the zone of the CDN names, e.g. cdn.example.net)")
     cdn_zone = r.dns_name(table["cdn_zone"], "dns.cdn_zone")
@@ -591,4 +668,5 @@ def _dns(r: _Reader, table: dict, sites: tuple[Site, ...], regions: set[str]) ->
         default_region=default_region, health=health,
         nameserver=r.dns_name(table["nameserver"], "dns.nameserver") if "nameserver" in table else f"ns1.{cdn_zone}",
         hostmaster=r.dns_name(table["hostmaster"], "dns.hostmaster") if "hostmaster" in table else f"hostmaster.{cdn_zone}",
+        admin_allow=r.networks(table["admin_allow"], "dns.admin_allow") if "admin_allow" in table else admin_allow,
     )

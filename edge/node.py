@@ -74,7 +74,7 @@ def _origin_apps(node: Node) -> tuple[web.Application, web.Application]:
     registry = CollectorRegistry()
     traffic = make_origin_app(node.content_dir, node.content_cache_control, registry)
     health = lambda: {"status": "ok", "node": node.name, "role": node.role}  # noqa: E731
-    return traffic, admin.make_admin_app(registry, health)
+    return traffic, admin.make_admin_app(registry, health, allow=node.admin_allow)
 
 
 async def _cache_node(topology: Topology, node: Node, stack: AsyncExitStack) -> CacheNode:
@@ -133,4 +133,4 @@ def _cache_admin_app(topology: Topology, cache_node: CacheNode, front: Front) ->
 
     token = os.environ.get(ADMIN_TOKEN_ENV)
     routes = [web.get("/status", status), web.post("/purge", admin.require_token(token, purge))]
-    return admin.make_admin_app(cache_node.metrics.registry, health, routes)
+    return admin.make_admin_app(cache_node.metrics.registry, health, routes, allow=node.admin_allow)

@@ -7,8 +7,8 @@ machine:
 
     hit_now  the front's fast path: a fresh memory hit of a plain GET/HEAD,
              answered from the stored object's pre-serialised header block
-    recv     resolve the site from Host, refuse unknown hosts, loops and
-             heads the parents would refuse
+    recv     resolve the site from Host, refuse unknown hosts, methods the
+             site does not allow, loops and heads the parents would refuse
     lookup   find the stored object (and the Vary variant) for the cache key
     decide   ask `policy` what to do with it (fresh, stale-while-revalidate,
              revalidate, fetch); the X-Cache verdict follows from the action
@@ -240,6 +240,8 @@ class CacheNode:
             self.metrics.refused.labels("unknown_host").inc()
             log.info("refused unknown host %r from %s", host, request.remote)
             return self._error(421, f"this CDN does not serve {host!r}")
+        if request.method not in site.allowed_methods:
+            return self._method_not_allowed(request, site)
         if self.node.name in via_names(request.headers):
             self.metrics.loops.inc()
             log.warning("loop detected: %s already in Via %r", self.node.name, request.headers.getall("Via"))
@@ -252,6 +254,20 @@ class CacheNode:
         if request.method in CACHEABLE_METHODS:
             return await self._lookup(ex)
         return await self._pass(ex)
+
+    def _method_not_allowed(self, request: Request, site: Site) -> Reply:
+        """405 for a method the site does not allow (RFC 9110 15.5.6), never forwarded.
+
+        Refused here, before anything goes upstream, so such a request can never
+        invalidate a stored object (RFC 9111 4.4 lets any successful unsafe method
+        do that): who may change the cache is the site's allowed methods plus
+        the purge token, whatever the origin answers.
+        """
+        self.metrics.refused.labels("method_not_allowed").inc()
+        log.info("refused %s %s from %s: method not allowed for site %s", request.method, request.target,
+                 request.remote, site.name)
+        return error_reply(405, f"{request.method} is not allowed here",
+                           [("Allow", site.allow_field), ("Via", self.via)])
 
     def _too_large_for_parents(self, request: Request) -> bool:
         """Would the head this node forwards (with its Via and X-Forwarded-For) exceed a parent's limits?"""

@@ -23,9 +23,10 @@ TRAFFIC_PORT, ADMIN_PORT = 8080, 8091
 
 
 def topology_text(net: str, *, l2: int = 0, l1: int = 1, cache_dir: Path, extra_node: str = "",
-                  extra: str = "", l1_regions: tuple[str, ...] = ()) -> str:
+                  extra_site: str = "", extra: str = "", l1_regions: tuple[str, ...] = ()) -> str:
     """A topology on 127.0.<net>.x: origin .10, L2s .21.., L1s .31.., one site www.example.com.
 
+    `extra_node` is added to every cache node's table, `extra_site` to the site's.
     `l1_regions` places the L1s in order (l1-1 in the first, ...) for the DNS
     scheduler; `extra` then has to define those regions.
     """
@@ -34,6 +35,7 @@ def topology_text(net: str, *, l2: int = 0, l1: int = 1, cache_dir: Path, extra_
         "[sites.example]",
         'hosts = ["www.example.com", "static.example.com"]',
         f'origin = "http://127.0.{net}.10:{TRAFFIC_PORT}"',
+        extra_site,
         "[nodes.origin]",
         'role = "origin"',
         f'listen = "127.0.{net}.10:{TRAFFIC_PORT}"',

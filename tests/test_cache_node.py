@@ -21,11 +21,13 @@ import pytest
 from tests.cluster import Cluster
 
 HOST = {"Host": "www.example.com"}
+EXTENSION_METHODS = 'allowed_methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PROPFIND", "MKCOL", "M-SEARCH", "UNLOCK"]'
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster.create(tmp_path_factory.mktemp("cache-node"), "31", l1=1)
+    # The WebDAV and SSDP methods some tests forward are allowed on top of the defaults.
+    c = Cluster.create(tmp_path_factory.mktemp("cache-node"), "31", l1=1, extra_site=EXTENSION_METHODS)
     try:
         c.start("origin", "l1-1")
         yield c

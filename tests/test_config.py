@@ -91,6 +91,34 @@ def test_minimal_topology_defaults():
          "sites.example.default_ttl", "expected a number"),
         ('hosts = ["www.example.com"]', 'hosts = ["www.example.com"]\nstale_if_error = 1.5',
          "sites.example.stale_if_error", "whole number"),
+        # allowed_methods: tokens the front knows, case-sensitive, GET and HEAD always, never CONNECT
+        ('hosts = ["www.example.com"]', 'hosts = ["www.example.com"]\nallowed_methods = "GET"',
+         "sites.example.allowed_methods", "expected a list of methods"),
+        ('hosts = ["www.example.com"]', 'hosts = ["www.example.com"]\nallowed_methods = ["GET", "HEAD", 1]',
+         "sites.example.allowed_methods", "expected a list of methods"),
+        ('hosts = ["www.example.com"]', 'hosts = ["www.example.com"]\nallowed_methods = ["GET", "HEAD", "FOO"]',
+         "sites.example.allowed_methods", "'FOO' is not a method the HTTP front knows"),
+        ('hosts = ["www.example.com"]', 'hosts = ["www.example.com"]\nallowed_methods = ["GET", "HEAD", "post"]',
+         "sites.example.allowed_methods", "did you mean 'POST'? (methods are case-sensitive"),
+        ('hosts = ["www.example.com"]', 'hosts = ["www.example.com"]\nallowed_methods = ["GET", "POST"]',
+         "sites.example.allowed_methods", "HEAD must be allowed"),
+        ('hosts = ["www.example.com"]', 'hosts = ["www.example.com"]\nallowed_methods = []',
+         "sites.example.allowed_methods", "GET must be allowed"),
+        ('hosts = ["www.example.com"]', 'hosts = ["www.example.com"]\nallowed_methods = ["GET", "HEAD", "CONNECT"]',
+         "sites.example.allowed_methods", "CONNECT asks for a tunnel"),
+        ('hosts = ["www.example.com"]', 'hosts = ["www.example.com"]\nallowed_methods = ["GET", "HEAD", "GET"]',
+         "sites.example.allowed_methods", "listed twice"),
+        # admin_allow: a non-empty list of addresses or CIDR blocks, topology-wide or per listener
+        ('[sites.example]', 'admin_allow = "10.0.0.0/8"\n[sites.example]', "admin_allow", "non-empty list"),
+        ('[sites.example]', 'admin_allow = []\n[sites.example]', "admin_allow", "leave the key out"),
+        ('[sites.example]', 'admin_allow = ["10.0.0.0/33"]\n[sites.example]', "admin_allow",
+         "not an address or CIDR block: '10.0.0.0/33'"),
+        ('[sites.example]', 'admin_allow = ["monitoring.example.com"]\n[sites.example]', "admin_allow",
+         "not an address or CIDR block"),
+        ('[sites.example]', 'admin_allow = [10]\n[sites.example]', "admin_allow", "expected an address or CIDR"),
+        ('role = "l1"', 'role = "l1"\nadmin_allow = ["10.1.2.3/8"]', "nodes.l1.admin_allow",
+         "did you mean '10.0.0.0/8'?"),
+        ('role = "l1"', 'role = "l1"\nadmin_allow = ["2001:db8::/129"]', "nodes.l1.admin_allow", "not an address"),
     ],
 )
 def test_mistakes_name_file_key_and_problem(replace, by, key, problem):
@@ -110,6 +138,51 @@ def test_front_limits_and_access_log_defaults_and_settings():
     l1 = config.parse(text, "t.toml", Path("/srv")).node("l1")
     assert (l1.limits.max_header_bytes, l1.limits.keepalive_timeout, l1.limits.drain_timeout) == (16384, 5.0, 0.0)
     assert (l1.access_log, l1.access_log_format) == ("/srv/log/l1.log", "json")    # relative to the file
+
+
+def test_allowed_methods_default_to_rfc_9110_without_connect_and_trace():
+    site = config.parse(MINIMAL, "t.toml", Path(".")).sites[0]
+    assert site.allowed_methods == ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS")
+    assert site.allow_field == "GET, HEAD, POST, PUT, DELETE, OPTIONS"
+    text = MINIMAL.replace('hosts = ["www.example.com"]',
+                           'hosts = ["www.example.com"]\nallowed_methods = ["HEAD", "GET", "PATCH", "PURGE", "TRACE"]')
+    site = config.parse(text, "t.toml", Path(".")).sites[0]
+    assert site.allow_field == "HEAD, GET, PATCH, PURGE, TRACE"      # the operator's order, in Allow
+
+
+def test_parser_methods_are_exactly_what_the_front_parses():
+    """PARSER_METHODS is what config accepts; llhttp must parse each (and refuse what is not listed)."""
+    import httptools
+
+    def parses(method: str) -> bool:
+        parser = httptools.HttpRequestParser(object())
+        try:
+            parser.feed_data(method.encode() + b" /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        except httptools.HttpParserUpgrade:
+            return True         # CONNECT: parsed, then a tunnel is asked for
+        except httptools.HttpParserError:
+            return False
+        return True
+
+    assert [m for m in sorted(config.PARSER_METHODS) if not parses(m)] == []
+    assert [m for m in ("FOO", "FROBNICATE", "DESCRIBE", "PRI", "get") if parses(m)] == []
+    assert set(config.DEFAULT_ALLOWED_METHODS) <= config.PARSER_METHODS
+
+
+def test_admin_allow_topology_wide_with_per_listener_override():
+    import ipaddress
+    dns = ('[dns]\nlisten = "127.0.5.1:8053"\nadmin = "127.0.5.1:8091"\nzones = ["example.com"]\n'
+           'cdn_zone = "cdn.example.net"\n')
+    topology = config.parse(MINIMAL + dns, "t.toml", Path("."))
+    assert {n.admin_allow for n in topology.nodes} == {None} and topology.dns.admin_allow is None
+    text = ('admin_allow = ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32"]\n'
+            + MINIMAL.replace('role = "l1"', 'role = "l1"\nadmin_allow = ["127.0.0.1"]')
+            + dns + 'admin_allow = ["127.0.0.0/8"]\n')
+    topology = config.parse(text, "t.toml", Path("."))
+    wide = tuple(map(ipaddress.ip_network, ("10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32")))
+    assert topology.node("l2-a").admin_allow == topology.node("origin").admin_allow == wide
+    assert topology.node("l1").admin_allow == (ipaddress.ip_network("127.0.0.1/32"),)
+    assert topology.dns.admin_allow == (ipaddress.ip_network("127.0.0.0/8"),)
 
 
 def test_site_lookup_ignores_port_and_case_and_falls_back_to_default():

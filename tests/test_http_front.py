@@ -286,7 +286,8 @@ def vm_rss(pid: int) -> int:
 def cluster(tmp_path_factory):
     # memory_object_max: anything over 1 MiB lives on the disk tier only (test_slow_reader...).
     c = Cluster.create(tmp_path_factory.mktemp("http-front"), NET, l1=1,
-                       extra_node='memory_object_max = "1MiB"')
+                       extra_node='memory_object_max = "1MiB"',
+                       extra_site='allowed_methods = ["GET", "HEAD", "POST", "PUT", "PROPFIND", "M-SEARCH"]')
     try:
         c.start("origin", "l1-1")
         yield c

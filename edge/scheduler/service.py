@@ -157,7 +157,8 @@ class Scheduler:
         """
         await self.server.start(self.dns.listen.host, self.dns.listen.port)
         try:
-            app = make_admin_app(self.registry, self.health_report, routes=[web.get("/explain", self.explain)])
+            app = make_admin_app(self.registry, self.health_report, routes=[web.get("/explain", self.explain)],
+                                 allow=self.dns.admin_allow)
             self._admin = web.AppRunner(app, access_log=None)
             await self._admin.setup()
             site = web.TCPSite(self._admin, self.dns.admin.host, self.dns.admin.port)
