@@ -22,7 +22,7 @@ from edge.policy import SiteDefaults
 ROLES = ("origin", "l2", "l1")
 DEFAULT_TOPOLOGY = "<built-in deploy/local.toml>"
 
-# Every method the HTTP front's parser (llhttp) knows; any other gets 501 before a site is chosen.
+# Every method the HTTP front's parser (llhttp) knows; any other gets 405 before a site is chosen.
 PARSER_METHODS = frozenset({
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "PURGE", "QUERY",
     "COPY", "LOCK", "MKCOL", "MOVE", "PROPFIND", "PROPPATCH", "SEARCH", "UNLOCK", "BIND", "REBIND", "UNBIND",
@@ -476,7 +476,7 @@ def _allowed_methods(r: _Reader, body: dict, path: str) -> tuple[str, ...]:
         if method.strip().upper() in PARSER_METHODS:
             raise r.fail(path, f"{method!r} is not a method; did you mean {method.strip().upper()!r}? "
                                "(methods are case-sensitive, RFC 9110 9.1)")
-        raise r.fail(path, f"{method!r} is not a method the HTTP front knows (it answers those 501 "
+        raise r.fail(path, f"{method!r} is not a method the HTTP front knows (it answers those 405 "
                            f"whatever the site says); known: {', '.join(sorted(PARSER_METHODS))}")
     if "CONNECT" in value:
         raise r.fail(path, "CONNECT asks for a tunnel, which this reverse proxy does not open")

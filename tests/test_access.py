@@ -94,30 +94,31 @@ async def metric(cluster: Cluster, node: str, line_prefix: str) -> float:
     return 0.0
 
 
-REFUSED = 'edge_refused_requests_total{reason="method_not_allowed"}'
 INVALIDATED = 'edge_invalidations_total{reason="unsafe-method"}'
 
 # ------------------------------------------------------------------ allowed methods
 
 
-@pytest.mark.parametrize("method, status", [("PURGE", 405), ("PATCH", 405), ("PROPFIND", 405), ("TRACE", 405),
-                                            ("FOO", 501)])
-async def test_a_method_the_site_does_not_allow_evicts_nothing_anywhere(cluster, http, method, status):
+@pytest.mark.parametrize("method, allow, reason", [
+    ("PURGE", DEFAULT_ALLOW, "method_not_allowed"), ("PATCH", DEFAULT_ALLOW, "method_not_allowed"),
+    ("PROPFIND", DEFAULT_ALLOW, "method_not_allowed"), ("TRACE", DEFAULT_ALLOW, "method_not_allowed"),
+    # A method the parser does not know is refused by the front before any site is chosen.
+    ("FOO", "GET, HEAD", "unknown_method")])
+async def test_a_method_the_site_does_not_allow_evicts_nothing_anywhere(cluster, http, method, allow, reason):
     """The origin answers 2xx to any method, so before allowed_methods any of these evicted the
     URL from the L1 and the owner L2 (RFC 9111 4.4) without the purge token."""
     target = unique(method.lower())
     assert (await send(http, "l1-1", cluster, target))[1]["X-Cache"] == "MISS"
     _, hit, _ = await send(http, "l1-1", cluster, target)
     assert hit["X-Cache"] == "HIT" and hit["X-Origin-Hits"] == "1"
-    refused = {name: await metric(cluster, name, REFUSED) for name in ("l1-1", "l2-a")}
+    counted = f'edge_refused_requests_total{{reason="{reason}"}}'
+    refused = {name: await metric(cluster, name, counted) for name in ("l1-1", "l2-a")}
     invalidated = {name: await metric(cluster, name, INVALIDATED) for name in ("l1-1", "l2-a")}
 
     for node in ("l1-1", "l2-a"):           # through the CDN, and straight at the parent
         got, headers, body = await send(http, node, cluster, target, method=method, data=b"x" * 10)
-        assert got == status, body
-        if status == 405:
-            assert headers["Allow"] == DEFAULT_ALLOW and f"{method} is not allowed".encode() in body
-            assert await metric(cluster, node, REFUSED) == refused[node] + 1
+        assert (got, headers["Allow"]) == (405, allow), body
+        assert await metric(cluster, node, counted) == refused[node] + 1
 
     _, l2, _ = await send(http, "l2-a", cluster, target)     # first: an L1 miss would refill the L2
     _, l1, _ = await send(http, "l1-1", cluster, target)

@@ -580,13 +580,14 @@ def test_ambiguous_or_malformed_request_gets_400_and_close(cluster, l1, case, af
 
 # --------------------------------------------------------------------------- 6. methods
 
-def test_unknown_method_gets_501_and_close(cluster, l1):
+def test_unknown_method_gets_405_and_close(cluster, l1):
+    """A method no site can allow is the request's fault: 405 with Allow (RFC 9110 15.5.6), never a 5xx."""
     token = uuid.uuid4().hex[:12]
     target = f"/gen/method-{token}"
     with Conn(l1) as conn:
         conn.send(request("FOO", target))
         r = conn.read_response()
-        assert r.status == 501, r
+        assert (r.status, r.header("Allow")) == (405, "GET, HEAD"), r
         assert conn.closed_within(2.0)
     assert_origin_never_saw(cluster, token, target)
 
@@ -930,22 +931,56 @@ async def _send_and_read(address: str, data: bytes) -> bytes:
         writer.close()
 
 
-def test_fuzzed_requests_never_get_a_500_or_a_traceback(cluster, l1):
-    """Seeded mutations of valid requests: 4xx or an answer, never 500, and the node keeps serving."""
+def test_fuzzed_requests_never_get_a_5xx_or_a_traceback(cluster, l1):
+    """Seeded mutations of valid requests (issue 10 item 7): every answer is well-formed HTTP or a
+    closed connection, none is a 5xx (the origin is up: any 5xx would be the node's own about the
+    request), the node keeps serving and logs no traceback."""
     import asyncio
     import random
     rng = random.Random(20261201)
-    cases = [_mutate(rng, rng.choice(FUZZ_BASES)) for _ in range(400)]
+    cases = [_mutate(rng, rng.choice(FUZZ_BASES)) for _ in range(3000)]
 
     async def run_all() -> list[bytes]:
         answers: list[bytes] = []
-        for start in range(0, len(cases), 100):
-            answers += await asyncio.gather(*(_send_and_read(l1, case) for case in cases[start:start + 100]))
+        for start in range(0, len(cases), 250):
+            answers += await asyncio.gather(*(_send_and_read(l1, case) for case in cases[start:start + 250]))
         return answers
 
     answers = asyncio.run(run_all())
-    statuses = [int(m.group(1)) for answer in answers for m in re.finditer(rb"HTTP/1\.[01] (\d{3}) ", answer)]
-    assert statuses, "no answers at all"
-    assert 500 not in statuses, [case for case, answer in zip(cases, answers) if b" 500 " in answer][:3]
+    statuses = []
+    for case, answer in zip(cases, answers):
+        parsed = _responses(answer)
+        assert parsed is not None, f"not well-formed HTTP: {answer[:300]!r} for {case[:300]!r}"
+        statuses += parsed
+    assert len(statuses) > len(cases) // 2, "most requests got no answer at all"
+    server_errors = [(case, answer[:200]) for case, answer in zip(cases, answers)
+                     if any(status >= 500 for status in _responses(answer))]
+    assert not server_errors, server_errors[:3]
     assert fetch(l1, unique("after-fuzz") + "?cc=no-store").status == 200
     assert_no_traceback(cluster.node("l1-1"))
+
+
+def _responses(data: bytes) -> list[int] | None:
+    """The statuses of the HTTP/1.x responses `data` consists of; None if it is anything else.
+
+    The last body may be cut short (the reader stops after 0.4 s of quiet)."""
+    statuses, view = [], data
+    while view:
+        head_end = view.find(b"\r\n\r\n")
+        if head_end < 0:
+            return None
+        lines = view[:head_end].split(b"\r\n")
+        status = re.fullmatch(rb"HTTP/1\.[01] (\d{3}) [ -~]*", lines[0])
+        if not status or not all(re.fullmatch(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+: [ -~\t]*", line) for line in lines[1:]):
+            return None
+        code = int(status.group(1))
+        statuses.append(code)
+        fields = {line.split(b":", 1)[0].lower(): line.split(b":", 1)[1].strip() for line in lines[1:]}
+        view = view[head_end + 4:]
+        if 100 <= code < 200 or code in (204, 304):
+            continue
+        if b"content-length" in fields:
+            view = view[int(fields[b"content-length"]):]
+        else:
+            break                   # chunked or close-delimited: the rest is this body
+    return statuses

@@ -480,7 +480,7 @@ class HttpConnection(asyncio.Protocol):
             self._next()
 
     def _write_error(self, reject: Reject) -> None:
-        reply = error_reply(reject.status, str(reject))
+        reply = error_reply(reject.status, str(reject), reject.fields)
         head = b"".join((rules.status_line(reply.status), rules.serialise_fields(reply.headers),
                          b"Content-Length: %d\r\n" % len(reply.body), CLOSE_LINE))
         self.transport.write(head + reply.body)
@@ -500,15 +500,21 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.resume_reading()
 
 
-_REFUSAL_REASONS = {400: "bad_request", 408: "header_timeout", 414: "uri_too_long", 417: "expectation",
-                    431: "header_too_large", 500: "internal_error", 501: "unknown_method"}
+_REFUSAL_REASONS = {400: "bad_request", 405: "unknown_method", 408: "header_timeout", 414: "uri_too_long",
+                    417: "expectation", 431: "header_too_large", 500: "internal_error"}
 
 
 def _unknown_method(data: bytes) -> Reject:
-    """A token followed by a space is a method llhttp does not know: 501; anything else is not HTTP."""
+    """A token followed by a space is a method llhttp does not know; anything else is not HTTP.
+
+    No site can allow such a method (only methods llhttp knows can be
+    forwarded), so it gets 405 like any method a site does not allow, not a
+    5xx: the fault is in the request.  The Host is never read, so `Allow`
+    names what every site allows.
+    """
     method, space, _ = data.partition(b" ")
     if space and method and not method.translate(None, _TOKEN_BYTES):
-        return Reject(501, "method not implemented")
+        return Reject(405, "method not allowed", (("Allow", "GET, HEAD"),))
     return Reject(400, "not an HTTP request")
 
 

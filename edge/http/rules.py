@@ -25,9 +25,9 @@ SUPPORTED_VERSIONS = frozenset({"1.0", "1.1"})
 class Reject(Exception):
     """A request the front answers itself with `status` and then closes the connection."""
 
-    def __init__(self, status: int, reason: str):
+    def __init__(self, status: int, reason: str, fields: tuple[tuple[str, str], ...] = ()):
         super().__init__(reason)
-        self.status, self.reason = status, reason
+        self.status, self.reason, self.fields = status, reason, fields
 
 
 def check_target(target: bytes) -> None:
