@@ -51,6 +51,7 @@ def test_minimal_topology_defaults():
     topology = config.parse(MINIMAL, "t.toml", Path("/srv"))
     l1 = topology.node("l1")
     assert l1.parents == ("l2-a",) and l1.parent_policy.go_direct
+    assert (l1.parent_policy.deadline, l1.parent_policy.max_conns, l1.parent_policy.queue) == (20.0, 512, 1024)
     assert topology.cache_dir(l1) == Path("/srv/var/cache/l1")
     assert topology.dns is None
 
@@ -65,6 +66,11 @@ def test_minimal_topology_defaults():
         ('role = "l1"', 'role = "l1"\nparents = ["l2-z"]', "nodes.l1.parents", "'l2-z' is not an l2 node"),
         ('role = "l1"', 'role = "l1"\nmemory_size = "lots"', "nodes.l1.memory_size", "expected a size"),
         ('role = "l1"', 'role = "l1"\nparent_fall = 0', "nodes.l1.parent_fall", "at least 1"),
+        ('role = "l1"', 'role = "l1"\nupstream_deadline = 0', "nodes.l1.upstream_deadline", "at least 0.01"),
+        ('role = "l1"', 'role = "l1"\nupstream_deadline = "20s"', "nodes.l1.upstream_deadline", "expected a number"),
+        ('role = "l1"', 'role = "l1"\nupstream_max_conns = 0', "nodes.l1.upstream_max_conns", "at least 1"),
+        ('role = "l1"', 'role = "l1"\nupstream_max_conns = 2.5', "nodes.l1.upstream_max_conns", "whole number"),
+        ('role = "l1"', 'role = "l1"\nupstream_queue = -1', "nodes.l1.upstream_queue", "at least 0"),
         ('role = "l1"', 'role = "l1"\ncolour = "red"', "nodes.l1.colour", "unknown key"),
         ('role = "l2"', 'role = "l2"\nparents = ["l1"]', "nodes.l2-a.parents", "only an l1 node has parents"),
         ('origin = "http://127.0.0.10:8080"', 'origin = "ftp://x"', "sites.example.origin", "http://"),

@@ -255,6 +255,52 @@ async def test_a_connection_paused_by_an_unread_body_is_resumed_when_pooled(clie
         assert upstream.connections == 1
 
 
+async def test_connections_are_capped_and_waiters_get_a_released_one() -> None:
+    """max_conns per address (in use or idle); `queue` requests wait; any more fail at once."""
+    client = Http1Client(connect_timeout=1.0, read_timeout=2.0, max_conns=1, queue=1)
+    try:
+        async with ScriptedUpstream(answer(b"ok")) as upstream:
+            first = await client.request(upstream.address, "GET", "/1", ())       # holds the one connection
+            waiting = asyncio.create_task(get(client, upstream, "/2"))
+            await asyncio.sleep(0.05)
+            assert client.stats() == [(upstream.address, 1, 0, 1)]
+            with pytest.raises(UpstreamIOError) as caught:
+                await get(client, upstream, "/3")
+            assert caught.value.error == "connection_limit_reached"
+            await first.read()
+            first.release()                   # handed straight to the waiter
+            assert (await waiting)[2] == b"ok"
+            assert upstream.connections == 1
+            assert client.stats() == [(upstream.address, 0, 1, 0)]
+    finally:
+        await client.close()
+
+
+async def test_a_queued_request_gives_up_at_its_deadline() -> None:
+    client = Http1Client(connect_timeout=1.0, read_timeout=5.0, max_conns=1, queue=4)
+    try:
+        async with ScriptedUpstream(answer(b"ok")) as upstream:
+            held = await client.request(upstream.address, "GET", "/held", ())
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(UpstreamIOError) as caught:
+                await client.request(upstream.address, "GET", "/late", (), deadline=started + 0.3)
+            assert caught.value.error == "connection_limit_reached"
+            assert 0.25 < loop.time() - started < 1.0
+            assert client.stats() == [(upstream.address, 1, 0, 0)]      # the waiter left the queue
+            held.release()
+    finally:
+        await client.close()
+
+
+async def test_a_closed_connection_frees_its_slot(client) -> None:
+    async with ScriptedUpstream(answer(b"ok"), close_after=1) as upstream:
+        for _ in range(3):
+            assert (await get(client, upstream))[2] == b"ok"
+            await asyncio.sleep(0.05)
+        assert client.stats() in ([], [(upstream.address, 0, 0, 0)])
+
+
 # ------------------------------------------------------------------- errors
 
 
