@@ -19,6 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Two regions for the DNS scheduler's tests (New York and San Francisco), as TOML.
+EAST_WEST_REGIONS = """[regions.east]
+lat = 40.71
+lon = -74.01
+[regions.west]
+lat = 37.77
+lon = -122.42
+"""
 TRAFFIC_PORT, ADMIN_PORT = 8080, 8091
 
 

@@ -22,7 +22,7 @@ import dns.query
 import dns.rdatatype
 import pytest
 
-from tests.cluster import TRAFFIC_PORT, Cluster
+from tests.cluster import EAST_WEST_REGIONS, TRAFFIC_PORT, Cluster
 
 NET = "80"
 DNS_HOST, DNS_PORT = "127.0.80.5", 8053
@@ -31,13 +31,7 @@ EAST_EDGE, WEST_EDGE = "127.0.80.31", "127.0.80.32"
 CURL = shutil.which("curl") or "/usr/bin/curl"
 
 SCHEDULER = f"""
-[regions.east]
-lat = 40.71
-lon = -74.01
-[regions.west]
-lat = 37.77
-lon = -122.42
-[coverage]
+{EAST_WEST_REGIONS}[coverage]
 "127.0.81.0/24" = "east"
 "127.0.82.0/24" = "west"
 [dns]

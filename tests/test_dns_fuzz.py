@@ -42,7 +42,7 @@ import dns.tsigkeyring
 import pytest
 
 from edge.scheduler.answer import UDP_PAYLOAD
-from tests.cluster import Cluster
+from tests.cluster import EAST_WEST_REGIONS, Cluster
 
 NET = "83"
 DNS_HOST, DNS_PORT = "127.0.83.5", 8053
@@ -53,13 +53,7 @@ UDP_WINDOW = 25                 # (case, sentinel) pairs in flight: their replie
 UDP_MAX = UDP_PAYLOAD           # the scheduler's EDNS payload: no UDP reply is bigger
 
 SCHEDULER = f"""
-[regions.east]
-lat = 40.71
-lon = -74.01
-[regions.west]
-lat = 37.77
-lon = -122.42
-[coverage]
+{EAST_WEST_REGIONS}[coverage]
 "127.0.83.0/25" = "east"
 "127.0.83.128/25" = "west"
 "2001:db8::/32" = "west"

@@ -30,6 +30,7 @@ from edge import config
 from edge.scheduler.answer import Answerer
 from edge.scheduler.server import DnsServer, Resolved
 from edge.scheduler.service import Scheduler
+from tests.cluster import EAST_WEST_REGIONS
 
 DIG = shutil.which("dig") or "/usr/bin/dig"
 DNS_HOST = "127.0.45.1"
@@ -73,13 +74,7 @@ def topology_text(east: FakeEdge, west: FakeEdge, dns_port: int = 0, admin_port:
 [sites.example]
 hosts = ["www.example.com"]
 origin = "http://127.0.46.10:8080"
-[regions.east]
-lat = 40.71
-lon = -74.01
-[regions.west]
-lat = 37.77
-lon = -122.42
-[coverage]
+{EAST_WEST_REGIONS}[coverage]
 "127.0.11.0/24" = "east"
 "127.0.12.0/24" = "west"
 "203.0.113.0/24" = "west"
