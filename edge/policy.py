@@ -58,7 +58,7 @@ import math
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urldefrag, urljoin, urlsplit
 
 import http_sfv
@@ -712,6 +712,30 @@ def age_at(stored: Assessment, now: float) -> float:
     return stored.initial_age + (now - stored.response_time)
 
 
+def stale_from(stored: Assessment, when: float) -> Assessment:
+    """The assessment of a response declared stale at `when` (a soft purge), if it was fresh then.
+
+    Its age is moved on so that its freshness ran out at `when`: from then
+    on it is exactly ``now - when`` seconds stale, so revalidation,
+    ``stale-while-revalidate`` and ``stale-if-error`` (RFC 5861) apply to it
+    as to any stale response, their windows counted from the purge, and the
+    ``Age`` it is sent with tells the next cache (an L1, a browser) that it
+    is stale too.  A response already stale at `when` is unchanged.
+    """
+    age_then = age_at(stored, when)
+    if age_then >= stored.lifetime:
+        return stored
+    return replace(stored, initial_age=stored.initial_age + (stored.lifetime - age_then))
+
+
+def _staleness(resp_headers: Headers, request_time: float, response_time: float, now: float,
+               defaults: SiteDefaults, stale_at: float | None) -> float:
+    """Seconds past the freshness lifetime at `now`; with `stale_at` (a soft purge), at least ``now - stale_at``."""
+    staleness = (current_age(resp_headers, request_time, response_time, now)
+                 - freshness_lifetime(resp_headers, response_time=response_time, defaults=defaults))
+    return staleness if stale_at is None else max(staleness, now - stale_at)
+
+
 def decide_assessed(stored: Assessment, now: float) -> Decision:
     """:func:`decide` for a stored response already assessed: arithmetic only."""
     age = age_at(stored, now)
@@ -729,7 +753,7 @@ def decide_assessed(stored: Assessment, now: float) -> Decision:
 
 
 def stale_if_error_allowed(resp_headers: Headers, request_time: float, response_time: float,
-                           now: float, defaults: SiteDefaults = NO_DEFAULTS) -> bool:
+                           now: float, defaults: SiteDefaults = NO_DEFAULTS, stale_at: float | None = None) -> bool:
     """May the stored response answer a request whose upstream fetch failed?
 
     RFC 5861 section 4: with ``stale-if-error=N``, "when an error is
@@ -739,6 +763,7 @@ def stale_if_error_allowed(resp_headers: Headers, request_time: float, response_
     proxy-revalidate or s-maxage (RFC 9111 section 4.2.4 forbids generating
     such a stale response; section 5.2.2.10 for s-maxage).  Which failures
     count as errors (500, 502, 503, 504, unreachable) is the caller's call.
+    `stale_at` (a soft purge) makes the response stale from then on at the latest.
     """
     directives, _ = _policy(resp_headers)
     if _unqualified(directives, "no-cache") or any(name in directives for name in _REVALIDATE_DIRECTIVES):
@@ -746,13 +771,12 @@ def stale_if_error_allowed(resp_headers: Headers, request_time: float, response_
     window = _stale_window(directives, "stale-if-error", defaults)
     if window is None:
         return False
-    staleness = (current_age(resp_headers, request_time, response_time, now)
-                 - freshness_lifetime(resp_headers, response_time=response_time, defaults=defaults))
-    return staleness <= window
+    return _staleness(resp_headers, request_time, response_time, now, defaults, stale_at) <= window
 
 
 def stale_when_disconnected(resp_headers: Headers, request_time: float, response_time: float, now: float,
-                            max_staleness: float, defaults: SiteDefaults = NO_DEFAULTS) -> bool:
+                            max_staleness: float, defaults: SiteDefaults = NO_DEFAULTS,
+                            stale_at: float | None = None) -> bool:
     """May the stored response answer a request whose upstream could not be reached at all?
 
     RFC 9111 section 4.2.4: "A cache MUST NOT generate a stale response unless
@@ -760,14 +784,13 @@ def stale_when_disconnected(resp_headers: Headers, request_time: float, response
     no-cache, must-revalidate, proxy-revalidate or s-maxage forbid it.  An
     unreachable upstream (refused, reset, closed or timed out before
     answering) is a disconnected cache; a 5xx answer is not (that is
-    stale-if-error's).  `max_staleness` bounds how stale (per-site setting).
+    stale-if-error's).  `max_staleness` bounds how stale (per-site setting);
+    `stale_at` as for :func:`stale_if_error_allowed`.
     """
     directives, _ = _policy(resp_headers)
     if _unqualified(directives, "no-cache") or any(name in directives for name in _REVALIDATE_DIRECTIVES):
         return False
-    staleness = (current_age(resp_headers, request_time, response_time, now)
-                 - freshness_lifetime(resp_headers, response_time=response_time, defaults=defaults))
-    return staleness <= max_staleness
+    return _staleness(resp_headers, request_time, response_time, now, defaults, stale_at) <= max_staleness
 
 
 # --------------------------------------------------------------------------- validation
