@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -407,7 +408,7 @@ async def test_disk_rebuild_does_not_resurrect_keys_changed_during_the_scan(tmp_
 
     disk = await open_disk(directory, max_bytes=MiB, start=False)
     scan = await disk._scan()                             # the scan sees them all...
-    assert sorted(key for _, key, _, _ in scan.found) == ["deleted", "kept", "restored"]
+    assert sorted(key for _, key, _, _, _ in scan.found) == ["deleted", "kept", "restored"]
     assert scan.bad == [key_hash("half-done")]
     assert await disk.delete("deleted")                   # ...then traffic changes them
     new_body = body_of(2 * KiB, 99)
@@ -849,3 +850,69 @@ async def test_entries_of_the_previous_format_are_dropped_at_start(tmp_path, ope
     again = await open_disk(directory)
     assert again.objects == 0 and again.corrupt == 1
     assert await again.get("k") is None and not body_path.exists()
+
+
+# ---------------------------------------------------------------------------- tags and soft purge marks
+
+def tagged_meta(body: bytes, tags: str, **kw) -> Meta:
+    return make_meta(body, extra=(("Surrogate-Key", tags), ("Cache-Tag", "shared")), **kw)
+
+
+async def test_disk_tag_index_follows_stores_updates_deletes_evictions_and_restarts(tmp_path, open_disk):
+    directory = tmp_path / "cache"
+    disk = await open_disk(directory, max_bytes=350 * KiB)       # three entries fit, not four
+    body = body_of(100 * KiB, 1)
+    for key, tags in (("a", "p1 p2"), ("b", "p2"), ("c", "p3")):
+        assert await put(disk, key, body, meta=tagged_meta(body, tags))
+    assert sorted(disk.keys_with_tag("p2")) == ["a", "b"]
+    assert sorted(disk.keys_with_tag("shared")) == ["a", "b", "c"]
+    # A 304 may change the tags: the index follows the rewritten meta.
+    assert await disk.update_meta("b", tagged_meta(body, "p4"))
+    assert disk.keys_with_tag("p2") == ["a"] and disk.keys_with_tag("p4") == ["b"]
+    assert await disk.delete("a")
+    assert disk.keys_with_tag("p1") == [] and "p1" not in disk._tagged
+    assert await put(disk, "d", body, meta=tagged_meta(body, "p5"))
+    assert await put(disk, "e", body, meta=tagged_meta(body, "p5"))     # over budget: "c" is evicted
+    assert disk.keys() == ["b", "d", "e"]
+    assert disk.keys_with_tag("p3") == [] and sorted(disk.keys_with_tag("p5")) == ["d", "e"]
+    await disk.close()
+    again = await open_disk(directory, max_bytes=350 * KiB)             # rebuilt from the files
+    assert sorted(again.keys_with_tag("shared")) == sorted(again.keys()) == ["b", "d", "e"]
+    assert again.keys_with_tag("p4") == ["b"] and again.index_complete
+
+
+async def test_stale_at_is_kept_on_disk_and_read_back(tmp_path, open_disk):
+    directory = tmp_path / "cache"
+    disk = await open_disk(directory)
+    body = body_of(KiB, 2)
+    meta = make_meta(body)
+    assert await put(disk, "k", body, meta=meta)
+    marked = replace(meta, stale_at=1_700_000_100.5)
+    assert await disk.update_meta("k", marked, replacing=meta)
+    await disk.close()
+    again = await open_disk(directory)
+    assert (await again.get("k")).meta.stale_at == 1_700_000_100.5
+    record = read_meta_record(entry_paths(directory, "k")[0])
+    assert record["stale_at"] == 1_700_000_100.5
+
+
+@pytest.mark.parametrize("tier", ["memory", "disk", "tiered"])
+async def test_update_meta_replacing_changes_only_the_version_read(tmp_path, open_disk, tier):
+    if tier == "memory":
+        store = MemoryStore(MiB, MiB)
+    elif tier == "disk":
+        store = await open_disk()
+    else:
+        store = TieredStore(MemoryStore(MiB, MiB), await open_disk())
+    body = body_of(KiB, 3)
+    old, new = make_meta(body, url="old"), make_meta(body, url="new")
+    assert await put(store, "k", body, meta=old)
+    assert await put(store, "k", body, meta=new)          # replaced, same size
+    if tier == "tiered":
+        await store.settled()
+    assert not await store.update_meta("k", replace(old, stale_at=5.0), replacing=old)
+    assert (await store.get("k")).meta == new
+    assert await store.update_meta("k", replace(new, stale_at=5.0), replacing=new)
+    assert (await store.get("k")).meta.stale_at == 5.0
+    if tier == "tiered":
+        assert (await store.disk.get("k")).meta.stale_at == 5.0

@@ -10,6 +10,7 @@ flow to disk while it flows to the client.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import AsyncIterator
@@ -18,6 +19,8 @@ from functools import cached_property
 from typing import Any, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from edge.surrogate import parse_tags
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 
@@ -39,6 +42,8 @@ class Meta:
     response_time: float                    # when the response arrived
     size: int                               # body length in bytes
     url: str = ""                           # for operators (status and purge listings)
+    # A soft purge: stale from this time on, whatever its freshness (None: not purged).
+    stale_at: float | None = None
 
     @cached_property
     def fields(self) -> CIMultiDictProxy[str]:
@@ -48,6 +53,11 @@ class Meta:
         does not rebuild it per request.
         """
         return CIMultiDictProxy(CIMultiDict(self.headers))
+
+    @cached_property
+    def tags(self) -> tuple[str, ...]:
+        """Its tags (surrogate keys) from the Surrogate-Key and Cache-Tag fields, parsed once."""
+        return parse_tags(self.headers)
 
     @cached_property
     def memo(self) -> dict[str, Any]:
@@ -65,6 +75,7 @@ class Meta:
             "response_time": self.response_time,
             "size": self.size,
             "url": self.url,
+            "stale_at": self.stale_at,
         }
 
     def to_json(self) -> bytes:
@@ -97,8 +108,13 @@ class Meta:
         url = data.get("url", "")
         if not isinstance(url, str):
             raise CorruptEntry(f"meta url is not a string: {url!r}")
+        stale_at = data.get("stale_at")       # absent in entries written before soft purges
+        if stale_at is not None and (not (_is_int(stale_at) or isinstance(stale_at, float))
+                                     or not math.isfinite(stale_at)):
+            raise CorruptEntry(f"meta stale_at is not a finite number: {stale_at!r}")
         return cls(status=status, headers=tuple((n, v) for n, v in headers),
-                   request_time=times[0], response_time=times[1], size=size, url=url)
+                   request_time=times[0], response_time=times[1], size=size, url=url,
+                   stale_at=None if stale_at is None else float(stale_at))
 
     @classmethod
     def from_json(cls, data: bytes) -> Meta:
@@ -142,6 +158,12 @@ class CachedObject:
         for offset in range(start, stop, chunk_size):
             yield bytes(view[offset:min(offset + chunk_size, stop)])
 
+    def with_meta(self, meta: Meta) -> CachedObject:
+        """The same stored body under another Meta (a soft purge's view of it); nothing is stored."""
+        clone = copy.copy(self)
+        clone.meta = meta
+        return clone
+
     def __repr__(self) -> str:
         where = "memory" if self.body is not None else "file"
         return f"<{type(self).__name__} {self.meta.status} {self.meta.size}B in {where} {self.meta.url!r}>"
@@ -183,7 +205,9 @@ class Store(Protocol):
 
     def writer(self, key: str, size_hint: int | None = None) -> Writer: ...
 
-    async def update_meta(self, key: str, meta: Meta) -> bool: ...
+    async def update_meta(self, key: str, meta: Meta, replacing: Meta | None = None) -> bool:
+        """Replace the stored meta of `key` (same body); with `replacing`, only while that is the stored one."""
+        ...
 
     async def delete(self, key: str) -> bool: ...
 

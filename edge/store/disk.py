@@ -78,13 +78,14 @@ def _short(key: str) -> str:
 
 
 class _Entry:
-    """What the index knows about an entry: its charge and which version it is."""
+    """What the index knows about an entry: its charge, which version it is, and its tags."""
 
-    __slots__ = ("charge", "version")
+    __slots__ = ("charge", "version", "tags")
 
-    def __init__(self, charge: int, version: int):
+    def __init__(self, charge: int, version: int, tags: tuple[str, ...] = ()):
         self.charge = charge
         self.version = version
+        self.tags = tags
 
 
 class DiskStore:
@@ -105,6 +106,9 @@ class DiskStore:
             raise OSError(exc.errno, f"cache directory {self.directory}: {exc.strerror or exc}",
                           str(self.directory)) from None
         self._index: OrderedDict[str, _Entry] = OrderedDict()
+        # tag -> keys of the entries carrying it: a purge by tag finds its objects
+        # without reading any file (kept in step with the index).
+        self._tagged: dict[str, set[str]] = {}
         self._bytes = 0
         self._evictions = 0
         self._versions = itertools.count(1)
@@ -170,7 +174,7 @@ class DiskStore:
             meta, meta_len, sums = found
             entry = self._index.get(key)
             if entry is None:            # on disk but not indexed yet: adopt it
-                entry = self._index_put(key, meta.size + meta_len)
+                entry = self._index_put(key, meta.size + meta_len, meta.tags)
                 self._touch(h)
             else:
                 self._index.move_to_end(key)
@@ -225,7 +229,7 @@ class DiskStore:
         return self.directory / h[:2] / f"{self._temp_prefix}{next(self._temp_counter)}"
 
     async def _install(self, key: str, h: str, tmp_body: Path, meta_bytes: bytes,
-                       charge: int, body: bytes | None = None) -> bool:
+                       charge: int, body: bytes | None = None, tags: tuple[str, ...] = ()) -> bool:
         """Move a finished body and its meta into place; the meta rename commits.
 
         With `body`, the body is first written to `tmp_body` in the same thread hop.
@@ -242,12 +246,13 @@ class DiskStore:
                 self._index_drop(key)
                 await asyncio.to_thread(_remove_quietly, tmp_body, tmp_meta, meta_path, body_path)
                 return False
-            self._index_put(key, charge)
+            self._index_put(key, charge, tags)
         await self._evict_to_budget()
         return True
 
-    async def update_meta(self, key: str, meta: Meta) -> bool:
-        """Rewrite only the meta (after a 304); False if absent or the size differs."""
+    async def update_meta(self, key: str, meta: Meta, replacing: Meta | None = None) -> bool:
+        """Rewrite only the meta (after a 304, a soft purge); False if absent or the size differs,
+        or (with `replacing`) if the stored meta is no longer that one."""
         if key not in self._index and self._index_complete:
             return False
         h = key_hash(key)
@@ -257,7 +262,7 @@ class DiskStore:
             self._touch(h)
             try:
                 outcome, meta_len = await asyncio.to_thread(_rewrite_meta, key, meta, tmp_meta,
-                                                            meta_path, body_path, self.fsync)
+                                                            meta_path, body_path, self.fsync, replacing)
             except CorruptEntry as exc:
                 await self._discard_locked(key, h, str(exc))
                 return False
@@ -267,15 +272,19 @@ class DiskStore:
             if outcome == "absent":
                 self._index_drop(key)
                 return False
-            if outcome == "size differs":
+            if outcome in ("size differs", "replaced"):
                 return False
             entry = self._index.get(key)
             charge = meta.size + meta_len
             if entry is None:
-                self._index_put(key, charge)
+                self._index_put(key, charge, meta.tags)
             else:                         # same body, same version: readers stay valid
                 self._bytes += charge - entry.charge
                 entry.charge = charge
+                if entry.tags != meta.tags:       # a 304 may change Surrogate-Key
+                    self._untag(key, entry.tags)
+                    entry.tags = meta.tags
+                    self._tag(key, entry.tags)
                 self._index.move_to_end(key)
         return True
 
@@ -298,6 +307,7 @@ class DiskStore:
         while self._bytes > self.max_bytes and self._index:
             key, entry = self._index.popitem(last=False)
             self._bytes -= entry.charge
+            self._untag(key, entry.tags)
             self._evictions += 1
             victims.append(key)
         for key in victims:
@@ -321,19 +331,34 @@ class DiskStore:
         if self._touched is not None:
             self._touched.add(h)
 
-    def _index_put(self, key: str, charge: int) -> _Entry:
+    def _index_put(self, key: str, charge: int, tags: tuple[str, ...] = ()) -> _Entry:
         old = self._index.pop(key, None)
         if old is not None:
             self._bytes -= old.charge
-        entry = self._index[key] = _Entry(charge, next(self._versions))
+            self._untag(key, old.tags)
+        entry = self._index[key] = _Entry(charge, next(self._versions), tags)
         self._bytes += charge
+        self._tag(key, tags)
         return entry
+
+    def _tag(self, key: str, tags: tuple[str, ...]) -> None:
+        for tag in tags:
+            self._tagged.setdefault(tag, set()).add(key)
+
+    def _untag(self, key: str, tags: tuple[str, ...]) -> None:
+        for tag in tags:
+            keys = self._tagged.get(tag)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._tagged[tag]
 
     def _index_drop(self, key: str) -> bool:
         old = self._index.pop(key, None)
         if old is None:
             return False
         self._bytes -= old.charge
+        self._untag(key, old.tags)
         return True
 
     async def _rebuild(self) -> None:
@@ -375,12 +400,13 @@ class DiskStore:
         # Newest first, each pushed to the LRU front: the oldest ends up evicted
         # first, and everything used since start-up stays more recent.
         result.found.sort(reverse=True)
-        for _mtime, key, h, charge in result.found:
+        for _mtime, key, h, charge, tags in result.found:
             if h in touched or key in self._index:
                 continue
-            self._index[key] = _Entry(charge, next(self._versions))
+            self._index[key] = _Entry(charge, next(self._versions), tags)
             self._index.move_to_end(key, last=False)
             self._bytes += charge
+            self._tag(key, tags)
         removed = 0
         for h in result.bad:
             async with self._lock(h):
@@ -406,6 +432,15 @@ class DiskStore:
         """Indexed keys from least to most recently used (a snapshot, for operators)."""
         return list(self._index)
 
+    def keys_with_tag(self, tag: str) -> list[str]:
+        """Indexed keys whose entries carry `tag` (a snapshot; no file is read)."""
+        return list(self._tagged.get(tag, ()))
+
+    @property
+    def index_complete(self) -> bool:
+        """Has the start-up scan merged every subdirectory (so the index lists every entry)?"""
+        return self._index_complete
+
     def tiers(self) -> list[DiskStore]:
         return [self]
 
@@ -426,7 +461,7 @@ class _ScanResult:
     """What the start-up scan saw; merged into the index on the event loop."""
 
     def __init__(self) -> None:
-        self.found: list[tuple[int, str, str, int]] = []    # (mtime_ns, key, hash, charge)
+        self.found: list[tuple[int, str, str, int, tuple[str, ...]]] = []    # (mtime_ns, key, hash, charge, tags)
         self.bad: list[str] = []                            # hashes of broken entries
         self.complete = True
 
@@ -599,7 +634,8 @@ class DiskWriter:
         if self._file is None:           # a small (or empty) body, still in memory
             body, self._buffer = b"".join(self._buffer), []
             tmp = await store._temp_path(self._hash)
-            return await asyncio.shield(store._install(self._key, self._hash, tmp, meta_bytes, charge, body))
+            return await asyncio.shield(store._install(self._key, self._hash, tmp, meta_bytes, charge, body,
+                                                       meta.tags))
         try:
             if store.fsync:
                 await self._file.flush()
@@ -615,7 +651,7 @@ class DiskWriter:
         assert tmp is not None
         # Shielded: once the renames start, a cancelled caller must not leave
         # files in place that the index does not know about.
-        return await asyncio.shield(store._install(self._key, self._hash, tmp, meta_bytes, charge))
+        return await asyncio.shield(store._install(self._key, self._hash, tmp, meta_bytes, charge, tags=meta.tags))
 
     async def abort(self) -> None:
         self._done = True
@@ -812,13 +848,15 @@ def _install_files(tmp_body: Path, tmp_meta: Path, meta_bytes: bytes,
 
 
 def _rewrite_meta(key: str, meta: Meta, tmp_meta: Path, meta_path: Path, body_path: Path,
-                  fsync: bool) -> tuple[str, int]:
+                  fsync: bool, replacing: Meta | None = None) -> tuple[str, int]:
     """Replace the entry's meta, keeping its body and block checksums: the outcome and the new meta length."""
     current = _read_entry(meta_path, body_path, key)
     if current is None:
         return "absent", 0
     if current[0].size != meta.size:
         return "size differs", 0
+    if replacing is not None and current[0] != replacing:
+        return "replaced", 0
     meta_bytes = _encode_meta(key, meta, current[2])
     try:
         _write_file(tmp_meta, meta_bytes, fsync)
@@ -863,8 +901,8 @@ def _list_subdirs(directory: Path) -> list[str]:
 
 
 def _scan_subdir(path: Path, sub: str, own_temp_prefix: str
-                 ) -> tuple[list[tuple[int, str, str, int]], list[str]]:
-    """Valid entries (mtime_ns, key, hash, charge) and broken entries' hashes in one subdirectory.
+                 ) -> tuple[list[tuple[int, str, str, int, tuple[str, ...]]], list[str]]:
+    """Valid entries (mtime_ns, key, hash, charge, tags) and broken entries' hashes in one subdirectory.
 
     Stale temp files (a crashed writer's) are deleted here; files that are
     not ours are left alone.
@@ -907,5 +945,5 @@ def _scan_subdir(path: Path, sub: str, own_temp_prefix: str
         if key_hash(key) != h or bodies[h] != meta.size:
             bad.append(h)
             continue
-        found.append((mtime, key, h, meta.size + len(raw)))
+        found.append((mtime, key, h, meta.size + len(raw), meta.tags))
     return found, bad

@@ -95,10 +95,12 @@ class MemoryStore:
     def writer(self, key: str, size_hint: int | None = None) -> MemoryWriter:
         return MemoryWriter(self, key, size_hint)
 
-    async def update_meta(self, key: str, meta: Meta) -> bool:
+    async def update_meta(self, key: str, meta: Meta, replacing: Meta | None = None) -> bool:
         current = self.peek(key)
         if current is None or current.body is None or len(current.body) != meta.size:
             return False
+        if replacing is not None and current.meta != replacing:
+            return False                # replaced meanwhile: the change was meant for the old version
         self._cache[key] = CachedObject(meta, current.body)    # same charge: no eviction
         return True
 

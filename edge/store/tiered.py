@@ -120,11 +120,11 @@ class TieredStore:
     # Disk first, then memory: a promotion that read the old version before
     # the disk changed is cancelled (its token popped) or overwritten after.
 
-    async def update_meta(self, key: str, meta: Meta) -> bool:
+    async def update_meta(self, key: str, meta: Meta, replacing: Meta | None = None) -> bool:
         await self.settled(key)
-        on_disk = await self.disk.update_meta(key, meta)
+        on_disk = await self.disk.update_meta(key, meta, replacing)
         self._promotions.pop(key, None)
-        in_memory = await self.memory.update_meta(key, meta)
+        in_memory = await self.memory.update_meta(key, meta, replacing)
         return in_memory or on_disk
 
     async def delete(self, key: str) -> bool:
