@@ -14,8 +14,8 @@ from the URL alone, and whose request count proves offload.  This app serves:
 
 * **synthetic objects** at ``/gen/{any/name}``, any method, shaped by the
   query string (see :func:`parse_gen_query`): ``size``, ``cc``, ``cdncc``,
-  ``expires``, ``etag``, ``lm``, ``vary``, ``status``, ``location``, ``age``
-  and ``delay``.  Unknown parameters are ignored, so ``?v=2`` busts caches.
+  ``expires``, ``etag``, ``lm``, ``vary``, ``status``, ``location``, ``age``,
+  ``delay``, ``tags`` (``Surrogate-Key``) and ``cachetag`` (``Cache-Tag``).  Unknown parameters are ignored, so ``?v=2`` busts caches.
   The body is self-describing: 64-byte lines ``<46-hex tag> <16-hex line
   number>\\n`` where the tag derives from the path (and the Vary'd request
   header values) and line *n* starts at byte offset ``64 * n``.  Any byte
@@ -365,6 +365,10 @@ async def _serve_synthetic(request: web.Request) -> web.StreamResponse:
         headers[hdrs.VARY] = spec.vary
     if spec.age is not None:
         headers[hdrs.AGE] = str(spec.age)
+    if spec.surrogate_key is not None:
+        headers["Surrogate-Key"] = spec.surrogate_key
+    if spec.cache_tag is not None:
+        headers["Cache-Tag"] = spec.cache_tag
     if spec.status in REDIRECT_STATUSES or spec.location is not None:
         headers[hdrs.LOCATION] = spec.location if spec.location is not None else str(
             request.rel_url.without_query_params("status"))

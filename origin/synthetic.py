@@ -109,9 +109,12 @@ class GenSpec:
     location: str | None = None
     age: int | None = None
     delay: float = 0.0                  # seconds
+    surrogate_key: str | None = None    # tags=a,b: "Surrogate-Key: a b" (Fastly's form)
+    cache_tag: str | None = None        # cachetag=a,b: "Cache-Tag: a,b" (Cloudflare's form)
 
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TAG = re.compile(r"[!-+\--~]{1,1024}")          # visible ASCII but the comma
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\ud7ff\ue000-\U0010ffff]*")
 
 
@@ -145,7 +148,9 @@ def parse_gen_query(query: Mapping[str, str]) -> GenSpec:
     size and variant, other values used as the tag (quoted unless already an
     entity-tag, so ``etag=W/"v1"`` gives a weak one); ``lm=1`` Last-Modified
     of 2026-01-01, or a Unix time; ``vary`` a Vary value; ``age`` an Age
-    header; ``delay`` milliseconds to wait before answering.
+    header; ``delay`` milliseconds to wait before answering; ``tags`` a
+    comma-separated list of tags sent as ``Surrogate-Key`` (space-separated),
+    ``cachetag`` the same sent as ``Cache-Tag``.
     """
     size = _integer(query, "size", 0, MAX_SIZE)
     status = _integer(query, "status", 200, 599)
@@ -190,6 +195,8 @@ def parse_gen_query(query: Mapping[str, str]) -> GenSpec:
             raise BadParameter(f"vary: expected '*' or comma-separated header names, got {vary!r}")
         vary_fields = tuple(dict.fromkeys(name.lower() for name in names if name != "*"))
 
+    tags = {name: _tags(query, name) for name in ("tags", "cachetag")}
+
     return GenSpec(
         size=1024 if size is None else size,
         status=200 if status is None else status,
@@ -198,4 +205,16 @@ def parse_gen_query(query: Mapping[str, str]) -> GenSpec:
         expires=expires, etag=etag, last_modified=last_modified,
         vary=vary, vary_fields=vary_fields,
         location=_header_value(query, "location"), age=age, delay=delay,
+        surrogate_key=" ".join(tags["tags"]) if tags["tags"] else None,
+        cache_tag=",".join(tags["cachetag"]) if tags["cachetag"] else None,
     )
+
+
+def _tags(query: Mapping[str, str], name: str) -> tuple[str, ...]:
+    text = query.get(name)
+    if text is None:
+        return ()
+    tags = tuple(tag.strip() for tag in text.split(","))
+    if not all(_TAG.fullmatch(tag) for tag in tags):
+        raise BadParameter(f"{name}: expected comma-separated tags of visible ASCII, got {text[:80]!r}")
+    return tags

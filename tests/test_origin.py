@@ -169,7 +169,8 @@ def test_url_path_segments(raw, expected):
     ({"etag": 'a"b'}, "etag"), ({"etag": ""}, "etag"), ({"lm": "yesterday"}, "lm"),
     ({"lm": "-5"}, "lm"), ({"vary": "a b"}, "vary"), ({"vary": ""}, "vary"),
     ({"cc": "max-age=1\r\nSet-Cookie: a=b"}, "cc"), ({"cdncc": "x\ny"}, "cdncc"),
-    ({"age": "-3"}, "age"),
+    ({"age": "-3"}, "age"), ({"tags": "a b"}, "tags"), ({"tags": "a,,b"}, "tags"), ({"tags": ""}, "tags"),
+    ({"cachetag": "caf\u00e9"}, "cachetag"), ({"tags": "x" * 1025}, "tags"),
 ])
 def test_parse_gen_query_rejects(query, field):
     with pytest.raises(BadParameter) as caught:
@@ -509,6 +510,14 @@ async def test_gen_cache_control_and_friends(client):
     assert "Cache-Control" not in resp.headers and "CDN-Cache-Control" not in resp.headers
     assert "ETag" not in resp.headers and "Last-Modified" not in resp.headers and "Expires" not in resp.headers
     assert (await client.get("/gen/age?age=42")).headers["Age"] == "42"
+
+
+async def test_gen_tags_as_surrogate_key_and_cache_tag(client):
+    resp = await client.get("/gen/tagged?tags=product-42,%20cat-7&cachetag=a,b")
+    assert resp.headers["Surrogate-Key"] == "product-42 cat-7"
+    assert resp.headers["Cache-Tag"] == "a,b"
+    resp = await client.get("/gen/untagged")
+    assert "Surrogate-Key" not in resp.headers and "Cache-Tag" not in resp.headers
 
 
 async def test_gen_expires(client):
