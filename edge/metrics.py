@@ -142,8 +142,13 @@ class NodeMetrics:
         self.parent_up = Gauge("edge_parent_up", "1 when a parent is considered healthy.", ["parent"],
                                registry=registry)
         self.inflight = Gauge("edge_inflight_requests", "Client requests being served now.", registry=registry)
-        self.invalidations = Counter("edge_invalidations", "Stored objects removed by unsafe methods or purge.",
+        self.invalidations = Counter("edge_invalidations", "Stored objects removed by unsafe methods or purge "
+                                     "(reason purge), or marked stale by a soft purge (reason soft-purge).",
                                      ["reason"], registry=registry)
+        self.purges = Counter("edge_purges", "Purge requests accepted, by kind (url, prefix, tag) and mode "
+                              "(hard, soft).", ["kind", "mode"], registry=registry)
+        self.bans = Gauge("edge_bans", "Purges (bans) still checked on lookup: not yet applied to every "
+                          "object they cover, or a fetch older than them is still under way.", registry=registry)
         self.disconnected_stale = Counter(
             "edge_disconnected_stale", "Stale copies served because the upstream could not be reached "
             "(RFC 9111 4.2.4).", registry=registry)

@@ -32,10 +32,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from email.utils import formatdate
+from pathlib import Path
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from edge import policy
+from edge.bans import BanList
 from edge.cachekey import (VARIANT_SEPARATOR, cache_key, key_prefix, keyed_target, normalise_target,
                            variant_store_key)
 from edge.config import Node, Site, Topology
@@ -44,6 +46,7 @@ from edge.http.rules import serialise_fields, status_line
 from edge.metrics import NodeMetrics
 from edge.store import CachedObject, CorruptEntry, Meta, Store
 from edge.store.base import Writer
+from edge.surrogate import TAG_FIELDS
 from edge.upstream.client import Upstream, UpstreamError, UpstreamPool
 from edge.upstream.coalesce import Coalescer, Flight, Landing, Outcome
 from edge.upstream.http1 import TIMEOUT_ERRORS, UpstreamIOError, UpstreamResponse
@@ -115,19 +118,29 @@ class CacheNode:
     """An L1 edge or an L2 parent: the same code, the topology decides the role.
 
     `clock` is the node's idea of now (seconds since the epoch); tests pass
-    their own to expire objects without sleeping.
+    their own to expire objects without sleeping.  Purges are bans
+    (:mod:`edge.bans`) checked wherever a stored object is about to be used
+    or stored; `ban_file` keeps them across a restart.
     """
 
     def __init__(self, topology: Topology, node: Node, store: Store, upstreams: UpstreamPool,
-                 metrics: NodeMetrics, clock: Callable[[], float] = time.time):
+                 metrics: NodeMetrics, clock: Callable[[], float] = time.time, ban_file: Path | None = None):
+        from edge.invalidation import Invalidator    # it drives this node's store: imported late
         self.topology, self.node, self.store = topology, node, store
         self.upstreams, self.metrics, self.clock = upstreams, metrics, clock
+        self.bans = BanList()
+        # Fetches under way (id -> request time): a ban stays until none older than it is left.
+        self._fetches: dict[int, float] = {}
+        self._fetch_ids = itertools.count()
+        self.invalidator = Invalidator(store, self.bans, clock, self.oldest_fetch, metrics, ban_file)
+        metrics.bans.set_function(lambda: len(self.bans))
         self.flights = Coalescer()
         self.inflight = 0
         metrics.inflight.set_function(lambda: self.inflight)
         self.via = f"1.1 {node.name}"
         self._via_token = node.name.encode()
         self._sites_by_raw_host: dict[bytes, tuple[Site, str] | None] = {}
+        self._tier_vias: dict[bytes, bool] = {}     # raw Via values -> came through our tier?
         self._background: set[asyncio.Task] = set()
         self._generations = itertools.count()
         self._tier_names = frozenset(n.name for n in topology.nodes if n.role != "origin") - {node.name}
@@ -136,10 +149,19 @@ class CacheNode:
         self._parent_head_bytes = min((p.max_header_bytes for p in parents), default=None)
         self._parent_head_fields = min((p.max_headers for p in parents), default=None)
 
+    async def start(self) -> None:
+        """Load the bans kept from the last run and start applying them."""
+        await self.invalidator.start()
+
     async def close(self) -> None:
+        await self.invalidator.close()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+
+    def oldest_fetch(self) -> float | None:
+        """The request time of the oldest fetch still under way (it may yet store an object)."""
+        return min(self._fetches.values(), default=None)
 
     # ------------------------------------------------------------- hit path
 
@@ -153,8 +175,13 @@ class CacheNode:
         """
         if host is None or (method != "GET" and method != "HEAD") or target[:1] != "/":
             return None
-        if via is not None and self._via_token in via:
-            return None                 # maybe a loop: recv decides
+        tier = False
+        if via is not None:
+            if self._via_token in via:
+                return None             # maybe a loop: recv decides
+            tier = self._tier_vias.get(via)
+            if tier is None:
+                tier = self._tier_via(via)
         site_and_prefix = self._sites_by_raw_host.get(host) or self._site_by_raw_host(host)
         if site_and_prefix is None:
             return None
@@ -166,19 +193,22 @@ class CacheNode:
             return None
         meta = stored.meta
         memo = meta.memo
+        bans = self.bans
+        if meta.request_time < bans.newest and memo.get("bans") != bans.generation:
+            return None                 # a purge since it was fetched: _find checks it
         assessment = memo.get("assessment") or _assessment(meta, site.defaults)
         age = assessment.initial_age + (self.clock() - assessment.response_time)      # policy.age_at
         ttl = assessment.lifetime - age
         if ttl <= 0 or assessment.no_cache or meta.status != 200:
             return None
-        head = self._hit_head(meta, age, ttl, b"")
+        head = self._hit_head(meta, age, ttl, b"", tier)
         body = stored.body
         self.metrics.requests.fast_hit(method, len(body) if method == "GET" else 0)
         return head, body, "HIT"
 
-    def _hit_block(self, meta: Meta) -> bytes:
+    def _hit_block(self, meta: Meta, tier: bool) -> bytes:
         """Status line and fields of a hit on `meta`, up to ``Cache-Status: ...; ttl=``."""
-        headers = self._client_headers(meta.fields, None, "", "HIT")
+        headers = self._client_headers(meta.fields, None, "", "HIT", tier)
         cache_status = headers.popall("Cache-Status", [""])[0]
         headers["Accept-Ranges"] = "bytes"
         headers["Content-Length"] = str(meta.size)
@@ -189,16 +219,27 @@ class CacheNode:
 
     def _collapsed_hit(self, ex: Exchange, stored: CachedObject, age: float, ttl: float) -> Reply:
         """A follower's answer from the object's hit block: many followers wake at once."""
-        head = self._hit_head(stored.meta, age, ttl, b"; collapsed")
+        head = self._hit_head(stored.meta, age, ttl, b"; collapsed", self._from_our_tier(ex.request))
         return ex.reply(200, (), stored.body, head=head, bodyless=ex.request.method == "HEAD")
 
-    def _hit_head(self, meta: Meta, age: float, ttl: float, params: bytes) -> bytes:
-        """The stored block (built once per Meta) with this second's ttl, any further
-        Cache-Status parameters, and Age."""
-        block = meta.memo.get("hit_block")
+    def _hit_head(self, meta: Meta, age: float, ttl: float, params: bytes, tier: bool) -> bytes:
+        """The stored block (built once per Meta, with the tag fields for our own tiers
+        and without for clients) with this second's ttl, any further Cache-Status
+        parameters, and Age."""
+        name = "hit_block_tier" if tier else "hit_block"
+        block = meta.memo.get(name)
         if block is None:
-            block = meta.memo["hit_block"] = self._hit_block(meta)
+            block = meta.memo[name] = self._hit_block(meta, tier)
         return b"%s%d%s\r\nAge: %s\r\n" % (block, ttl, params, policy.age_value(age).encode())
+
+    def _tier_via(self, via: bytes) -> bool:
+        """Did a request with this raw Via come through another cache node of this topology?
+        Remembered (bounded), as the hit path meets the same few values again and again."""
+        names = [member.split()[1] for member in via.decode("latin-1").split(",") if len(member.split()) >= 2]
+        tier = not self._tier_names.isdisjoint(names)
+        if len(self._tier_vias) < KNOWN_HOSTS_MAX:
+            self._tier_vias[via] = tier
+        return tier
 
     def _site_by_raw_host(self, host: bytes) -> tuple[Site, str] | None:
         """The site of a raw Host value and its cache-key prefix, remembered (bounded)."""
@@ -280,15 +321,38 @@ class CacheNode:
     # ---------------------------------------------------------------- lookup
 
     async def _find(self, ex: Exchange) -> tuple[str, CachedObject | None]:
-        """The store key for this request's variant (RFC 9111 4.1), and what is stored there."""
+        """The store key for this request's variant (RFC 9111 4.1), and what is stored there
+        as the bans see it: absent after a purge, stale after a soft purge."""
         stored = await self.store.get(ex.primary)
         if stored is None or stored.meta.status != VARY_MARKER_STATUS:
-            return ex.primary, stored
+            return ex.primary, self._unbanned(ex.primary, stored)
         names = policy.vary_names(stored.meta.fields)
         if names is None:
             return ex.primary, None
         key = _variant_key(ex.primary, stored.meta, names, ex.request.headers)
-        return key, await self.store.get(key)
+        return key, self._unbanned(key, await self.store.get(key))
+
+    def _unbanned(self, key: str, stored: CachedObject | None) -> CachedObject | None:
+        """`stored` as the live bans see it: None (purged), a stale view (soft-purged) or itself."""
+        if stored is None:
+            return None
+        meta = self.after_bans(key, stored.meta)
+        if meta is stored.meta:
+            meta.memo["bans"] = self.bans.generation     # the hit path need not ask again
+            return stored
+        return stored.with_meta(meta) if meta is not None else None
+
+    def after_bans(self, key: str, meta: Meta) -> Meta | None:
+        """What the bans leave of an object stored (or about to be) at `key`: None when a
+        purge covers it, a copy stale since the purge when a soft purge does, else `meta`."""
+        verdict = self.bans.check(key, meta.tags, meta.request_time)
+        if verdict is None:
+            return meta
+        if verdict.hard:
+            return None
+        if meta.stale_at is not None and meta.stale_at <= verdict.stale_at:
+            return meta
+        return replace(meta, stale_at=verdict.stale_at)
 
     async def _lookup(self, ex: Exchange) -> Reply:
         key, stored = await self._find(ex)
@@ -386,6 +450,22 @@ class CacheNode:
         if stale is not None:
             headers.update(policy.conditional_headers(stale[1].meta.fields))
         request_time = self.clock()
+        fetch = next(self._fetch_ids)
+        self._fetches[fetch] = request_time
+        reply: Reply | None = None
+        try:
+            reply, landing = await self._fetch_as(ex, stale, fwd, flight, headers, request_time)
+            return reply, landing
+        finally:
+            body = reply.body if reply is not None else None
+            if isinstance(body, FillStream):        # under way until the streamed fill ends
+                body.on_finish = lambda: self._fetches.pop(fetch, None)
+            else:
+                self._fetches.pop(fetch, None)
+
+    async def _fetch_as(self, ex: Exchange, stale: tuple[str, CachedObject] | None, fwd: str,
+                        flight: Flight | None, headers: CIMultiDict[str],
+                        request_time: float) -> tuple[Reply, Landing | asyncio.Future[Landing]]:
         try:
             response, upstream = await self.upstreams.send("GET", ex.primary, ex.site, ex.raw_target, headers)
         except UpstreamError as exc:
@@ -415,9 +495,16 @@ class CacheNode:
         key, stored = stale
         headers = policy.freshen(stored.meta.headers, response.headers)
         headers = _with_date(headers, response_time)
-        meta = replace(stored.meta, headers=tuple(headers), request_time=request_time, response_time=response_time)
-        await self.store.update_meta(key, meta)
-        fresh = await self.store.get(key) or stored
+        meta = replace(stored.meta, headers=tuple(headers), request_time=request_time, response_time=response_time,
+                       stale_at=None)
+        checked = self.after_bans(key, meta)
+        if checked is None:
+            # Purged while this revalidation was under way: answered once, not kept.
+            await self.store.delete(key)
+            fresh = stored.with_meta(meta)
+        else:
+            await self.store.update_meta(key, checked)
+            fresh = await self.store.get(key) or stored
         age, ttl = self._age_and_ttl(fresh.meta, ex.site)
         entry = self._cache_status(ex, fwd="stale", fwd_status=304, ttl=ttl)
         return await self._deliver_stored(ex, fresh, age, entry), Landing(Outcome.STORED)
@@ -438,8 +525,8 @@ class CacheNode:
         if ok and names is None:
             ok, why = False, "vary-star"
         writer: Writer | None = None
+        store_key = ex.primary
         if ok:
-            store_key = ex.primary
             if names:
                 marker = await self._vary_marker(ex.primary, multi, request_time, response_time)
                 store_key = _variant_key(ex.primary, marker, names, request.headers)
@@ -449,15 +536,16 @@ class CacheNode:
         ttl = policy.freshness_lifetime(multi, status=response.status, defaults=ex.site.defaults) - age if ok else None
         entry = self._cache_status(ex, fwd=fwd, fwd_status=response.status, stored=ok, ttl=ttl,
                                    detail=None if ok else why)
-        out_headers = self._client_headers(multi, age, entry, ex.cache_status)
+        out_headers = self._client_headers(multi, age, entry, ex.cache_status, self._from_our_tier(request))
         length = response.content_length
         status = response.status
         # The stored copy leaves out what no-cache="..." / private="..." name; this client gets all.
         hidden = (policy.hidden_fields(multi) | ({"set-cookie"} if strip_cookies else set())) if ok else frozenset()
         kept = tuple((name, value) for name, value in stored_headers if name.lower() not in hidden)
-        meta_of = lambda size: Meta(status=status, headers=kept,  # noqa: E731
-                                    request_time=request_time, response_time=response_time, size=size,
-                                    url=f"{ex.site.hosts[0]}{ex.raw_target}")
+        # Checked against the bans when it is stored: a purge may have come since the request left.
+        meta_of = lambda size: self.after_bans(store_key, Meta(  # noqa: E731
+            status=status, headers=kept, request_time=request_time, response_time=response_time, size=size,
+            url=f"{ex.site.hosts[0]}{ex.raw_target}"))
 
         if length is not None and length <= self.node.stream_threshold:
             # Small: read whole, store, then answer (followers are released first).
@@ -469,8 +557,10 @@ class CacheNode:
                 error = UpstreamError("http_response_incomplete", str(exc) or type(exc).__name__, [upstream.name])
                 return self._upstream_error(ex, error), Landing(Outcome.FAILED, error)
             landing = Landing(Outcome.NOT_STORED)
-            if writer:
-                meta = meta_of(len(body))
+            meta = meta_of(len(body)) if writer else None
+            if writer and meta is None:
+                await writer.abort()            # purged since this fetch began: not kept
+            elif writer and meta is not None:
                 if not names:
                     # Followers share this very response now, without waiting for the store.
                     self._land(flight, Landing(Outcome.STORED, stored=CachedObject(meta, body)))
@@ -559,10 +649,12 @@ class CacheNode:
         meta = stored.meta
         now = self.clock()
         defaults = ex.site.defaults
-        if policy.stale_if_error_allowed(meta.fields, meta.request_time, meta.response_time, now, defaults):
+        if policy.stale_if_error_allowed(meta.fields, meta.request_time, meta.response_time, now, defaults,
+                                         meta.stale_at):
             detail = "stale-if-error"
         elif unreachable and policy.stale_when_disconnected(meta.fields, meta.request_time, meta.response_time,
-                                                               now, ex.site.stale_if_unreachable, defaults):
+                                                               now, ex.site.stale_if_unreachable, defaults,
+                                                               meta.stale_at):
             detail = "disconnected"
             self.metrics.disconnected_stale.inc()
         else:
@@ -595,7 +687,7 @@ class CacheNode:
             raise
         multi = CIMultiDict(strip_hop_by_hop(response.headers))
         entry = self._cache_status(ex, fwd="bypass", fwd_status=response.status)
-        out_headers = self._client_headers(multi, None, entry, ex.cache_status)
+        out_headers = self._client_headers(multi, None, entry, ex.cache_status, self._from_our_tier(ex.request))
         return ex.reply(response.status, out_headers, _relay(response), length=response.content_length,
                         bodyless=request.method == "HEAD")
 
@@ -611,13 +703,6 @@ class CacheNode:
                 self.metrics.invalidations.labels("unsafe-method").inc()
                 log.info("invalidated %s after %s", key, ex.request.method)
 
-    async def purge(self, site: Site, host: str, raw_target: str) -> bool:
-        """Remove a URL (and its Vary marker, which orphans the variants) from this node."""
-        removed = await self.store.delete(cache_key(site, raw_target, host))
-        if removed:
-            self.metrics.invalidations.labels("purge").inc()
-        return removed
-
     # --------------------------------------------------------------- deliver
 
     def _age_and_ttl(self, meta: Meta, site: Site) -> tuple[float, float]:
@@ -626,11 +711,18 @@ class CacheNode:
         age = policy.age_at(assessment, self.clock())
         return age, assessment.lifetime - age
 
+    age_and_ttl = _age_and_ttl      # for operators' views (edge.inspection)
+
     def _client_headers(self, stored: CIMultiDict[str] | CIMultiDictProxy[str], age: float | None, entry: str,
-                        cache_status: str) -> CIMultiDict[str]:
+                        cache_status: str, tier: bool) -> CIMultiDict[str]:
+        """The fields of a response to send; the tag fields go only to another of our tiers
+        (`tier`), which stores them too, never to a client."""
         headers = CIMultiDict(stored)
         for name in NODE_RESPONSE_FIELDS:
             headers.popall(name, None)
+        if not tier:
+            for name in TAG_FIELDS:
+                headers.popall(name, None)
         if age is not None:
             headers["Age"] = policy.age_value(age)
         _append(headers, "Via", self.via)
@@ -654,7 +746,7 @@ class CacheNode:
         request = ex.request
         meta = stored.meta
         multi = meta.fields
-        headers = self._client_headers(multi, age, entry, ex.cache_status)
+        headers = self._client_headers(multi, age, entry, ex.cache_status, self._from_our_tier(request))
         if policy.client_not_modified(request.method, request.headers, multi, status=meta.status):
             # RFC 9110 15.4.5: a 304 carries the validators and caching fields, and no other
             # representation metadata "unless said metadata exists for the purpose of guiding
@@ -711,12 +803,13 @@ class FillStream:
     """
 
     def __init__(self, node: CacheNode, key: str, response: UpstreamResponse, writer: Writer | None,
-                 meta_of: Callable[[int], Meta], span: tuple[int, int] | None,
+                 meta_of: Callable[[int], Meta | None], span: tuple[int, int] | None,
                  landing: asyncio.Future[Landing] | None):
         self._node, self._key, self._response, self._writer = node, key, response, writer
         self._meta_of, self._span, self._landing = meta_of, span, landing
         self._read = 0
         self._done = False
+        self.on_finish: Callable[[], object] | None = None    # told when the fill has ended, however
 
     def __aiter__(self) -> FillStream:
         return self
@@ -760,11 +853,14 @@ class FillStream:
         outcome = Outcome.FAILED if size is None else Outcome.NOT_STORED
         try:
             if self._writer is not None:
-                if size is None:
+                meta = self._meta_of(size) if size is not None else None
+                if meta is None:            # broken, or purged since the fetch began
                     await self._writer.abort()
-                elif await self._writer.commit(self._meta_of(size)):
+                elif await self._writer.commit(meta):
                     outcome = Outcome.STORED
         finally:
+            if self.on_finish is not None:
+                self.on_finish()
             self._response.release()
             if self._landing is not None and not self._landing.done():
                 self._landing.set_result(Landing(outcome))
@@ -848,11 +944,14 @@ def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
 
 def _assessment(meta: Meta, defaults: policy.SiteDefaults) -> policy.Assessment:
     """The policy's time-independent view of a stored response (under its site's defaults),
-    computed once per Meta: a stored response belongs to one site."""
+    computed once per Meta: a stored response belongs to one site.  A soft-purged one
+    (`stale_at`) is stale from then on."""
     assessment = meta.memo.get("assessment")
     if assessment is None:
-        assessment = meta.memo["assessment"] = policy.assess(meta.fields, meta.request_time,
-                                                             meta.response_time, meta.status, defaults)
+        assessment = policy.assess(meta.fields, meta.request_time, meta.response_time, meta.status, defaults)
+        if meta.stale_at is not None:
+            assessment = policy.stale_from(assessment, meta.stale_at)
+        meta.memo["assessment"] = assessment
     return assessment
 
 
