@@ -14,7 +14,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+import os
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -81,6 +82,30 @@ def allow_list(allow: tuple[Network, ...]):
     return guard
 
 
+TOKEN_ENV = "EDGE_ADMIN_TOKEN"
+TOKEN_FILE_ENV = "EDGE_ADMIN_TOKEN_FILE"
+
+
+def load_token(environ: Mapping[str, str] = os.environ, token_file: str | None = None) -> str | None:
+    """The admin token: `token_file` (a command-line option), else ``$EDGE_ADMIN_TOKEN``, else the
+    file named by ``$EDGE_ADMIN_TOKEN_FILE`` (systemd credentials, Kubernetes secrets); None if none.
+
+    The file holds the token, surrounding whitespace ignored.  It is read once, at
+    start-up; a missing or empty file is an error naming it (OSError, as for other files).
+    """
+    path = token_file or (None if environ.get(TOKEN_ENV) else environ.get(TOKEN_FILE_ENV))
+    if not path:
+        return environ.get(TOKEN_ENV) or None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OSError(f"admin token file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not token:
+        raise OSError(f"admin token file {path}: empty")
+    return token
+
+
 def require_token(token: str | None, handler: Handler) -> Handler:
     """Wrap a mutating admin handler: it needs ``Authorization: Bearer <token>``.
 
@@ -92,7 +117,8 @@ def require_token(token: str | None, handler: Handler) -> Handler:
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         if not token:
-            raise web.HTTPForbidden(text="admin token not configured (set EDGE_ADMIN_TOKEN)\n")
+            raise web.HTTPForbidden(
+                text="admin token not configured (set EDGE_ADMIN_TOKEN or EDGE_ADMIN_TOKEN_FILE)\n")
         given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, expected):
             raise web.HTTPUnauthorized(text="missing or wrong admin token\n",

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from contextlib import AsyncExitStack
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from edge import admin
+from edge import admin, cache_admin
 from edge.config import Node, Topology
 from edge.http.accesslog import AccessLog
 from edge.http.server import Front
@@ -90,8 +89,10 @@ async def _cache_node(topology: Topology, node: Node, stack: AsyncExitStack) -> 
     upstreams = UpstreamPool(topology, node, metrics)
     await upstreams.start()
     stack.push_async_callback(upstreams.close)
-    cache_node = CacheNode(topology, node, store, upstreams, metrics)
+    cache_node = CacheNode(topology, node, store, upstreams, metrics,
+                           ban_file=topology.cache_dir(node) / "bans.json")
     stack.push_async_callback(cache_node.close)
+    await cache_node.start()
     return cache_node
 
 
@@ -116,21 +117,9 @@ def _cache_admin_app(topology: Topology, cache_node: CacheNode, front: Front) ->
             "parents": cache_node.upstreams.health.state() if node.parents else {},
             "fetches_in_flight": len(cache_node.flights),
             "connections": len(front.connections),
+            "bans": cache_node.bans.summary(),
         })
 
-    async def purge(request: web.Request) -> web.Response:
-        """POST /purge?url=http://www.example.com/path removes that URL from this node."""
-        url = request.query.get("url", "")
-        if "://" not in url:
-            raise web.HTTPBadRequest(text="give ?url=http://HOST/PATH\n")
-        rest = url.split("://", 1)[1]
-        host, slash, path = rest.partition("/")
-        site = topology.site_for_host(host)
-        if site is None:
-            raise web.HTTPNotFound(text=f"no site serves {host!r}\n")
-        removed = await cache_node.purge(site, host, "/" + path if slash else "/")
-        return web.json_response({"url": url, "purged": removed}, status=200 if removed else 404)
-
-    token = os.environ.get(ADMIN_TOKEN_ENV)
-    routes = [web.get("/status", status), web.post("/purge", admin.require_token(token, purge))]
+    token = admin.load_token()      # OSError naming a bad token file: the command line prints it
+    routes = [web.get("/status", status), *cache_admin.routes(topology, cache_node, token)]
     return admin.make_admin_app(cache_node.metrics.registry, health, routes, allow=node.admin_allow)
