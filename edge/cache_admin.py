@@ -14,7 +14,7 @@ from aiohttp import web
 
 from edge import admin
 from edge.bans import BanListFull
-from edge.cachekey import cache_key, key_prefix, normalise_target
+from edge.cachekey import NotServed, cache_key, key_prefix, normalise_target, split_url
 from edge.config import Site, Topology
 from edge.inspection import describe
 from edge.proxy import CacheNode
@@ -30,23 +30,13 @@ class BadInput(Exception):
         self.status = status
 
 
-def split_url(topology: Topology, url: str) -> tuple[Site, str, str]:
-    """The site, Host and request target of an absolute http(s) URL; BadInput (400/404) otherwise."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in ("http", "https"):
-        raise BadInput(400, f"expected an absolute URL like http://www.example.com/path, got {url!r}")
-    rest = rest.split("#", 1)[0]
-    host, slash, path = rest.partition("/")
-    host, query_mark, query = host.partition("?")       # http://host?x: target "/?x"
-    if not host:
-        raise BadInput(400, f"no host in {url!r}")
-    site = topology.site_for_host(host)
-    if site is None:
-        raise BadInput(404, f"no site serves {host!r}")
-    target = "/" + path if slash else "/"
-    if query_mark:
-        target += "?" + query
-    return site, host, target
+def _split_url(topology: Topology, url: str) -> tuple[Site, str, str]:
+    try:
+        return split_url(topology, url)
+    except NotServed as exc:
+        raise BadInput(404, str(exc)) from None
+    except ValueError as exc:
+        raise BadInput(400, str(exc)) from None
 
 
 def routes(topology: Topology, node: CacheNode, token: str | None) -> list[web.RouteDef]:
@@ -65,7 +55,7 @@ def routes(topology: Topology, node: CacheNode, token: str | None) -> list[web.R
     async def inspect(request: web.Request) -> web.Response:
         url = request.query.get("url", "")
         try:
-            site, host, target = split_url(topology, url)
+            site, host, target = _split_url(topology, url)
         except BadInput as exc:
             return web.json_response({"node": node.node.name, "error": str(exc)}, status=exc.status)
         return web.json_response(await describe(node, site, cache_key(site, target, host), url))
@@ -91,7 +81,7 @@ def _purge_request(topology: Topology, request: web.Request) -> tuple[str, str, 
             raise BadInput(400, f"a tag is 1 to {MAX_TAG_LENGTH} visible ASCII characters without a comma, "
                                 f"got {value[:80]!r}")
         return kind, value, soft
-    site, host, target = split_url(topology, value)
+    site, host, target = _split_url(topology, value)
     if kind == "url":
         return kind, cache_key(site, target, host), soft
     return kind, key_prefix(site, host) + normalise_target(target), soft

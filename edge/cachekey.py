@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from edge.config import Site, normalise_host
+from edge.config import Site, Topology, normalise_host
 
 _PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -63,3 +63,27 @@ def keyed_target(site: Site, raw_target: str) -> str:
 def variant_store_key(primary: str, variant: str) -> str:
     """Where one Vary variant of `primary` is stored (RFC 9111 4.1 secondary key)."""
     return f"{primary}{VARIANT_SEPARATOR}{variant}"
+
+
+class NotServed(ValueError):
+    """No site of the topology serves the URL's host."""
+
+
+def split_url(topology: Topology, url: str) -> tuple[Site, str, str]:
+    """The site, Host and request target of an absolute ``http(s)://HOST/PATH?QUERY`` URL, for
+    operators' commands (purge, inspect, preload); ValueError (NotServed for an unknown host)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        raise ValueError(f"expected an absolute URL like http://www.example.com/path, got {url!r}")
+    rest = rest.split("#", 1)[0]
+    host, slash, path = rest.partition("/")
+    host, query_mark, query = host.partition("?")       # http://host?x: target "/?x"
+    if not host:
+        raise ValueError(f"no host in {url!r}")
+    site = topology.site_for_host(host)
+    if site is None:
+        raise NotServed(f"no site serves {host!r}")
+    target = "/" + path if slash else "/"
+    if query_mark:
+        target += "?" + query
+    return site, host, target

@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("up", help="start every node of the topology and wait; Ctrl-C stops all"))
     with_config(sub.add_parser("check", help="validate the topology file and print its nodes"))
     with_config(sub.add_parser("prometheus-config", help="print a Prometheus scrape config for the topology"))
+    _ops_parsers(sub, with_config)
     return parser
 
 
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             from edge import launcher
             sys.stdout.write(launcher.prometheus_config(topology))
             return 0
+        if args.command in OPS_COMMANDS:
+            return _ops(topology, args)
     except config.ConfigError as exc:
         print(f"edge: config error: {exc}", file=sys.stderr)
         return 2
@@ -97,3 +100,104 @@ def _run(topology: config.Topology, name: str) -> int:
         print(f"edge: {target}: cannot start: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
+
+
+# ---------------------------------------------------------------- operating the whole CDN
+
+OPS_COMMANDS = ("purge", "preload", "inspect", "status")
+
+
+def _ops_parsers(sub, with_config) -> None:
+    def with_admin(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        with_config(p)
+        p.add_argument("--token-file", metavar="FILE",
+                       help="file holding the admin token (default: $EDGE_ADMIN_TOKEN, $EDGE_ADMIN_TOKEN_FILE)")
+        p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per call (default 10)")
+        return p
+
+    purge = with_admin(sub.add_parser(
+        "purge", help="purge URLs, prefixes or tags on every cache node (L2s, then L1s)"))
+    kind = purge.add_mutually_exclusive_group()
+    kind.add_argument("--prefix", dest="kind", action="store_const", const="prefix",
+                      help="each VALUE is a URL prefix: everything under it")
+    kind.add_argument("--tag", dest="kind", action="store_const", const="tag",
+                      help="each VALUE is a tag (Surrogate-Key / Cache-Tag)")
+    purge.add_argument("--soft", action="store_true",
+                       help="mark stale instead of removing (revalidation and stale serving keep working)")
+    purge.add_argument("values", nargs="+", metavar="VALUE", help="URLs (http://HOST/PATH), prefixes or tags")
+
+    preload = with_admin(sub.add_parser(
+        "preload", help="fetch URLs into their owner L2 (and the L1s of --regions)"))
+    preload.add_argument("urls", nargs="*", metavar="URL")
+    preload.add_argument("--file", metavar="FILE", help="more URLs, one a line ('-': stdin; # comments)")
+    preload.add_argument("--regions", metavar="R1,R2", default="",
+                         help="also into the L1s of these regions ('all': every L1)")
+    preload.add_argument("--concurrency", type=int, default=8, metavar="N", help="URLs at once (default 8)")
+    preload.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                         help="send this request field (e.g. Accept-Encoding for a Vary variant)")
+
+    inspect = with_admin(sub.add_parser("inspect", help="what every cache node holds for a URL"))
+    inspect.add_argument("url", metavar="URL")
+    inspect.add_argument("--json", action="store_true", help="the nodes' records as JSON")
+
+    status = with_admin(sub.add_parser("status", help="one table for the whole CDN"))
+    status.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                        help="between the two metric scrapes the request rate comes from (default 1)")
+    status.add_argument("--json", action="store_true", help="the table's data as JSON")
+
+
+def _ops(topology: config.Topology, args: argparse.Namespace) -> int:
+    """Run one operator command; 2 for bad input, found before any node is called."""
+    from edge import admin
+    from edge.ops import inspect, preload, purge, status
+
+    def fail(problem: str) -> int:
+        print(f"edge: {args.command}: {problem}", file=sys.stderr)
+        return 2
+
+    try:
+        token = admin.load_token(token_file=args.token_file)
+    except OSError as exc:
+        return fail(str(exc))
+    if args.timeout <= 0:
+        return fail("--timeout must be positive")
+    if args.command == "purge":
+        kind = args.kind or "url"
+        if token is None:
+            return fail("no admin token: set EDGE_ADMIN_TOKEN or EDGE_ADMIN_TOKEN_FILE, or give --token-file")
+        problem = purge.check_values(topology, kind, args.values)
+        if problem:
+            return fail(problem)
+        return uvloop.run(purge.purge(topology, kind, args.values, args.soft, token, args.timeout))
+    if args.command == "preload":
+        urls = list(args.urls)
+        if args.file:
+            try:
+                text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                return fail(f"{args.file}: {getattr(exc, 'strerror', None) or exc}")
+            urls += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        if not urls:
+            return fail("no URLs: give them as arguments or with --file")
+        if args.concurrency < 1:
+            return fail("--concurrency must be at least 1")
+        headers = {}
+        for field in args.header:
+            name, colon, value = field.partition(":")
+            if not colon or not name.strip():
+                return fail(f"--header {field!r}: expected 'Name: value'")
+            headers[name.strip()] = value.strip()
+        regions = [r.strip() for r in args.regions.split(",") if r.strip()]
+        try:
+            steps = preload.plan(topology, urls, regions)
+        except ValueError as exc:
+            return fail(str(exc))
+        return uvloop.run(preload.preload(topology, steps, args.concurrency, headers, max(args.timeout, 60.0)))
+    if args.command == "inspect":
+        problem = purge.check_values(topology, "url", [args.url])
+        if problem:
+            return fail(problem)
+        return uvloop.run(inspect.inspect(topology, args.url, token, args.json, args.timeout))
+    if args.interval < 0:
+        return fail("--interval must not be negative")
+    return uvloop.run(status.status(topology, token, args.interval, args.json, args.timeout))
