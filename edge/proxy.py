@@ -345,6 +345,8 @@ class CacheNode:
     def after_bans(self, key: str, meta: Meta) -> Meta | None:
         """What the bans leave of an object stored (or about to be) at `key`: None when a
         purge covers it, a copy stale since the purge when a soft purge does, else `meta`."""
+        if meta.request_time >= self.bans.newest:
+            return meta                 # newer than every ban: its tags need not even be parsed
         verdict = self.bans.check(key, meta.tags, meta.request_time)
         if verdict is None:
             return meta

@@ -38,18 +38,23 @@ class Result:
     detail: str = ""
 
 
-def owners(topology: Topology, key: str) -> list[Node]:
-    """The L2s owning `key` on the rings of the topology's L1s (one ring when they agree)."""
-    rings: dict[tuple, HashRing] = {}
+def rings(topology: Topology) -> list[HashRing]:
+    """The distinct parent rings of the topology's L1s, built as each L1 builds its own
+    (every L2 on one ring when there is no L1)."""
+    found: dict[tuple, HashRing] = {}
     for l1 in topology.by_role("l1"):
         weights = {name: 1.0 for name in l1.parents}
         weights.update(dict(l1.parent_weights))
         if weights:
-            rings.setdefault(tuple(sorted(weights.items())), HashRing(weights))
-    if not rings and topology.by_role("l2"):
-        weights = {node.name: 1.0 for node in topology.by_role("l2")}
-        rings[()] = HashRing(weights)
-    names = sorted({ring.owner(key) for ring in rings.values()} - {None})
+            found.setdefault(tuple(sorted(weights.items())), HashRing(weights))
+    if not found and topology.by_role("l2"):
+        found[()] = HashRing({node.name: 1.0 for node in topology.by_role("l2")})
+    return list(found.values())
+
+
+def owners(topology: Topology, key: str, on: list[HashRing] | None = None) -> list[Node]:
+    """The L2s owning `key` on those rings (one L2 when the L1s agree)."""
+    names = sorted({ring.owner(key) for ring in (on if on is not None else rings(topology))} - {None})
     return [topology.node(name) for name in names]
 
 
@@ -68,10 +73,11 @@ def l1s_in(topology: Topology, regions: list[str]) -> list[Node]:
 def plan(topology: Topology, urls: list[str], regions: list[str]) -> list[tuple[str, list[Node]]]:
     """Each URL with the nodes to fetch it through, owner L2s first; ValueError for a bad URL."""
     l1s = l1s_in(topology, regions) if regions else []
+    parent_rings = rings(topology)
     steps = []
     for url in urls:
         site, host, target = split_url(topology, url)
-        nodes = owners(topology, cache_key(site, target, host)) + l1s
+        nodes = owners(topology, cache_key(site, target, host), parent_rings) + l1s
         if not nodes:
             raise ValueError("nothing to preload into: the topology has no L2, and no --regions were given")
         steps.append((url, nodes))
