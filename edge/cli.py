@@ -108,11 +108,12 @@ OPS_COMMANDS = ("purge", "preload", "inspect", "status")
 
 
 def _ops_parsers(sub, with_config) -> None:
-    def with_admin(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    def with_admin(p: argparse.ArgumentParser, timeout: float = 10.0) -> argparse.ArgumentParser:
         with_config(p)
         p.add_argument("--token-file", metavar="FILE",
                        help="file holding the admin token (default: $EDGE_ADMIN_TOKEN, $EDGE_ADMIN_TOKEN_FILE)")
-        p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per call (default 10)")
+        p.add_argument("--timeout", type=float, default=timeout, metavar="SECONDS",
+                       help=f"per call (default {timeout:g})")
         return p
 
     purge = with_admin(sub.add_parser(
@@ -126,8 +127,9 @@ def _ops_parsers(sub, with_config) -> None:
                        help="mark stale instead of removing (revalidation and stale serving keep working)")
     purge.add_argument("values", nargs="+", metavar="VALUE", help="URLs (http://HOST/PATH), prefixes or tags")
 
+    # A preload's timeout is per URL and node: large objects take a while.
     preload = with_admin(sub.add_parser(
-        "preload", help="fetch URLs into their owner L2 (and the L1s of --regions)"))
+        "preload", help="fetch URLs into their owner L2 (and the L1s of --regions)"), timeout=60.0)
     preload.add_argument("urls", nargs="*", metavar="URL")
     preload.add_argument("--file", metavar="FILE", help="more URLs, one a line ('-': stdin; # comments)")
     preload.add_argument("--regions", metavar="R1,R2", default="",
@@ -192,7 +194,7 @@ def _ops(topology: config.Topology, args: argparse.Namespace) -> int:
             steps = preload.plan(topology, urls, regions)
         except ValueError as exc:
             return fail(str(exc))
-        return uvloop.run(preload.preload(topology, steps, args.concurrency, headers, max(args.timeout, 60.0)))
+        return uvloop.run(preload.preload(topology, steps, args.concurrency, headers, args.timeout))
     if args.command == "inspect":
         problem = purge.check_values(topology, "url", [args.url])
         if problem:

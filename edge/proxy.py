@@ -43,6 +43,7 @@ from edge.cachekey import (VARIANT_SEPARATOR, cache_key, key_prefix, keyed_targe
 from edge.config import Node, Site, Topology
 from edge.http.message import BodyAborted, ClientGone, Reply, Request, error_reply
 from edge.http.rules import serialise_fields, status_line
+from edge.invalidation import Invalidator
 from edge.metrics import NodeMetrics
 from edge.store import CachedObject, CorruptEntry, Meta, Store
 from edge.store.base import Writer
@@ -125,7 +126,6 @@ class CacheNode:
 
     def __init__(self, topology: Topology, node: Node, store: Store, upstreams: UpstreamPool,
                  metrics: NodeMetrics, clock: Callable[[], float] = time.time, ban_file: Path | None = None):
-        from edge.invalidation import Invalidator    # it drives this node's store: imported late
         self.topology, self.node, self.store = topology, node, store
         self.upstreams, self.metrics, self.clock = upstreams, metrics, clock
         self.bans = BanList()
