@@ -11,13 +11,14 @@ from pathlib import Path
 
 import uvloop
 
-from edge import config
+from edge import __version__, config
 
 log = logging.getLogger("edge")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge", description="An L1/L2 caching CDN with a DNS scheduler.")
+    parser.add_argument("--version", action="version", version=f"edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -32,8 +33,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--node", dest="node_option", metavar="NODE", help="the same, as an option")
     with_config(sub.add_parser("up", help="start every node of the topology and wait; Ctrl-C stops all"))
     with_config(sub.add_parser("check", help="validate the topology file and print its nodes"))
-    with_config(sub.add_parser("prometheus-config", help="print a Prometheus scrape config for the topology"))
+    prometheus = with_config(sub.add_parser("prometheus-config",
+                                            help="print a Prometheus scrape config for the topology"))
+    prometheus.add_argument("--interval", metavar="SECONDS", type=_seconds, default=15.0,
+                            help="scrape and evaluation interval (default: 15)")
     return parser
+
+
+def _seconds(text: str) -> float:
+    from edge.launcher import prometheus_duration
+    try:
+        value = float(text)
+        prometheus_duration(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "prometheus-config":
             from edge import launcher
-            sys.stdout.write(launcher.prometheus_config(topology))
+            sys.stdout.write(launcher.prometheus_config(topology, args.interval))
             return 0
     except config.ConfigError as exc:
         print(f"edge: config error: {exc}", file=sys.stderr)

@@ -15,8 +15,10 @@ import importlib.util
 import ipaddress
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -447,6 +449,56 @@ async def test_prometheus_config_command_prints_it(tmp_path: Path) -> None:
     assert process.returncode == 0, err
     assert out.decode() == launcher.prometheus_config(config.load(topology_path))
     assert ("127.0.50.64:28091", "dns", "dns") in scrape_targets(out.decode())
+
+
+@pytest.mark.parametrize(("seconds", "duration"), [
+    (15, "15s"), (1, "1s"), (0.5, "500ms"), (2.25, "2250ms"), (90, "90s"), (0.001, "1ms")])
+def test_prometheus_duration(seconds: float, duration: str) -> None:
+    assert launcher.prometheus_duration(seconds) == duration
+
+
+@pytest.mark.parametrize("seconds", [0, -1, 0.0001, float("nan"), float("inf")])
+def test_prometheus_duration_refuses_what_prometheus_cannot_take(seconds: float) -> None:
+    with pytest.raises(ValueError):
+        launcher.prometheus_duration(seconds)
+
+
+async def test_prometheus_config_interval_is_valid_for_promtool(tmp_path: Path) -> None:
+    out = tmp_path / "prometheus.yml"
+    with out.open("wb") as stdout:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edge", "prometheus-config", "--interval", "5",
+            stdout=stdout, stderr=asyncio.subprocess.PIPE, cwd=REPO)
+        async with asyncio.timeout(30):
+            _, err = await process.communicate()
+    assert process.returncode == 0, err
+    text = out.read_text()
+    assert "  scrape_interval: 5s\n  evaluation_interval: 5s\n" in text
+    assert scrape_targets(text) == scrape_targets(launcher.prometheus_config(config.load()))
+    if shutil.which("promtool"):      # scripts/test.sh installs it; a 5 s interval under the 10 s default timeout
+        check = subprocess.run(["promtool", "check", "config", str(out)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+    bad = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edge", "prometheus-config", "--interval", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO)
+    async with asyncio.timeout(30):
+        out_bytes, err = await bad.communicate()
+    assert bad.returncode == 2 and out_bytes == b""
+    assert "--interval: expected a positive number of seconds, got '0'" in err.decode()
+
+
+async def test_version_is_the_package_version() -> None:
+    import edge
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edge", "--version",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO)
+    async with asyncio.timeout(30):
+        out, err = await process.communicate()
+    assert process.returncode == 0, err
+    assert out.decode() == f"edge {edge.__version__}\n"
+    # One place holds the version: the package metadata is read from it.
+    assert 'version = {attr = "edge.__version__"}' in (REPO / "pyproject.toml").read_text()
 
 
 # --------------------------------------------------------------------------- deploy/
