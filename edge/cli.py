@@ -67,11 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             from edge import launcher
             return launcher.up(topology, args.config)
         if args.command == "check":
-            for node in topology.nodes:
-                print(f"{node.name:12} {node.role:7} traffic {node.listen}  admin {node.admin}")
-            if topology.dns:
-                print(f"{'dns':12} {'dns':7} dns     {topology.dns.listen}  admin {topology.dns.admin}")
-            return 0
+            return _check(topology)
         if args.command == "prometheus-config":
             from edge import launcher
             sys.stdout.write(launcher.prometheus_config(topology, args.interval))
@@ -82,6 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 1
+
+
+def _check(topology: config.Topology) -> int:
+    """`edge check`: the file, and what a node would refuse at start (edge.checks); exit 2 on any problem."""
+    from edge import checks
+    problems = checks.problems(topology)
+    for problem in problems:
+        print(f"edge: config error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    for node in topology.nodes:
+        print(f"{node.name:12} {node.role:7} traffic {node.listen}  admin {node.admin}")
+    if topology.dns:
+        print(f"{'dns':12} {'dns':7} dns     {topology.dns.listen}  admin {topology.dns.admin}")
+    return 0
 
 
 def _run(topology: config.Topology, name: str) -> int:

@@ -37,7 +37,7 @@ from typing import TextIO
 
 import aiohttp
 
-from edge import config
+from edge import checks, config
 
 START_TIMEOUT_ENV = "EDGE_UP_TIMEOUT"
 DEFAULT_START_TIMEOUT = 20.0     # seconds for the whole topology to become healthy
@@ -209,6 +209,12 @@ class Launcher:
                 loop.remove_signal_handler(sig)
 
     async def _run(self, stop: asyncio.Event) -> int:
+        config_problems = await asyncio.to_thread(checks.problems, self.topology)
+        if config_problems:
+            for problem in config_problems:
+                self._say(self.err, f"edge up: config error: {problem}")
+            self._say(self.err, "edge up: nothing started")
+            return 2
         problems = [p for m in self.members for p in preflight(m)]
         if problems:
             for problem in problems:

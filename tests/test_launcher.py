@@ -381,6 +381,18 @@ async def test_up_gives_up_at_the_deadline_and_stops_what_it_started(
     assert processes_naming(str(topology_path)) == []
 
 
+async def test_up_refuses_what_edge_check_refuses_and_starts_nothing(tmp_path: Path, start_up) -> None:
+    topology_path = write_topology(tmp_path, subnet=46, with_dns=False)
+    (tmp_path / "var").write_text("state_dir is a file")       # no node could make its cache directory
+    run = await start_up(topology_path)
+    assert await run.exit_code() == 2, run.stderr
+    assert (f"edge up: config error: {topology_path}: state_dir: cache directory of l2-a: "
+            f"{str(tmp_path / 'var' / 'cache' / 'l2-a')!r} is under {str(tmp_path / 'var')!r}, which is a file, "
+            "not a directory") in run.stderr
+    assert "edge up: nothing started" in run.stderr and run.started_pids() == {}
+    assert processes_naming(str(topology_path)) == []
+
+
 @pytest.mark.parametrize("value", ["soon", "0", "-3"])
 async def test_up_rejects_a_bad_timeout(tmp_path: Path, start_up, value: str) -> None:
     topology_path = write_topology(tmp_path, subnet=51, with_dns=False)
