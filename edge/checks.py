@@ -3,15 +3,16 @@
 ``config.parse`` validates the file; a process can still refuse a valid
 file when it starts: the DNS scheduler will not hand out an L1 on a wildcard
 address, a cache directory that is a file cannot be created, an origin's
-content directory must exist, an access log under a file cannot be opened.
+content directory cannot be a file, an access log under a file cannot be opened.
 :func:`problems` runs those same rules without starting anything, so
 `edge check` (and `edge up`, before it starts or reloads anything) reports
 them as config errors naming the file, the key and the problem.
 
 Paths are checked on the machine this runs on: run `edge check` on each host
 of a topology spread over several.  Only what is certain to fail is
-reported: a directory that does not exist yet is fine (it is created), one
-that sits under a file is not.
+reported: a directory that does not exist here is fine (it may be created,
+or exist on the node's own host), one that is a file or sits under a file
+is not.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ def problems(topology: Topology) -> list[ConfigError]:
     for node in topology.nodes:
         path = f"nodes.{node.name}"
         if node.role == "origin":
-            if node.content_dir is not None and not node.content_dir.is_dir():
+            problem = _directory_problem(node.content_dir) if node.content_dir is not None else None
+            if problem:
                 found.append(ConfigError(topology.source, f"{path}.content_dir",
-                                         f"{str(node.content_dir)!r} is not a directory (the origin serves "
-                                         "files from it)"))
+                                         f"the origin serves files from it: {problem}"))
             continue
         problem = _directory_problem(topology.cache_dir(node))
         if problem:

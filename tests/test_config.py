@@ -263,8 +263,8 @@ def test_check_finds_nothing_wrong_with_a_good_topology(tmp_path):
      "nodes.l1.access_log", "a-file' is a file, not a directory"),
     (lambda t, d: t.replace('role = "l1"', f'role = "l1"\naccess_log = "{d}"'),
      "nodes.l1.access_log", "is a directory"),
-    (lambda t, d: t.replace('role = "origin"', f'role = "origin"\ncontent_dir = "{d / "nowhere"}"'),
-     "nodes.origin.content_dir", "is not a directory"),
+    (lambda t, d: t.replace('role = "origin"', f'role = "origin"\ncontent_dir = "{d / "a-file"}"'),
+     "nodes.origin.content_dir", "the origin serves files from it: '"),
 ])
 def test_check_finds_what_a_node_would_refuse_at_start(tmp_path, edit, key, problem):
     (tmp_path / "a-file").write_text("not a directory")
