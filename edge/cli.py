@@ -31,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("node", metavar="NODE", nargs="?",
                      help="node name from the topology, or 'dns' for the scheduler")
     run.add_argument("--node", dest="node_option", metavar="NODE", help="the same, as an option")
-    with_config(sub.add_parser("up", help="start every node of the topology and wait; Ctrl-C stops all"))
+    up = with_config(sub.add_parser("up", help="start every node of the topology and wait; SIGHUP reloads, "
+                                               "Ctrl-C stops all"))
+    for p in (run, up):
+        p.add_argument("--watch", action="store_true",
+                       help="reload when the topology file changes (as SIGHUP does)")
     with_config(sub.add_parser("check", help="validate the topology file and print its nodes"))
     prometheus = with_config(sub.add_parser("prometheus-config",
                                             help="print a Prometheus scrape config for the topology"))
@@ -60,12 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        topology = config.load(args.config)
         if args.command == "run":
-            return _run(topology, args.node)
+            from edge import reload
+            topology, sha256, mtime = reload.read(args.config)
+            return _run(topology, args.node, reload.Reloader(args.config, args.node, topology, sha256, mtime),
+                        args.watch)
+        topology = config.load(args.config)
         if args.command == "up":
             from edge import launcher
-            return launcher.up(topology, args.config)
+            return launcher.up(topology, args.config, watch=args.watch)
         if args.command == "check":
             return _check(topology)
         if args.command == "prometheus-config":
@@ -95,26 +102,41 @@ def _check(topology: config.Topology) -> int:
     return 0
 
 
-def _run(topology: config.Topology, name: str) -> int:
-    """Run one node until SIGTERM or SIGINT; a bind failure is one clear line, exit 1."""
+def _run(topology: config.Topology, name: str, reloader, watch: bool) -> int:
+    """Run one node until SIGTERM or SIGINT, reloading on SIGHUP (and, with `watch`, when the
+    file changes); a bind failure is one clear line, exit 1."""
     if name == "dns":
         if topology.dns is None:
             raise config.ConfigError(topology.source, "dns", "no [dns] table: this topology has no scheduler")
         from edge.scheduler.service import serve
         target = "dns"
-        serve_fn = lambda stop: serve(topology, stop)  # noqa: E731
+        serve_fn = lambda stop: serve(topology, stop, reloader)  # noqa: E731
     else:
         node = topology.node(name)
         from edge import node as node_runner
         target = node.name
-        serve_fn = lambda stop: node_runner.serve(topology, node, stop)  # noqa: E731
+        serve_fn = lambda stop: node_runner.serve(topology, node, stop, reloader)  # noqa: E731
+    if watch and reloader.path is None:
+        log.warning("--watch: nothing to watch with the built-in topology; give --config FILE")
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve_fn(stop)
+        # SIGHUP (`systemctl reload`, `edge up` passing a reload on) re-reads the topology.
+        loop.add_signal_handler(signal.SIGHUP, reloader.request)
+        watcher = None
+        if watch and reloader.path is not None:
+            from edge.watch import watch as watch_file
+            watcher = loop.create_task(watch_file(reloader.path, reloader.request), name="watch")
+        try:
+            await serve_fn(stop)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+            await reloader.close()
 
     try:
         uvloop.run(run())       # every process runs on uvloop

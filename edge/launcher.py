@@ -4,8 +4,18 @@ Each node (and the DNS scheduler, when the topology has one) runs as its own
 `python -m edge run NAME` process, exactly as systemd would run it on a host
 of its own.  The launcher starts them parents first (origin, then L2, then L1,
 then the scheduler), waits for each one's admin `/healthz` to answer 200
-within a deadline, prints where to curl, dig and scrape, and on SIGINT,
-SIGTERM or SIGHUP stops them all: SIGTERM, a grace period, then SIGKILL.
+within a deadline, prints where to curl, dig and scrape, and on SIGINT or
+SIGTERM stops them all: SIGTERM, a grace period, then SIGKILL.
+
+SIGHUP (or, with ``--watch``, a change of the topology file) reloads, as
+``nginx -s reload`` does: the file is read and checked as ``edge check``
+checks it (a bad one is refused and nothing changes), then nodes new to
+the topology are started, nodes whose own addresses or cache sizes changed
+(what a running node cannot take, `edge.reload.RESTART_NODE_KEYS`) are
+restarted, every other node gets SIGHUP and is waited for until its
+``/healthz`` reports the new file's hash, and only then are nodes gone from
+the topology stopped: an L1 stops using a removed parent, and the DNS
+scheduler stops handing out a removed L1, before it goes away.
 
 Every child's stdout and stderr is forwarded, line by line and prefixed with
 the node name, to the launcher's stderr.
@@ -37,7 +47,8 @@ from typing import TextIO
 
 import aiohttp
 
-from edge import checks, config
+from edge import checks, config, reload
+from edge.config import ConfigError
 
 START_TIMEOUT_ENV = "EDGE_UP_TIMEOUT"
 DEFAULT_START_TIMEOUT = 20.0     # seconds for the whole topology to become healthy
@@ -46,6 +57,7 @@ STOP_GRACE = 10.0                # seconds between SIGTERM and SIGKILL, beyond t
 HEALTH_POLL_INTERVAL = 0.1       # seconds between /healthz probes of a starting node
 HEALTH_PROBE_TIMEOUT = 1.0
 OUTPUT_DRAIN_TIMEOUT = 2.0       # seconds to collect a dead child's last lines
+RELOAD_CONFIRM_TIMEOUT = 10.0    # seconds for a node sent SIGHUP to report the new topology
 TAIL_LINES = 10                  # lines of a child's output kept for failure reports
 LINE_LIMIT = 1 << 20             # longest child output line forwarded whole
 NOT_ON_THIS_MACHINE = "that IP is not on this machine"
@@ -143,9 +155,10 @@ class Child:
     forwarder: asyncio.Task[None]      # done when its output has reached end of file
     tail: deque[str]                   # its last lines of output, for failure reports
     last_probe: str = "not probed yet"
+    retiring: bool = False             # being stopped by a reload: its exit is expected
 
 
-def up(topology: config.Topology, config_path: Path | None) -> int:
+def up(topology: config.Topology, config_path: Path | None, watch: bool = False) -> int:
     """Run `edge up`: start, supervise and stop every node.  Returns the exit code."""
     raw_timeout = os.environ.get(START_TIMEOUT_ENV, "")
     try:
@@ -156,7 +169,7 @@ def up(topology: config.Topology, config_path: Path | None) -> int:
         print(f"edge up: {START_TIMEOUT_ENV} must be a positive number of seconds, "
               f"got {raw_timeout!r}", file=sys.stderr)
         return 2
-    launcher = Launcher(topology, config_path, start_timeout)
+    launcher = Launcher(topology, config_path, start_timeout, watch=watch)
     # The launcher only supervises (every node it starts runs on uvloop); it
     # stays on asyncio's loop, whose subprocesses take process_group.
     return asyncio.run(launcher.run())
@@ -165,20 +178,27 @@ def up(topology: config.Topology, config_path: Path | None) -> int:
 class Launcher:
     def __init__(self, topology: config.Topology, config_path: Path | None,
                  start_timeout: float = DEFAULT_START_TIMEOUT,
-                 out: TextIO | None = None, err: TextIO | None = None):
+                 out: TextIO | None = None, err: TextIO | None = None, watch: bool = False):
         self.topology = topology
+        self.watch = watch
         self.config_path = config_path
         self.start_timeout = start_timeout
         self.out = out or sys.stdout
         self.err = err or sys.stderr
-        self.members = members(topology)
         self.children: list[Child] = []
         self.running = False        # every node came up; a death now is reported, not fatal
         self.stopping = False
         self.hurry = asyncio.Event()  # set by a second stop signal: kill without waiting
+        self.reload_wanted = asyncio.Event()   # SIGHUP, or --watch saw the file change
+        self._take(topology)
+
+    def _take(self, topology: config.Topology) -> None:
+        self.topology = topology
+        self.members = members(topology)
         # A draining node is given its whole drain_timeout before it is killed.
         self.stop_grace = STOP_GRACE + max((n.limits.drain_timeout for n in topology.nodes), default=0.0)
-        self.name_width = max((len(m.name) for m in self.members), default=4)
+        self.name_width = max([len(m.name) for m in self.members] + [len(c.member.name) for c in self.children]
+                              + [4])
 
     # ------------------------------------------------------------------ the whole run
 
@@ -199,13 +219,24 @@ class Launcher:
                 first_signal.append(now)
             stop.set()
 
-        stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        stop_signals = (signal.SIGINT, signal.SIGTERM)
         for sig in stop_signals:
             loop.add_signal_handler(sig, on_signal)
+        # SIGHUP reloads (nginx's meaning), also before every node is up: it is taken then.
+        loop.add_signal_handler(signal.SIGHUP, self.reload_wanted.set)
+        watcher = None
+        if self.watch and self.config_path is not None:
+            from edge.watch import watch
+            watcher = loop.create_task(watch(self.config_path, self.reload_wanted.set), name="watch")
+        elif self.watch:
+            self._say(self.err, "edge up: --watch: nothing to watch with the built-in topology; give --config FILE")
         try:
             return await self._run(stop)
         finally:
-            for sig in stop_signals:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+            for sig in (*stop_signals, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
     async def _run(self, stop: asyncio.Event) -> int:
@@ -247,16 +278,24 @@ class Launcher:
     # ------------------------------------------------------------------ starting
 
     async def _start_all(self, stop: asyncio.Event) -> None:
+        await self._start(self.members, stop)
+
+    async def _start(self, wanted: Iterable[Member], stop: asyncio.Event) -> list[Child]:
+        """Start `wanted`, parents first, each group healthy before the next; the children started."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.start_timeout
         timeout = aiohttp.ClientTimeout(total=HEALTH_PROBE_TIMEOUT)
+        wanted = list(wanted)
+        children = []
         async with aiohttp.ClientSession(timeout=timeout) as session:
             for role in START_ORDER:
-                group = [m for m in self.members if m.role == role]
+                group = [m for m in wanted if m.role == role]
                 if not group:
                     continue
                 started = [await self._spawn(m) for m in group]
+                children += started
                 await self._wait_healthy(started, session, deadline, stop)
+        return children
 
     def _command(self, member: Member) -> list[str]:
         command = [sys.executable, "-m", "edge", "run", member.name]
@@ -363,20 +402,141 @@ class Launcher:
                 self._say(self.out, f"  {command}")
             self._say(self.out, "")
         self._say(self.out, f"edge up: {len(self.children)} nodes up; "
+                            f"SIGHUP (kill -HUP {os.getpid()}) reloads the topology; "
                             "Ctrl-C or SIGTERM stops them all")
 
     async def _supervise(self, stop: asyncio.Event) -> None:
-        """Wait for a stop signal, or for every child to have exited."""
-        stop_wait = asyncio.create_task(stop.wait())
-        all_exited = asyncio.gather(*(c.exited for c in self.children))
+        """Wait for a stop signal, or for every child to have exited; reload when asked to."""
+        while self.children:
+            stop_wait = asyncio.create_task(stop.wait())
+            reload_wait = asyncio.create_task(self.reload_wanted.wait())
+            # asyncio.wait, unlike gather, never cancels what it waits for.
+            all_exited = asyncio.create_task(asyncio.wait([c.exited for c in self.children]))
+            waits = (stop_wait, reload_wait, all_exited)
+            try:
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in waits:
+                    task.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
+            if stop.is_set() or all_exited in done:
+                return
+            self.reload_wanted.clear()
+            await self._reload(stop)
+
+    # ------------------------------------------------------------------ reloading
+
+    async def _reload(self, stop: asyncio.Event) -> None:
+        """Apply the topology file as it is now (see the module's docstring); refuse a bad one."""
+        where = self.config_path or config.DEFAULT_TOPOLOGY
         try:
-            await asyncio.wait({stop_wait, all_exited}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop_wait.cancel()
-            await asyncio.gather(stop_wait, return_exceptions=True)
+            topology, sha256, _ = await asyncio.to_thread(reload.read, self.config_path)
+            problems = await asyncio.to_thread(checks.problems, topology)
+        except ConfigError as exc:
+            problems = [exc]
+        if problems:
+            for problem in problems:
+                self._say(self.err, f"edge up: reload refused, every node keeps running as it is: "
+                                    f"config error: {problem}")
+            return
+        new = {m.name: m for m in members(topology)}
+        # A node that died is started again if the topology still has it.
+        for child in [c for c in self.children if c.process.returncode is not None]:
+            self.children.remove(child)
+        removed = [c for c in self.children if c.member.name not in new]
+        restart = [c for c in self.children
+                   if c.member.name in new and reload.restart_needed(self.topology, topology, c.member.name)]
+        signalled = [c for c in self.children if c.member.name in new and c not in restart]
+        running = {c.member.name for c in self.children}
+        added = [m for name, m in new.items() if name not in running]
+        plan = "; ".join(f"{verb} {', '.join(names)}" for verb, names in (
+            ("start", [m.name for m in added]), ("restart", [c.member.name for c in restart]),
+            ("reload", [c.member.name for c in signalled]), ("stop", [c.member.name for c in removed])) if names)
+        self._say(self.err, f"edge up: reloading {where} ({reload.describe_changes(self.topology, topology)}): "
+                            f"{plan}")
+        bind_problems = [p for m in added for p in preflight(m)]
+        if bind_problems:
+            for problem in bind_problems:
+                self._say(self.err, f"edge up: reload refused, every node keeps running as it is: {problem}")
+            return
+        previous, before = self.topology, list(self.children)
+        self._take(topology)
+        try:
+            # New nodes first: told about a new parent, the others find it up.
+            started = await self._start(added, stop)
+        except StartFailure as exc:
+            self._say(self.err, f"edge up: reload refused, every other node keeps running as it is: {exc}")
+            await self._retire([c for c in self.children if c not in before], "its start failed")
+            self._take(previous)
+            return
+        except Interrupted:
+            return
+        if restart:
+            await self._retire(restart, "restarting: a setting changed that it cannot take running")
+            try:
+                started += await self._start([new[c.member.name] for c in restart], stop)
+            except StartFailure as exc:
+                self._say(self.err, f"edge up: !!! reload: {exc}; the other nodes are reloaded anyway")
+            except Interrupted:
+                return
+        for child in started:
+            self._say(self.out, f"started {child.member.name} pid {child.process.pid}")
+        for child in signalled:
+            _signal(child.process, signal.SIGHUP)
+        lagging = await self._confirm(signalled, sha256)
+        for child, seen in lagging:
+            self._say(self.err, f"edge up: {child.member.name} did not take the new topology within "
+                                f"{RELOAD_CONFIRM_TIMEOUT:g}s ({seen}); see its log above")
+        if removed:
+            await self._retire(removed, "removed from the topology")
+        self._say(self.err, f"edge up: reloaded {where}" + (f"; {len(lagging)} nodes did not follow"
+                                                              if lagging else ""))
+
+    async def _confirm(self, children: list[Child], sha256: str) -> list[tuple[Child, str]]:
+        """Wait until every child's /healthz reports the topology `sha256`; those that did not, and why."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RELOAD_CONFIRM_TIMEOUT
+        seen = {id(child): "not asked yet" for child in children}
+        waiting = list(children)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HEALTH_PROBE_TIMEOUT)) as session:
+            while waiting and loop.time() < deadline:
+                for child in list(waiting):
+                    try:
+                        async with session.get(f"http://{child.member.admin}/healthz") as response:
+                            body = await response.text()
+                        state = json.loads(body)
+                        running = state.get("config_sha256") if isinstance(state, dict) else None
+                        if running == sha256:
+                            waiting.remove(child)
+                        else:
+                            seen[id(child)] = f"it still runs {str(running)[:12]}"
+                    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                        seen[id(child)] = f"/healthz: {exc or type(exc).__name__}"
+                if waiting:
+                    await asyncio.sleep(HEALTH_POLL_INTERVAL)
+        return [(child, seen[id(child)]) for child in waiting]
+
+    async def _retire(self, children: list[Child], why: str) -> None:
+        """Stop these children (a reload no longer wants them as they are) and forget them."""
+        for child in children:
+            child.retiring = True
+            if child.process.returncode is None:
+                _signal(child.process, signal.SIGTERM)
+        exits = [c.exited for c in children]
+        await asyncio.wait(exits, timeout=self.stop_grace)
+        for child in children:
+            if not child.exited.done():
+                self._say(self.err, f"edge up: killing {child.member.name} (no exit within {self.stop_grace:g}s)")
+                _signal(child.process, signal.SIGKILL)
+        await asyncio.gather(*exits)
+        for child in children:
+            await self._drain_output(child)
+            self.children.remove(child)
+            self._say(self.err, f"edge up: stopped {child.member.name} pid {child.process.pid} "
+                                f"({_exit_text(child.process.returncode)}; {why})")
 
     def _on_exit(self, child: Child) -> None:
-        if self.running and not self.stopping:
+        if self.running and not self.stopping and not child.retiring:
             command = " ".join(["edge", *self._command(child.member)[3:]])
             self._say(self.err, f"edge up: !!! {child.member.name} (pid {child.process.pid}) "
                                 f"{_exit_text(child.process.returncode)} unexpectedly; the other "
@@ -442,9 +602,10 @@ class Launcher:
         try:
             stream.write(text + "\n")
             stream.flush()
-        except (BrokenPipeError, ValueError):
-            # Whoever read our output has gone (e.g. `edge up | head`); keep
-            # supervising rather than crash with children still running.
+        except (OSError, ValueError):
+            # Whoever read our output has gone (`edge up | head`, a closed
+            # terminal: EPIPE, EIO); keep supervising rather than crash with
+            # children still running.
             pass
 
 

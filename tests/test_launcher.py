@@ -551,6 +551,7 @@ def test_systemd_unit_runs_one_node_per_instance_without_root() -> None:
             key, _, value = line.partition("=")
             settings.setdefault(key.strip(), value.strip())
     assert settings["ExecStart"] == "/usr/local/bin/edge run %i --config /etc/edge/topology.toml"
+    assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"      # `systemctl reload`: SIGHUP re-reads it
     assert settings["User"] == "edge"
     assert settings["Restart"] == "on-failure" and settings["RestartSec"]
     assert settings["NoNewPrivileges"] == "yes" and settings["ProtectSystem"] == "strict"
