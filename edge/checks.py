@@ -22,10 +22,14 @@ from pathlib import Path
 from edge.config import ConfigError, Topology
 
 
-def problems(topology: Topology) -> list[ConfigError]:
-    """Every problem found, in topology order; empty when every process would start."""
+def problems(topology: Topology, only: str | None = None) -> list[ConfigError]:
+    """Every problem found, in topology order; empty when every process would start.
+
+    With `only` (a node name, or "dns"), just that process's: what a reload
+    of it checks, without judging other hosts' paths on this one.
+    """
     found: list[ConfigError] = []
-    if topology.dns is not None:
+    if topology.dns is not None and only in (None, "dns"):
         # The scheduler's own construction is the rule (a wildcard L1 address, for one):
         # building it here means `edge check` can never disagree with `edge run dns`.
         from edge.scheduler.answer import Answerer
@@ -34,6 +38,8 @@ def problems(topology: Topology) -> list[ConfigError]:
         except ConfigError as exc:
             found.append(exc)
     for node in topology.nodes:
+        if only is not None and node.name != only:
+            continue
         path = f"nodes.{node.name}"
         if node.role == "origin":
             problem = _directory_problem(node.content_dir) if node.content_dir is not None else None

@@ -29,7 +29,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from edge import config
+from edge import checks, config
 from edge.config import ConfigError, Topology
 
 log = logging.getLogger("edge.reload")
@@ -215,6 +215,9 @@ class Reloader:
         try:
             topology, sha256, mtime = await asyncio.to_thread(read, self.path)
             problems = restart_needed(self.topology, topology, self.member)
+            if not problems:
+                # What this process would refuse at start (edge check's rules for it alone).
+                problems = await asyncio.to_thread(checks.problems, topology, self.member)
             if problems:
                 raise _Refused(problems)
             await self._apply(topology)

@@ -258,6 +258,23 @@ async def test_a_refused_file_changes_nothing_and_says_why(topology_file: Path, 
     assert await reloader.reload() is True and reloader.status()["last_reload_error"] is None
 
 
+async def test_what_the_node_would_refuse_at_start_is_refused_for_it_alone(topology_file: Path,
+                                                                          tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    bad_log = f'access_log = "{tmp_path / "a-file" / "l1.log"}"'
+    reloader = reloader_for(topology_file, member="l1")
+
+    async def apply(topology: config.Topology) -> None:
+        pass
+
+    reloader.attach(apply)
+    topology_file.write_text(BASE.replace('role = "l2"', f'role = "l2"\n{bad_log}'))
+    assert await reloader.reload() is True          # l2-a's log is l2-a's business, on its own host
+    topology_file.write_text(l1_with(bad_log))
+    assert await reloader.reload() is False
+    assert reloader.last_error.startswith(f"{topology_file}: nodes.l1.access_log: ")
+
+
 async def test_a_failure_while_applying_is_a_refusal(topology_file: Path) -> None:
     reloader = reloader_for(topology_file)
 

@@ -450,11 +450,13 @@ async def test_watch_reloads_a_changed_file_stops_removed_nodes_and_restarts_mov
         mark = len(up.stderr)
         topology.write_text(small_topology(tmp_path / "state", with_l2_b=False, l1_admin="127.0.94.132:8091"))
         log = await up.wait_for("edge up: reloaded", after=mark)
-        assert "changed: reloading" in log or "reloading" in log
+        assert f"{topology} changed: reloading" in log      # the watcher, not a signal
         assert f"edge up: stopped l2-b pid {first['l2-b']} (exited with code 0; removed from the topology)" in log
         assert f"edge up: stopped l1 pid {first['l1']} (exited with code 0; restarting: " in log
         assert not alive(first["l2-b"]) and not alive(first["l1"])
-        assert up.pids()["l1"] != first["l1"] and alive(up.pids()["l1"])
+        running = {name: pid for name, pid in up.pids().items() if name != "l2-b"}
+        assert running["l1"] != first["l1"] and running["origin"] == first["origin"]
+        assert all(alive(pid) for pid in running.values())
         assert "!!!" not in up.stderr                 # stopping them was no surprise
         state = await get_json(http, "http://127.0.94.132:8091/status")
         assert set(state["parents"]) == {"l2-a"} and state["config"]["sha256"] == sha256_of(topology)
@@ -466,10 +468,47 @@ async def test_watch_reloads_a_changed_file_stops_removed_nodes_and_restarts_mov
         topology.write_text(topology.read_text().replace('role = "l2"', 'role = "l9"'))
         log = await up.wait_for("edge up: reload refused", after=mark)
         assert f"config error: {topology}: nodes.l2-a.role: expected one of origin, l2, l1, got 'l9'" in log
-        assert all(alive(pid) for name, pid in up.pids().items() if name not in ("l2-b",) and
-                   pid not in (first["l1"],))
-        assert (await get_json(http, "http://127.0.94.121:8091/healthz"))["status"] == "ok"
+        assert {name: pid for name, pid in up.pids().items() if name != "l2-b"} == running
+        assert all(alive(pid) for pid in running.values())
+        healthz = await get_json(http, "http://127.0.94.121:8091/healthz")
+        assert healthz["status"] == "ok" and healthz["config_sha256"] == state["config"]["sha256"]
 
     assert await up.stop() == 0, up.stderr
     assert "edge up: all 3 nodes stopped" in up.stderr
     assert processes_naming(str(topology)) == []
+
+
+async def test_edge_run_watch_reloads_the_node_when_its_file_changes(tmp_path: Path) -> None:
+    topology = tmp_path / "topology.toml"
+    topology.write_text('[sites.example]\nhosts = ["www.example.com"]\norigin = "http://127.0.94.150:8080"\n'
+                        + node("origin", "origin", "127.0.94.150"))
+    log = tmp_path / "origin.log"
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edge", "run", "origin", "--config", str(topology), "--watch",
+            stdout=out, stderr=out, cwd=REPO)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+            async def running_sha() -> str | None:
+                try:
+                    return (await get_json(http, "http://127.0.94.150:8091/healthz"))["config_sha256"]
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    return None
+
+            first = await wait_until(running_sha, "the origin up", START_DEADLINE)
+            assert first == sha256_of(topology)
+            topology.write_text(topology.read_text() + '[sites.news]\nhosts = ["news.example.com"]\n'
+                                'origin = "http://127.0.94.150:8080"\n')
+            changed = sha256_of(topology)
+            await wait_until(lambda: _is(running_sha, changed), "the watcher's reload")
+        assert f"{topology} changed: reloading" in log.read_text()
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(20):
+                await process.wait()
+    assert process.returncode == 0, log.read_text()
+
+
+async def _is(get, expected) -> bool:
+    return await get() == expected
