@@ -422,7 +422,19 @@ class Launcher:
             if stop.is_set() or all_exited in done:
                 return
             self.reload_wanted.clear()
-            await self._reload(stop)
+            # A stop signal does not wait for a reload (its drains and confirmations take
+            # seconds): whatever the reload started or was stopping, _stop_all stops.
+            reloading = asyncio.create_task(self._reload(stop))
+            stop_wait = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait((reloading, stop_wait), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (reloading, stop_wait):
+                    task.cancel()
+                await asyncio.gather(reloading, stop_wait, return_exceptions=True)
+            if reloading.done() and not reloading.cancelled() and reloading.exception() is not None:
+                # A bug: say so and keep supervising the nodes, which run on as they were.
+                self._say(self.err, f"edge up: !!! reload failed: {reloading.exception()!r}")
 
     # ------------------------------------------------------------------ reloading
 

@@ -473,8 +473,15 @@ async def test_watch_reloads_a_changed_file_stops_removed_nodes_and_restarts_mov
         healthz = await get_json(http, "http://127.0.94.121:8091/healthz")
         assert healthz["status"] == "ok" and healthz["config_sha256"] == state["config"]["sha256"]
 
+    # A stop in the middle of a reload (l2-b is being started again) still stops everything, at once.
+    mark = len(up.stderr)
+    topology.write_text(small_topology(tmp_path / "state", with_l2_b=True, l1_admin="127.0.94.132:8091"))
+    up.process.send_signal(signal.SIGHUP)
+    await up.wait_for("edge up: reloading", after=mark)
+    stopped_at = time.monotonic()
     assert await up.stop() == 0, up.stderr
-    assert "edge up: all 3 nodes stopped" in up.stderr
+    assert time.monotonic() - stopped_at < 15, up.stderr[mark:]
+    assert "nodes stopped" in up.stderr[mark:] and "!!!" not in up.stderr
     assert processes_naming(str(topology)) == []
 
 

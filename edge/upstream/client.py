@@ -110,7 +110,9 @@ class UpstreamPool:
         health = self.health.carried_over(node.parents, fall=policy.fall, rise=policy.rise)
         health.on_change = self._on_health_change
         health_urls = {name: f"{topology.node(name).admin.url}/healthz" for name in node.parents}
-        # Built and checked; from here on nothing can fail.
+        # Built and checked; from here on nothing can fail.  Requests still running
+        # report to the old state; it no longer moves the gauges (nor logs).
+        self.health.on_change = None
         for gone in set(self.parents) - set(parents):
             self.metrics.parent_up.remove(gone)
         for name in parents:
