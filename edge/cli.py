@@ -11,7 +11,7 @@ from pathlib import Path
 
 import uvloop
 
-from edge import __version__, config
+from edge import __version__, config, reload
 
 log = logging.getLogger("edge")
 
@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if args.command == "run":
-            from edge import reload
             topology, sha256, mtime = reload.read(args.config)
             return _run(topology, args.node, reload.Reloader(args.config, args.node, topology, sha256, mtime),
                         args.watch)
@@ -102,7 +101,7 @@ def _check(topology: config.Topology) -> int:
     return 0
 
 
-def _run(topology: config.Topology, name: str, reloader, watch: bool) -> int:
+def _run(topology: config.Topology, name: str, reloader: reload.Reloader, watch: bool) -> int:
     """Run one node until SIGTERM or SIGINT, reloading on SIGHUP (and, with `watch`, when the
     file changes); a bind failure is one clear line, exit 1."""
     if name == "dns":
