@@ -39,10 +39,11 @@ def _split_url(topology: Topology, url: str) -> tuple[Site, str, str]:
         raise BadInput(400, str(exc)) from None
 
 
-def routes(topology: Topology, node: CacheNode, token: str | None) -> list[web.RouteDef]:
+def routes(node: CacheNode, token: str | None) -> list[web.RouteDef]:
+    """The routes; the sites are read from `node` on every call (a reload replaces its topology)."""
     async def purge(request: web.Request) -> web.Response:
         try:
-            kind, value, soft = _purge_request(topology, request)
+            kind, value, soft = _purge_request(node.topology, request)
             result = await node.invalidator.purge(kind, value, soft)
         except BadInput as exc:
             return web.json_response({"node": node.node.name, "error": str(exc)}, status=exc.status)
@@ -55,7 +56,7 @@ def routes(topology: Topology, node: CacheNode, token: str | None) -> list[web.R
     async def inspect(request: web.Request) -> web.Response:
         url = request.query.get("url", "")
         try:
-            site, host, target = _split_url(topology, url)
+            site, host, target = _split_url(node.topology, url)
         except BadInput as exc:
             return web.json_response({"node": node.node.name, "error": str(exc)}, status=exc.status)
         return web.json_response(await describe(node, site, cache_key(site, target, host), url))

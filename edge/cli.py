@@ -11,13 +11,14 @@ from pathlib import Path
 
 import uvloop
 
-from edge import config
+from edge import __version__, config, reload
 
 log = logging.getLogger("edge")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge", description="An L1/L2 caching CDN with a DNS scheduler.")
+    parser.add_argument("--version", action="version", version=f"edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -30,11 +31,28 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("node", metavar="NODE", nargs="?",
                      help="node name from the topology, or 'dns' for the scheduler")
     run.add_argument("--node", dest="node_option", metavar="NODE", help="the same, as an option")
-    with_config(sub.add_parser("up", help="start every node of the topology and wait; Ctrl-C stops all"))
+    up = with_config(sub.add_parser("up", help="start every node of the topology and wait; SIGHUP reloads, "
+                                               "Ctrl-C stops all"))
+    for p in (run, up):
+        p.add_argument("--watch", action="store_true",
+                       help="reload when the topology file changes (as SIGHUP does)")
     with_config(sub.add_parser("check", help="validate the topology file and print its nodes"))
-    with_config(sub.add_parser("prometheus-config", help="print a Prometheus scrape config for the topology"))
+    prometheus = with_config(sub.add_parser("prometheus-config",
+                                            help="print a Prometheus scrape config for the topology"))
+    prometheus.add_argument("--interval", metavar="SECONDS", type=_seconds, default=15.0,
+                            help="scrape and evaluation interval (default: 15)")
     _ops_parsers(sub, with_config)
     return parser
+
+
+def _seconds(text: str) -> float:
+    from edge.launcher import prometheus_duration
+    try:
+        value = float(text)
+        prometheus_duration(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,21 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        topology = config.load(args.config)
         if args.command == "run":
-            return _run(topology, args.node)
+            topology, sha256, mtime = reload.read(args.config)
+            return _run(topology, args.node, reload.Reloader(args.config, args.node, topology, sha256, mtime),
+                        args.watch)
+        topology = config.load(args.config)
         if args.command == "up":
             from edge import launcher
-            return launcher.up(topology, args.config)
+            return launcher.up(topology, args.config, watch=args.watch)
         if args.command == "check":
-            for node in topology.nodes:
-                print(f"{node.name:12} {node.role:7} traffic {node.listen}  admin {node.admin}")
-            if topology.dns:
-                print(f"{'dns':12} {'dns':7} dns     {topology.dns.listen}  admin {topology.dns.admin}")
-            return 0
+            return _check(topology)
         if args.command == "prometheus-config":
             from edge import launcher
-            sys.stdout.write(launcher.prometheus_config(topology))
+            sys.stdout.write(launcher.prometheus_config(topology, args.interval))
             return 0
         if args.command in OPS_COMMANDS:
             return _ops(topology, args)
@@ -73,26 +89,56 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-def _run(topology: config.Topology, name: str) -> int:
-    """Run one node until SIGTERM or SIGINT; a bind failure is one clear line, exit 1."""
+def _check(topology: config.Topology) -> int:
+    """`edge check`: the file, and what a node would refuse at start (edge.checks); exit 2 on any problem."""
+    from edge import checks
+    problems = checks.problems(topology)
+    for problem in problems:
+        print(f"edge: config error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    for node in topology.nodes:
+        print(f"{node.name:12} {node.role:7} traffic {node.listen}  admin {node.admin}")
+    if topology.dns:
+        print(f"{'dns':12} {'dns':7} dns     {topology.dns.listen}  admin {topology.dns.admin}")
+    return 0
+
+
+def _run(topology: config.Topology, name: str, reloader: reload.Reloader, watch: bool) -> int:
+    """Run one node until SIGTERM or SIGINT, reloading on SIGHUP (and, with `watch`, when the
+    file changes); a bind failure is one clear line, exit 1."""
     if name == "dns":
         if topology.dns is None:
             raise config.ConfigError(topology.source, "dns", "no [dns] table: this topology has no scheduler")
         from edge.scheduler.service import serve
         target = "dns"
-        serve_fn = lambda stop: serve(topology, stop)  # noqa: E731
+        serve_fn = lambda stop: serve(topology, stop, reloader)  # noqa: E731
     else:
         node = topology.node(name)
         from edge import node as node_runner
         target = node.name
-        serve_fn = lambda stop: node_runner.serve(topology, node, stop)  # noqa: E731
+        serve_fn = lambda stop: node_runner.serve(topology, node, stop, reloader)  # noqa: E731
+    if watch and reloader.path is None:
+        log.warning("--watch: nothing to watch with the built-in topology; give --config FILE")
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve_fn(stop)
+        # SIGHUP (`systemctl reload`, `edge up` passing a reload on) re-reads the topology.
+        loop.add_signal_handler(signal.SIGHUP, reloader.request)
+        watcher = None
+        if watch and reloader.path is not None:
+            from edge.watch import watch as watch_file
+            watcher = loop.create_task(watch_file(reloader.path, reloader.request), name="watch")
+        try:
+            await serve_fn(stop)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+            await reloader.close()
 
     try:
         uvloop.run(run())       # every process runs on uvloop

@@ -9,6 +9,10 @@ origin and every admin listener are aiohttp apps.
 Stopping a cache node drains it: the traffic listener closes, idle
 connections close, `/healthz` answers ``draining`` (so the DNS scheduler
 stops sending clients) while in-flight requests get up to `drain_timeout`.
+
+A reload (SIGHUP, see `edge.reload`) opens the new access log first (the only
+step that can fail), then swaps the topology into the pipeline, the upstream
+pool and the front in one step; connections and the cache are kept.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from edge.http.accesslog import AccessLog
 from edge.http.server import Front
 from edge.metrics import NodeMetrics
 from edge.proxy import CacheNode
+from edge.reload import Reloader
 from edge.store import DiskStore, MemoryStore, TieredStore
 from edge.upstream.client import UpstreamPool
 
@@ -35,30 +40,54 @@ log = logging.getLogger("edge.node")
 ADMIN_TOKEN_ENV = "EDGE_ADMIN_TOKEN"
 
 
-async def serve(topology: Topology, node: Node, stop: asyncio.Event) -> None:
+async def serve(topology: Topology, node: Node, stop: asyncio.Event, reloader: Reloader | None = None) -> None:
     async with AsyncExitStack() as stack:
         if node.role == "origin":
-            traffic, admin_app = _origin_apps(node)
+            traffic, admin_app = _origin_apps(node, reloader)
             await _listen(stack, traffic, node.listen.host, node.listen.port)
             await _listen(stack, admin_app, node.admin.host, node.admin.port)
             log.info("%s (%s) serving traffic on %s, admin on %s", node.name, node.role, node.listen, node.admin)
+            if reloader is not None:
+                # Everything an origin has needs a restart (edge.reload.RESTART_NODE_KEYS): a
+                # reload only checks that, so the origin runs the generation the others do.
+                reloader.attach(_apply_nothing)
             await stop.wait()
             log.info("%s stopping", node.name)
             return
         cache_node = await _cache_node(topology, node, stack)
         access_log = AccessLog(node.access_log, node.access_log_format)
         await access_log.start()        # an OSError names the file: the command line prints it
-        stack.push_async_callback(access_log.close)
         front = Front(cache_node, node.limits, access_log,
                       count_refusal=lambda reason: cache_node.metrics.refused.labels(reason).inc())
-        await _listen(stack, _cache_admin_app(topology, cache_node, front), node.admin.host, node.admin.port)
+        stack.push_async_callback(lambda: front.access_log.close())    # the log of the last reload
+        await _listen(stack, _cache_admin_app(cache_node, front, reloader), node.admin.host, node.admin.port)
         await front.start(node.listen.host, node.listen.port)
+        if reloader is not None:
+            reloader.attach(lambda new: _reload_cache_node(new, cache_node, front), cache_node.metrics.registry)
         log.info("%s (%s) serving traffic on %s, admin on %s", node.name, node.role, node.listen, node.admin)
         await stop.wait()
         log.info("%s draining (up to %gs for %d requests in flight)", node.name, node.limits.drain_timeout,
                  front.busy)
         await front.drain()
         log.info("%s stopped", node.name)
+
+
+async def _reload_cache_node(topology: Topology, cache_node: CacheNode, front: Front) -> None:
+    """Apply a reloaded topology (already validated, restart-only keys unchanged)."""
+    node = topology.node(cache_node.node.name)
+    # Reopened on every reload, as nginx does: `systemctl reload` after logrotate
+    # moves the file starts a new one.  The one step that can fail: before any swap.
+    access_log = AccessLog(node.access_log, node.access_log_format)
+    await access_log.start()
+    # One step, no await: every request sees the old topology or the new one.
+    cache_node.reload(topology, node)
+    cache_node.upstreams.reload(topology, node)
+    old_log = front.reload(node.limits, access_log)
+    await old_log.close()       # writes what it still holds
+
+
+async def _apply_nothing(topology: Topology) -> None:
+    return None
 
 
 async def _listen(stack: AsyncExitStack, app: web.Application, host: str, port: int) -> None:
@@ -68,12 +97,20 @@ async def _listen(stack: AsyncExitStack, app: web.Application, host: str, port: 
     await web.TCPSite(runner, host, port, backlog=1024).start()
 
 
-def _origin_apps(node: Node) -> tuple[web.Application, web.Application]:
+def _origin_apps(node: Node, reloader: Reloader | None) -> tuple[web.Application, web.Application]:
     from origin.app import make_app as make_origin_app
     registry = CollectorRegistry()
     traffic = make_origin_app(node.content_dir, node.content_cache_control, registry)
-    health = lambda: {"status": "ok", "node": node.name, "role": node.role}  # noqa: E731
+
+    def health() -> dict:
+        return {"status": "ok", "node": node.name, "role": node.role, **_config_sha256(reloader)}
+
     return traffic, admin.make_admin_app(registry, health, allow=node.admin_allow)
+
+
+def _config_sha256(reloader: Reloader | None) -> dict:
+    """The running topology's hash for /healthz: how `edge up` sees that a reload took."""
+    return {"config_sha256": reloader.version.sha256} if reloader is not None else {}
 
 
 async def _cache_node(topology: Topology, node: Node, stack: AsyncExitStack) -> CacheNode:
@@ -96,30 +133,37 @@ async def _cache_node(topology: Topology, node: Node, stack: AsyncExitStack) -> 
     return cache_node
 
 
-def _cache_admin_app(topology: Topology, cache_node: CacheNode, front: Front) -> web.Application:
+def _cache_admin_app(cache_node: CacheNode, front: Front, reloader: Reloader | None) -> web.Application:
+    # The node's settings and topology are read through cache_node each time: a reload replaces them.
     node = cache_node.node
     started = time.time()
 
     def health() -> dict:
+        max_inflight = cache_node.node.max_inflight
         return {
             "status": "draining" if front.draining else "ok", "node": node.name, "role": node.role,
-            "inflight": cache_node.inflight, "max_inflight": node.max_inflight,
-            "overloaded": cache_node.inflight > node.max_inflight,
+            "inflight": cache_node.inflight, "max_inflight": max_inflight,
+            "overloaded": cache_node.inflight > max_inflight, **_config_sha256(reloader),
         }
 
     async def status(request: web.Request) -> web.Response:
         store = cache_node.store
+        upstreams = cache_node.upstreams
+        weights = dict(cache_node.node.parent_weights)
         return web.json_response({
             **health(),
             "uptime_seconds": round(time.time() - started, 3),
+            "config": reloader.status() if reloader is not None else None,
+            "sites": {site.name: list(site.hosts) for site in cache_node.topology.sites},
             "tiers": [{"tier": t.name, "objects": t.objects, "bytes": t.bytes, "evictions": t.evictions}
                       for t in store.tiers()],
-            "parents": cache_node.upstreams.health.state() if node.parents else {},
+            "parents": {name: {**state, "weight": weights.get(name, 1.0)}
+                        for name, state in upstreams.health.state().items()},
             "fetches_in_flight": len(cache_node.flights),
             "connections": len(front.connections),
             "bans": cache_node.bans.summary(),
         })
 
     token = admin.load_token()      # OSError naming a bad token file: the command line prints it
-    routes = [web.get("/status", status), *cache_admin.routes(topology, cache_node, token)]
+    routes = [web.get("/status", status), *cache_admin.routes(cache_node, token)]
     return admin.make_admin_app(cache_node.metrics.registry, health, routes, allow=node.admin_allow)

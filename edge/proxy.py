@@ -139,15 +139,33 @@ class CacheNode:
         metrics.inflight.set_function(lambda: self.inflight)
         self.via = f"1.1 {node.name}"
         self._via_token = node.name.encode()
-        self._sites_by_raw_host: dict[bytes, tuple[Site, str] | None] = {}
-        self._tier_vias: dict[bytes, bool] = {}     # raw Via values -> came through our tier?
+        self._sites_by_raw_host: dict[bytes, tuple[Site, str] | None]
+        self._tier_vias: dict[bytes, bool]          # raw Via values -> came through our tier?
         self._background: set[asyncio.Task] = set()
         self._generations = itertools.count()
-        self._tier_names = frozenset(n.name for n in topology.nodes if n.role != "origin") - {node.name}
+        self._take_topology(topology, node)
+
+    def reload(self, topology: Topology, node: Node) -> None:
+        """Serve from a reloaded topology (sites, tiers, parents' limits, this node's settings).
+
+        One step on the event loop: a request either started before it and
+        keeps the site it resolved, or starts after it and sees only the new
+        topology.  The cache is kept: objects of a site that stays are found
+        under the same keys; a stored object's freshness is worked out again
+        under its site's new defaults (see `_assessment`).
+        """
+        self._take_topology(topology, node)
+
+    def _take_topology(self, topology: Topology, node: Node) -> None:
+        tier_names = frozenset(n.name for n in topology.nodes if n.role != "origin") - {node.name}
         # The smallest head any parent accepts: what this node forwards must fit it.
         parents = [topology.node(name).limits for name in node.parents]
+        self.topology, self.node, self._tier_names = topology, node, tier_names
         self._parent_head_bytes = min((p.max_header_bytes for p in parents), default=None)
         self._parent_head_fields = min((p.max_headers for p in parents), default=None)
+        # Raw Host values resolve again, against the new sites; Via values against the new tiers.
+        self._sites_by_raw_host = {}
+        self._tier_vias = {}
 
     async def start(self) -> None:
         """Load the bans kept from the last run and start applying them."""
@@ -196,7 +214,9 @@ class CacheNode:
         bans = self.bans
         if meta.request_time < bans.newest and memo.get("bans") != bans.generation:
             return None                 # a purge since it was fetched: _find checks it
-        assessment = memo.get("assessment") or _assessment(meta, site.defaults)
+        assessed = memo.get("assessment")
+        assessment = assessed[1] if assessed is not None and assessed[0] is site.defaults \
+            else _assessment(meta, site.defaults)
         age = assessment.initial_age + (self.clock() - assessment.response_time)      # policy.age_at
         ttl = assessment.lifetime - age
         if ttl <= 0 or assessment.no_cache or meta.status != 200:
@@ -946,14 +966,17 @@ def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
 
 def _assessment(meta: Meta, defaults: policy.SiteDefaults) -> policy.Assessment:
     """The policy's time-independent view of a stored response (under its site's defaults),
-    computed once per Meta: a stored response belongs to one site.  A soft-purged one
+    computed once per Meta and per defaults object: a stored response belongs to one site, and
+    a reload that gives the site new defaults (default_ttl, max_ttl, ...) has it worked out
+    again, so memory and disk hits agree on an object's freshness.  A soft-purged one
     (`stale_at`) is stale from then on."""
-    assessment = meta.memo.get("assessment")
-    if assessment is None:
-        assessment = policy.assess(meta.fields, meta.request_time, meta.response_time, meta.status, defaults)
-        if meta.stale_at is not None:
-            assessment = policy.stale_from(assessment, meta.stale_at)
-        meta.memo["assessment"] = assessment
+    assessed = meta.memo.get("assessment")
+    if assessed is not None and assessed[0] is defaults:
+        return assessed[1]
+    assessment = policy.assess(meta.fields, meta.request_time, meta.response_time, meta.status, defaults)
+    if meta.stale_at is not None:
+        assessment = policy.stale_from(assessment, meta.stale_at)
+    meta.memo["assessment"] = (defaults, assessment)
     return assessment
 
 

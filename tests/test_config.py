@@ -232,3 +232,85 @@ def test_cli_names_an_access_log_it_cannot_open(tmp_path):
                             capture_output=True, text=True, cwd=REPO, timeout=30)
     assert result.returncode == 1
     assert f"{blocker}/access.log" in result.stderr and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- edge check: what a node would refuse
+
+DNS_TABLE = ('[dns]\nlisten = "127.0.94.5:8053"\nadmin = "127.0.94.5:8091"\nzones = ["example.com"]\n'
+             'cdn_zone = "cdn.example.net"\n')
+
+
+def _checked(tmp_path: Path, text: str) -> list[tuple[str, str]]:
+    from edge import checks
+    topology = config.parse(f'state_dir = "{tmp_path / "state"}"\n' + text, "topo.toml", tmp_path)
+    return [(p.key, p.problem) for p in checks.problems(topology)]
+
+
+def test_check_finds_nothing_wrong_with_a_good_topology(tmp_path):
+    assert _checked(tmp_path, MINIMAL + DNS_TABLE) == []
+    assert _checked(tmp_path, MINIMAL.replace('role = "l1"', 'role = "l1"\naccess_log = "logs/l1.log"')) == []
+
+
+@pytest.mark.parametrize(("edit", "key", "problem"), [
+    # The scheduler hands an L1's address to clients: a wildcard is refused by `edge run dns`.
+    (lambda t, d: t.replace('listen = "127.0.1.1:8080"', 'listen = "0.0.0.0:8080"') + DNS_TABLE,
+     "nodes.l1.listen", "must be a specific address, not 0.0.0.0"),
+    (lambda t, d: t.replace('role = "l1"', f'role = "l1"\ncache_dir = "{d / "a-file"}"'),
+     "nodes.l1.cache_dir", "a-file' is a file, not a directory"),
+    (lambda t, d: t.replace('role = "l1"', f'role = "l1"\ncache_dir = "{d / "a-file" / "cache"}"'),
+     "nodes.l1.cache_dir", "a-file', which is a file"),
+    (lambda t, d: t.replace('role = "l1"', f'role = "l1"\naccess_log = "{d / "a-file" / "access.log"}"'),
+     "nodes.l1.access_log", "a-file' is a file, not a directory"),
+    (lambda t, d: t.replace('role = "l1"', f'role = "l1"\naccess_log = "{d}"'),
+     "nodes.l1.access_log", "is a directory"),
+    (lambda t, d: t.replace('role = "origin"', f'role = "origin"\ncontent_dir = "{d / "a-file"}"'),
+     "nodes.origin.content_dir", "the origin serves files from it: '"),
+])
+def test_check_finds_what_a_node_would_refuse_at_start(tmp_path, edit, key, problem):
+    (tmp_path / "a-file").write_text("not a directory")
+    found = _checked(tmp_path, edit(MINIMAL, tmp_path))
+    assert len(found) == 1, found
+    assert found[0][0] == key and problem in found[0][1], found
+
+
+def test_check_names_state_dir_when_the_cache_directory_comes_from_it(tmp_path):
+    from edge import checks
+    (tmp_path / "a-file").write_text("")
+    topology = config.parse(f'state_dir = "{tmp_path / "a-file"}"\n' + MINIMAL, "topo.toml", tmp_path)
+    assert {(p.key, p.problem.split(":")[0]) for p in checks.problems(topology)} == {
+        ("state_dir", "cache directory of l2-a"), ("state_dir", "cache directory of l1")}
+
+
+def _edge(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=30)
+
+
+def test_edge_check_and_edge_run_refuse_the_same_wildcard_l1(tmp_path):
+    topo = tmp_path / "t.toml"
+    topo.write_text(MINIMAL.replace("127.0.1.1", "0.0.0.0").replace("127.0.2.1", "127.0.94.21")
+                    .replace("127.0.0.10", "127.0.94.10") + DNS_TABLE)
+    check = _edge("check", "--config", str(topo))
+    assert check.returncode == 2 and check.stdout == ""
+    line = (f"edge: config error: {topo}: nodes.l1.listen: the DNS scheduler hands this address to clients: "
+            "it must be a specific address, not 0.0.0.0")
+    assert check.stderr.strip() == line
+    run = _edge("run", "dns", "--config", str(topo))          # refused before it binds anything
+    assert (run.returncode, run.stderr.strip()) == (2, line)
+
+
+def test_edge_check_and_edge_run_refuse_the_same_cache_dir_that_is_a_file(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    topo = tmp_path / "t.toml"
+    topo.write_text(MINIMAL.replace("127.0.1.1", "127.0.94.31").replace(
+        'role = "l1"', f'role = "l1"\ncache_dir = "{blocker}"'))
+    check = _edge("check", "--config", str(topo))
+    assert check.returncode == 2
+    assert check.stderr.strip() == (f"edge: config error: {topo}: nodes.l1.cache_dir: cache directory of l1: "
+                                    f"{str(blocker)!r} is a file, not a directory")
+    run = _edge("run", "l1", "--config", str(topo))           # fails creating the store, before it binds
+    assert run.returncode == 1 and f"cache directory {blocker}" in run.stderr and "Traceback" not in run.stderr
+    blocker.unlink()
+    check = _edge("check", "--config", str(topo))
+    assert check.returncode == 0 and "l1" in check.stdout, check.stderr

@@ -15,8 +15,10 @@ import importlib.util
 import ipaddress
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -379,6 +381,18 @@ async def test_up_gives_up_at_the_deadline_and_stops_what_it_started(
     assert processes_naming(str(topology_path)) == []
 
 
+async def test_up_refuses_what_edge_check_refuses_and_starts_nothing(tmp_path: Path, start_up) -> None:
+    topology_path = write_topology(tmp_path, subnet=46, with_dns=False)
+    (tmp_path / "var").write_text("state_dir is a file")       # no node could make its cache directory
+    run = await start_up(topology_path)
+    assert await run.exit_code() == 2, run.stderr
+    assert (f"edge up: config error: {topology_path}: state_dir: cache directory of l2-a: "
+            f"{str(tmp_path / 'var' / 'cache' / 'l2-a')!r} is under {str(tmp_path / 'var')!r}, which is a file, "
+            "not a directory") in run.stderr
+    assert "edge up: nothing started" in run.stderr and run.started_pids() == {}
+    assert processes_naming(str(topology_path)) == []
+
+
 @pytest.mark.parametrize("value", ["soon", "0", "-3"])
 async def test_up_rejects_a_bad_timeout(tmp_path: Path, start_up, value: str) -> None:
     topology_path = write_topology(tmp_path, subnet=51, with_dns=False)
@@ -449,6 +463,56 @@ async def test_prometheus_config_command_prints_it(tmp_path: Path) -> None:
     assert ("127.0.50.64:28091", "dns", "dns") in scrape_targets(out.decode())
 
 
+@pytest.mark.parametrize(("seconds", "duration"), [
+    (15, "15s"), (1, "1s"), (0.5, "500ms"), (2.25, "2250ms"), (90, "90s"), (0.001, "1ms")])
+def test_prometheus_duration(seconds: float, duration: str) -> None:
+    assert launcher.prometheus_duration(seconds) == duration
+
+
+@pytest.mark.parametrize("seconds", [0, -1, 0.0001, float("nan"), float("inf")])
+def test_prometheus_duration_refuses_what_prometheus_cannot_take(seconds: float) -> None:
+    with pytest.raises(ValueError):
+        launcher.prometheus_duration(seconds)
+
+
+async def test_prometheus_config_interval_is_valid_for_promtool(tmp_path: Path) -> None:
+    out = tmp_path / "prometheus.yml"
+    with out.open("wb") as stdout:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edge", "prometheus-config", "--interval", "5",
+            stdout=stdout, stderr=asyncio.subprocess.PIPE, cwd=REPO)
+        async with asyncio.timeout(30):
+            _, err = await process.communicate()
+    assert process.returncode == 0, err
+    text = out.read_text()
+    assert "  scrape_interval: 5s\n  evaluation_interval: 5s\n" in text
+    assert scrape_targets(text) == scrape_targets(launcher.prometheus_config(config.load()))
+    if shutil.which("promtool"):      # scripts/test.sh installs it; a 5 s interval under the 10 s default timeout
+        check = subprocess.run(["promtool", "check", "config", str(out)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+    bad = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edge", "prometheus-config", "--interval", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO)
+    async with asyncio.timeout(30):
+        out_bytes, err = await bad.communicate()
+    assert bad.returncode == 2 and out_bytes == b""
+    assert "--interval: expected a positive number of seconds, got '0'" in err.decode()
+
+
+async def test_version_is_the_package_version() -> None:
+    import edge
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edge", "--version",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO)
+    async with asyncio.timeout(30):
+        out, err = await process.communicate()
+    assert process.returncode == 0, err
+    assert out.decode() == f"edge {edge.__version__}\n"
+    # One place holds the version: the package metadata is read from it.
+    assert 'version = {attr = "edge.__version__"}' in (REPO / "pyproject.toml").read_text()
+
+
 # --------------------------------------------------------------------------- deploy/
 
 
@@ -487,6 +551,7 @@ def test_systemd_unit_runs_one_node_per_instance_without_root() -> None:
             key, _, value = line.partition("=")
             settings.setdefault(key.strip(), value.strip())
     assert settings["ExecStart"] == "/usr/local/bin/edge run %i --config /etc/edge/topology.toml"
+    assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"      # `systemctl reload`: SIGHUP re-reads it
     assert settings["User"] == "edge"
     assert settings["Restart"] == "on-failure" and settings["RestartSec"]
     assert settings["NoNewPrivileges"] == "yes" and settings["ProtectSystem"] == "strict"

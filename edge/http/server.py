@@ -105,6 +105,19 @@ class Front:
                 log.info("accepted connection failed at once: %s", exc)
                 conn.close()
 
+    def reload(self, limits: FrontLimits, access_log: AccessLog) -> AccessLog:
+        """New limits and access log (a reload); returns the old log, for the caller to close.
+
+        Connections opened from now on take the new limits, open ones keep
+        those they were opened with (as nginx's old workers do); every
+        request logged from now on goes to the new log.
+        """
+        old, self.limits, self.access_log = self.access_log, limits, access_log
+        room, self._room = self._room, None
+        if room is not None and not room.done():
+            room.set_result(None)      # max_connections may have risen: look again
+        return old
+
     def connection_opened(self, conn: HttpConnection) -> None:
         self.connections.add(conn)
         if self.draining:

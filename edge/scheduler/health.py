@@ -121,11 +121,28 @@ class HealthChecker:
         # A new read-only mapping per change: a query never sees half an update.
         return MappingProxyType({name: state.status() for name, state in self.states.items()})
 
+    def retarget(self, edges: Sequence[Edge], check: HealthCheck) -> None:
+        """Check another list of edges with other settings (a reload), from the next round on.
+
+        An edge that stays (same name, same health URL) keeps its state, so a
+        reload neither brings a down edge back nor takes an up one out; a new
+        edge starts as at start-up (up, not probed yet).
+        """
+        before = {edge.name: edge for edge in self.edges}
+        states = {}
+        for edge in edges:
+            kept = before.get(edge.name)
+            states[edge.name] = self.states[edge.name] if kept is not None and \
+                kept.health_url == edge.health_url else EdgeHealth()
+        self.edges, self.check, self.states = tuple(edges), check, states
+        self.snapshot = self._publish()
+
     async def probe(self, edge: Edge) -> ProbeResult:
         """One GET of the edge's /healthz within the configured timeout."""
         assert self._session is not None
         try:
-            async with self._session.get(edge.health_url) as reply:
+            async with self._session.get(edge.health_url,
+                                         timeout=aiohttp.ClientTimeout(total=self.check.timeout)) as reply:
                 try:
                     body = await reply.json(content_type=None)
                 except (ValueError, aiohttp.ClientPayloadError):
@@ -136,10 +153,16 @@ class HealthChecker:
 
     async def probe_all(self) -> None:
         """Probe every edge at once and fold the results into the state."""
-        results = await asyncio.gather(*(self.probe(edge) for edge in self.edges))
+        edges = self.edges
+        results = await asyncio.gather(*(self.probe(edge) for edge in edges))
         now = self.clock()
         changed = False
-        for edge, result in zip(self.edges, results):
+        # A reload while the probes ran: fold in only what is still about an edge being checked.
+        current = {edge.name: edge for edge in self.edges}
+        for probed, result in zip(edges, results):
+            edge = current.get(probed.name)
+            if edge is None or edge.health_url != probed.health_url:
+                continue
             before = self.states[edge.name]
             after = before.observe(result, rise=self.check.rise, fall=self.check.fall, now=now)
             self.states[edge.name] = after

@@ -2,6 +2,10 @@
 
 ``edge run dns`` calls :func:`serve`.  This module wires the pure answerer
 to the world and keeps the books (metrics, logs); it decides nothing itself.
+
+A reload (SIGHUP, see `edge.reload`) builds a new Answerer from the new
+topology (which validates it), carries the health of the edges that stay
+over, and swaps both in one step; the sockets and the transport stay.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dns.message
 import dns.rcode
@@ -24,6 +28,9 @@ from edge.scheduler.answer import Answer, Answerer, Edge
 from edge.scheduler.geo import IPAddress
 from edge.scheduler.health import EdgeHealth, HealthChecker
 from edge.scheduler.server import DnsServer, Resolved
+
+if TYPE_CHECKING:
+    from edge.reload import Reloader
 
 log = logging.getLogger("edge.dns")
 
@@ -50,12 +57,22 @@ class SchedulerMetrics:
         self.decision = Histogram("dns_decision_seconds", "Time to decide an answer (parsing excluded)",
                                   buckets=(5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 1e-2),
                                   registry=registry)
+        self.answers_by_edge: dict[str, Any] = {}
+        self.up_by_edge: dict[str, Any] = {}
+        self.track_edges(edges, {})
+        self._queries: dict[tuple[int | None, int], Any] = {}
+
+    def track_edges(self, edges: tuple[Edge, ...], up: dict[str, bool]) -> None:
+        """Per-edge series for these edges (at start, and after a reload): removed edges' series go."""
+        names = {edge.name for edge in edges}
+        for name in set(self.up_by_edge) - names:
+            self.answers.remove(name)
+            self.edge_up.remove(name)
         # Label children resolved once: a labels() call per query is measurable at high QPS.
         self.answers_by_edge = {edge.name: self.answers.labels(edge=edge.name) for edge in edges}
         self.up_by_edge = {edge.name: self.edge_up.labels(edge=edge.name) for edge in edges}
-        for gauge in self.up_by_edge.values():
-            gauge.set(1)                                   # not probed yet counts as up
-        self._queries: dict[tuple[int | None, int], Any] = {}
+        for name, gauge in self.up_by_edge.items():
+            gauge.set(1 if up.get(name, True) else 0)      # not probed yet counts as up
 
     def count_query(self, qtype: int | None, rcode: int) -> None:
         """Count one response; label text is worked out once per (type, rcode) pair."""
@@ -72,9 +89,13 @@ class SchedulerMetrics:
 class Scheduler:
     """One DNS scheduler: build with a topology, :meth:`start`, and :meth:`close`."""
 
-    def __init__(self, topology: Topology):
+    def __init__(self, topology: Topology, reloader: Reloader | None = None):
         self.topology = topology
+        self.reloader = reloader
         self.answerer = Answerer(topology)
+        # Part of every rendering's variant: the transport's rendered answers of an
+        # older topology are never sent again (a new site's name was NXDOMAIN before).
+        self.generation = 0
         assert topology.dns is not None                   # Answerer raised ConfigError otherwise
         self.dns = topology.dns
         self.registry = CollectorRegistry()
@@ -96,8 +117,8 @@ class Scheduler:
                 self.metrics.answers_by_edge[edge.name].inc()
         if result.all_down:
             self._report_all_down(result)
-        # The rendering depends on the query bytes and on which edges were chosen.
-        return Resolved(result.response, tuple(choice.chosen for choice in result.choices))
+        # The rendering depends on the query bytes, on which edges were chosen, and on the topology.
+        return Resolved(result.response, (self.generation, tuple(choice.chosen for choice in result.choices)))
 
     def _report_all_down(self, result: Answer) -> None:
         self.metrics.all_down.inc()
@@ -117,13 +138,39 @@ class Scheduler:
     def _edge_changed(self, edge: Edge, before: EdgeHealth, after: EdgeHealth) -> None:
         self.metrics.up_by_edge[edge.name].set(1 if after.up else 0)
 
+    # ----------------------------------------------------------------- reload
+
+    def reload(self, topology: Topology) -> None:
+        """Answer from a reloaded topology: sites, zones, regions, coverage, edges, TTL, answers, health
+        settings.  Raises ConfigError (nothing changed) when the scheduler cannot take it."""
+        answerer = Answerer(topology)          # validates; everything after this cannot fail
+        assert topology.dns is not None
+        self.health.retarget(answerer.edges, topology.dns.health)
+        self.metrics.track_edges(answerer.edges, {name: s.up for name, s in self.health.snapshot.items()})
+        self.topology, self.answerer, self.dns = topology, answerer, topology.dns
+        self.generation += 1
+
     # ----------------------------------------------------------------- admin
 
     def health_report(self) -> dict[str, Any]:
         snapshot = self.health.snapshot
-        return {"status": "ok", "node": "dns", "role": "dns",
-                "edges": {name: {"up": s.up, "overloaded": s.overloaded, "detail": s.detail}
-                          for name, s in snapshot.items()}}
+        report = {"status": "ok", "node": "dns", "role": "dns",
+                  "edges": {name: {"up": s.up, "overloaded": s.overloaded, "detail": s.detail}
+                            for name, s in snapshot.items()}}
+        if self.reloader is not None:
+            report["config_sha256"] = self.reloader.version.sha256   # how `edge up` sees a reload took
+        return report
+
+    async def status(self, request: web.Request) -> web.Response:
+        """GET /status: the running topology as the scheduler sees it."""
+        return web.json_response({
+            **self.health_report(),
+            "config": self.reloader.status() if self.reloader is not None else None,
+            "sites": {site.name: list(site.hosts) for site in self.topology.sites},
+            "regions": [region.name for region in self.topology.regions],
+            "coverage": {str(net): region for net, region in self.topology.coverage},
+            "ttl": self.dns.ttl, "answers": self.dns.answers,
+        })
 
     async def explain(self, request: web.Request) -> web.Response:
         """GET /explain?name=NAME[&client=IP][&type=A][&subnet=CIDR]: why this answer."""
@@ -157,7 +204,8 @@ class Scheduler:
         """
         await self.server.start(self.dns.listen.host, self.dns.listen.port)
         try:
-            app = make_admin_app(self.registry, self.health_report, routes=[web.get("/explain", self.explain)],
+            app = make_admin_app(self.registry, self.health_report,
+                                 routes=[web.get("/explain", self.explain), web.get("/status", self.status)],
                                  allow=self.dns.admin_allow)
             self._admin = web.AppRunner(app, access_log=None)
             await self._admin.setup()
@@ -189,10 +237,14 @@ def _bad_request(message: str) -> web.Response:
     return web.json_response({"error": message}, status=400)
 
 
-async def serve(topology: Topology, stop: asyncio.Event) -> None:
+async def serve(topology: Topology, stop: asyncio.Event, reloader: Reloader | None = None) -> None:
     """Run the scheduler of `topology` until `stop` is set (``edge run dns``)."""
-    scheduler = Scheduler(topology)
+    scheduler = Scheduler(topology, reloader)
     await scheduler.start()
+    if reloader is not None:
+        async def apply(new: Topology) -> None:
+            scheduler.reload(new)
+        reloader.attach(apply, scheduler.registry)
     host, port = scheduler.dns_address or ("?", 0)
     zones = ", ".join([*scheduler.dns.customer_zones, scheduler.dns.cdn_zone])
     log.info("dns scheduler authoritative for %s on %s:%d (udp+tcp), admin on http://%s:%d "

@@ -93,9 +93,41 @@ class UpstreamPool:
         self._origins: dict[str, Upstream] = {}
         metrics.watch_upstreams(self.connection_stats)
 
+    def reload(self, topology: Topology, node: Node) -> None:
+        """Take a reloaded topology's parents, weights and settings, all at once (no await).
+
+        Parents that stay keep their health and their pooled connections; new
+        ones start up, as at start.  Requests already sending keep the
+        candidates and the health state they started with.
+        """
+        policy = node.parent_policy
+        parents = {
+            name: Upstream(name, Address.from_url(topology.node(name).listen.url), True) for name in node.parents
+        }
+        weights = {name: 1.0 for name in node.parents}
+        weights.update(dict(node.parent_weights))
+        ring = HashRing(weights)
+        health = self.health.carried_over(node.parents, fall=policy.fall, rise=policy.rise)
+        health.on_change = self._on_health_change
+        health_urls = {name: f"{topology.node(name).admin.url}/healthz" for name in node.parents}
+        # Built and checked; from here on nothing can fail.  Requests still running
+        # report to the old state; it no longer moves the gauges (nor logs).
+        self.health.on_change = None
+        for gone in set(self.parents) - set(parents):
+            self.metrics.parent_up.remove(gone)
+        for name in parents:
+            self.metrics.parent_up.labels(name).set(1 if health.is_up(name) else 0)
+        client = self.client
+        client.connect_timeout = client.read_timeout = policy.timeout
+        client.max_conns, client.queue = policy.max_conns, policy.queue
+        self.node, self.policy, self.parents, self.ring, self.health = node, policy, parents, ring, health
+        self._names = {upstream.address: name for name, upstream in parents.items()}
+        self.prober.retarget(health, health_urls, interval=policy.probe_interval, timeout=min(policy.timeout, 2.0))
+
     async def start(self) -> None:
-        if self.parents:
-            await self.prober.start()
+        # Probing runs even with no parents (an idle round a second) so that a
+        # reload that adds the first parent finds it probed.
+        await self.prober.start()
 
     async def close(self) -> None:
         await self.prober.close()
@@ -144,7 +176,8 @@ class UpstreamPool:
         """Send the request to the first candidate that answers; the caller releases the response."""
         tried: list[str] = []
         last_error = ("destination_unavailable", "no upstream configured")
-        candidates = self.candidates(key, site)
+        # This request's view, kept across a reload that happens while it waits.
+        candidates, health = self.candidates(key, site), self.health
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.policy.deadline
         for index, upstream in enumerate(candidates):
@@ -165,7 +198,7 @@ class UpstreamPool:
                     # Our own limit, not the upstream's failure: answer 503 now, try nothing else.
                     self.metrics.upstream_requests.labels(upstream.name, exc.error).inc()
                     break
-                self._failed(upstream, exc.error)
+                self._failed(upstream, exc.error, health)
                 if exc.body_started:
                     break   # the body is gone; it cannot be replayed to the next candidate
                 continue
@@ -173,19 +206,19 @@ class UpstreamPool:
             if upstream.is_parent and proxy_status_error(response.headers, upstream.name) in PARENT_OWN_ERRORS:
                 # The parent failed in itself (not its upstream): the next one may do better.
                 last_error = ("destination_unavailable", f"{upstream.name} answered {response.status}")
-                self._failed(upstream, f"status_{response.status}")
+                self._failed(upstream, f"status_{response.status}", health)
                 if index < len(candidates) - 1 and not response.body_started:
                     response.release()
                     continue
             elif upstream.is_parent:
-                self.health.success(upstream.name)
+                health.success(upstream.name)
             self.metrics.upstream_requests.labels(upstream.name, f"{response.status // 100}xx").inc()
             return response, upstream
         raise UpstreamError(last_error[0], last_error[1], tried)
 
-    def _failed(self, upstream: Upstream, outcome: str) -> None:
+    def _failed(self, upstream: Upstream, outcome: str, health: ParentHealth) -> None:
         self.metrics.upstream_requests.labels(upstream.name, outcome).inc()
         if upstream.is_parent:
-            self.health.failure(upstream.name)
+            health.failure(upstream.name)
         log.info("upstream %s failed: %s", upstream.name, outcome)
 

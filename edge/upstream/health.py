@@ -51,6 +51,16 @@ class ParentHealth:
     def names(self) -> tuple[str, ...]:
         return tuple(self._streaks)
 
+    def carried_over(self, names: Iterable[str], fall: int, rise: int) -> ParentHealth:
+        """A new state for a reloaded parent list: a parent that stays keeps its streak
+        (a parent down stays down until it rises), a new one starts up.  `on_change` is not copied."""
+        health = ParentHealth(names, fall, rise)
+        for name, streak in health._streaks.items():
+            kept = self._streaks.get(name)
+            if kept is not None:
+                streak.up, streak.fails, streak.oks = kept.up, kept.fails, kept.oks
+        return health
+
     def is_up(self, name: str) -> bool:
         return self._streak(name).up
 
@@ -142,15 +152,24 @@ class ActiveProber:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def retarget(self, health: ParentHealth, urls: Mapping[str, str], interval: float, timeout: float) -> None:
+        """Probe another set of parents (a reload) from the next round on; the loop keeps running."""
+        replacement = ActiveProber(health, urls, self._client, interval, timeout)   # validates
+        self._health, self._urls = replacement._health, replacement._urls
+        self._interval, self._timeout = interval, timeout
+
     async def probe_once(self) -> None:
         """One round: probe every parent concurrently, then record each result."""
-        names = list(self._urls)
-        results = await asyncio.gather(*(self._probe(name) for name in names))
+        # The round reports to the state it started with: a reload meanwhile
+        # replaces both, and this round's answers are about the old list.
+        health, urls = self._health, self._urls
+        names = list(urls)
+        results = await asyncio.gather(*(self._probe(urls[name], name) for name in names))
         for name, ok in zip(names, results):
             if ok:
-                self._health.success(name)
+                health.success(name)
             else:
-                self._health.failure(name)
+                health.failure(name)
 
     async def _run(self) -> None:
         while True:
@@ -162,8 +181,8 @@ class ActiveProber:
                 log.exception("parent probe round failed")
             await asyncio.sleep(self._interval)
 
-    async def _probe(self, name: str) -> bool:
-        address, path = self._urls[name]
+    async def _probe(self, target: tuple[Address, str], name: str) -> bool:
+        address, path = target
         try:
             async with asyncio.timeout(self._timeout):
                 response = await self._client.request(address, "GET", path, (), read_timeout=self._timeout)
