@@ -29,6 +29,7 @@ import asyncio
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from email.utils import formatdate
@@ -480,8 +481,11 @@ class CacheNode:
             return reply, landing
         finally:
             body = reply.body if reply is not None else None
-            if isinstance(body, FillStream):        # under way until the streamed fill ends
+            if isinstance(body, FillStream):        # under way until the streamed fill ends...
                 body.on_finish = lambda: self._fetches.pop(fetch, None)
+                # ...or until the stream is dropped unfinished: a fetch left behind here
+                # would keep every later ban from ever retiring.
+                weakref.finalize(body, self._fetches.pop, fetch, None)
             else:
                 self._fetches.pop(fetch, None)
 
