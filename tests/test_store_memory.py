@@ -9,11 +9,14 @@ benchmark's, these tests pin the accounting to its results.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from benchmarks import entrycost
 from edge.store import memory as memory_module
-from edge.store import MemoryStore, Meta, entry_charge
+from edge.store import tiered as tiered_module
+from edge.store import MemoryStore, Meta, TieredStore, entry_charge
 from edge.store.memory import ENTRY_BASE, FIELD_BASE, FIELD_BYTE
 
 KiB = 1024
@@ -129,3 +132,107 @@ def test_an_object_whose_fields_do_not_fit_is_refused_and_drops_the_old_version(
 def test_the_charge_constants_are_what_the_module_documents():
     # The module docstring and README quote these; a change must update both.
     assert (memory_module.ENTRY_BASE, memory_module.FIELD_BASE, memory_module.FIELD_BYTE) == (1824, 280, 3)
+
+
+# ---------------------------------------------------------------------------- write-behind bound
+
+class GatedDisk:
+    """A disk tier whose installs wait for the test to let them land, one at a time, in order."""
+
+    name = "disk"
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Semaphore(0)
+        self.landed = 0
+
+    def writer(self, key: str, size_hint: int | None = None) -> GatedWriter:
+        return GatedWriter(self)
+
+    async def delete(self, key: str) -> bool:
+        return False
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class GatedWriter:
+    def __init__(self, disk: GatedDisk) -> None:
+        self.disk = disk
+
+    async def write(self, chunk: bytes) -> None: ...
+
+    async def commit(self, meta: Meta) -> bool:
+        await self.disk.gate.acquire()
+        self.disk.landed += 1
+        return True
+
+    async def abort(self) -> None: ...
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+# (entries bound, bytes bound, body sizes committed at once, commits returned after 0, 1, 2, ...
+# installs have landed).  A commit returns once at most the bounds' worth of installs, its own
+# included, are on their way; each landing wakes one waiting commit.
+@pytest.mark.parametrize("max_entries, max_bytes, sizes, returned", [
+    (8, 1 * MiB, [100] * 5, [5]),                       # within both bounds: all written behind
+    (2, 1 * MiB, [100] * 5, [2, 2, 2, 3, 4, 5]),        # three too many: they wait for three landings
+    (8, 2500, [1000] * 5, [2, 2, 2, 3, 4, 5]),          # the bytes bound, the same way
+    (8, 500, [1000], [0, 1]),                           # larger than the bound: waits for its own install
+])
+async def test_write_behind_is_bounded_and_commits_wait_for_room(monkeypatch, max_entries, max_bytes, sizes,
+                                                                 returned):
+    monkeypatch.setattr(tiered_module, "WRITE_BEHIND_MAX", max_entries)
+    monkeypatch.setattr(tiered_module, "WRITE_BEHIND_MAX_BYTES", max_bytes)
+    disk = GatedDisk()
+    store = TieredStore(MemoryStore(max_bytes=64 * MiB, max_object_bytes=MiB), disk)
+
+    async def commit(i: int, size: int) -> bool:
+        writer = store.writer(f"k{i}", size_hint=size)
+        await writer.write(bytes(size))
+        return await writer.commit(meta((), size))
+
+    commits = [asyncio.create_task(commit(i, size)) for i, size in enumerate(sizes)]
+    await settle()
+    for landings, expected in enumerate(returned):
+        if landings:
+            disk.gate.release()
+            await settle()
+        assert disk.landed == landings
+        assert sum(task.done() for task in commits) == expected
+        assert store.behind == len(sizes) - landings
+    assert all(task.result() for task in commits if task.done())
+    for _ in sizes:
+        disk.gate.release()
+    await asyncio.gather(*commits)
+    await store.settled()
+    assert (store.behind, store.behind_bytes) == (0, 0)
+
+
+async def test_a_cancelled_waiting_commit_does_not_hold_up_the_others(monkeypatch):
+    monkeypatch.setattr(tiered_module, "WRITE_BEHIND_MAX", 1)
+    disk = GatedDisk()
+    store = TieredStore(MemoryStore(max_bytes=64 * MiB, max_object_bytes=MiB), disk)
+
+    async def commit(key: str) -> bool:
+        writer = store.writer(key, size_hint=1)
+        await writer.write(b"x")
+        return await writer.commit(meta((), 1))
+
+    first = asyncio.create_task(commit("a"))
+    waiting = [asyncio.create_task(commit(key)) for key in ("b", "c")]
+    await settle()
+    assert first.done() and not any(task.done() for task in waiting)
+    waiting[0].cancel()
+    disk.gate.release()                 # a and b land: c's turn, though b's committer went away
+    disk.gate.release()
+    await settle()
+    assert waiting[1].done() and waiting[1].result()
+    assert store.memory.peek("b") is not None     # b was stored all the same; only its caller left
+    disk.gate.release()
+    await store.settled()
+    assert store.behind == 0
