@@ -236,3 +236,32 @@ async def test_a_cancelled_waiting_commit_does_not_hold_up_the_others(monkeypatc
     disk.gate.release()
     await store.settled()
     assert store.behind == 0
+
+
+# ---------------------------------------------------------------------------- the hit path's Host memo
+
+@pytest.mark.parametrize("host, remembered", [
+    (b"mem.example.com", True),
+    (b"MEM.Example.com:8080", True),                    # a known site, another spelling
+    (b"unknown.example.net", True),                     # unknown hosts are remembered as such
+    (b"a" * 300, True),                                 # a DNS name and a port fit
+    (b"a" * 301, False),
+    (b"mem.example.com" + b" " * 32_000, False),        # up to max_header_bytes could come in
+])
+def test_the_host_memo_keeps_only_host_values_of_a_plausible_length(host, remembered):
+    from edge.proxy import KNOWN_HOST_BYTES_MAX
+    node = entrycost.MemoryFill(shape("empty body, 2 fields")).node
+    before = set(node._sites_by_raw_host)
+    node.hit_now("GET", "/x", host, None)
+    assert (host in node._sites_by_raw_host) is remembered
+    assert all(len(h) <= KNOWN_HOST_BYTES_MAX for h in node._sites_by_raw_host)
+    assert set(node._sites_by_raw_host) - before == ({host} - before if remembered else set())
+
+
+def test_the_host_memo_is_bounded_in_entries(monkeypatch):
+    from edge import proxy
+    monkeypatch.setattr(proxy, "KNOWN_HOSTS_MAX", 50)
+    node = entrycost.MemoryFill(shape("empty body, 2 fields")).node
+    for port in range(200):
+        node.hit_now("GET", "/x", b"mem.example.com:%d" % port, None)
+    assert len(node._sites_by_raw_host) == 50

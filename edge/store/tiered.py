@@ -7,8 +7,8 @@ is never held whole in memory.  After every commit each tier holds either
 the new version or nothing: an old version left in one tier would otherwise
 be served in place of the new one.
 
-A commit the memory tier accepted returns at once and finishes on disk in
-the background (write-behind): the disk install is a thread hop that cost
+A commit the memory tier accepted returns at once (within the bound below)
+and finishes on disk in the background (write-behind): the disk install is a thread hop that cost
 about a millisecond of every miss.  Until it lands, reads of that key do not
 fall through to the disk (which may still hold an older version) before it
 has, and ``update_meta``/``delete`` of the key wait for it; ``close`` and ``settled``
@@ -18,9 +18,10 @@ Write-behind is bounded: while more than :data:`WRITE_BEHIND_MAX` installs
 (or :data:`WRITE_BEHIND_MAX_BYTES` of bodies) are on their way to disk, a
 commit returns only when an install has landed (first come, first served),
 so under a miss load the disk cannot keep up with, fills slow down to the
-disk's pace instead of queueing without end.  Unbounded, the queue held about 10 KiB per entry
-(body, meta, tasks, file names, lock waiters) and grew past 16,000 entries
-in 100,000 1 KiB misses (README, "What memory holds").
+disk's pace instead of queueing without end.  Unbounded, the queue held
+about 10 KiB per entry (body, meta, tasks, file names, lock waiters) and
+grew past 16,000 entries in 100,000 1 KiB misses (README, "What memory
+holds").
 """
 
 from __future__ import annotations
