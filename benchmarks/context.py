@@ -29,11 +29,12 @@ class Settings:
     trace_seed: int = 20260101
     trace_alphas: tuple[float, ...] = (0.8, 1.0)
     cache_shares: tuple[float, ...] = (0.01, 0.10)
+    memory_urls: int = 300_000  # unique 1 KiB URLs the memory scenario sends its L1
 
 
 FULL = Settings(mode="full", rounds=3, duration_s=10.0)
 QUICK = Settings(mode="quick", rounds=1, duration_s=3.0, large_bytes=256 * 2**20,
-                 trace_requests=200_000)
+                 trace_requests=200_000, memory_urls=50_000)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Where everything listens and which CPU it runs on.
 
-All addresses are on loopback, in 127.0.60.0-127.0.69.255, so a benchmark
-run collides with no other test or topology on the machine.  The server
+All addresses are on loopback, in 127.0.60.0-127.0.69.255 (the memory
+scenario's own origin and L1 in 127.0.88.x), so a benchmark run collides
+with no other test or topology on the machine.  The server
 under test is pinned to one CPU and the load generator to the other, as the
 issue asks; helper processes (origin, L2, the idle edges the DNS scheduler
 checks) share the server's CPU so that the client's CPU reading stays clean.
@@ -18,6 +19,7 @@ SITE_HOST = "bench.example.com"        # through the origin with delay/size knob
 FAST_SITE_HOST = "fast.example.com"     # through the fast static origin (miss path)
 SITE_CDN_NAME = "bench.example.com.cdn.example.net"   # what the DNS benchmark asks for
 FAST_CDN_NAME = "fast.example.com.cdn.example.net"
+MEM_SITE_HOST = "mem.example.com"       # the memory scenario's site (topology-memory.toml)
 
 
 @dataclass(frozen=True)
@@ -54,5 +56,8 @@ ATS = Endpoint("127.0.66.1", 8080)
 KNOT = Endpoint("127.0.67.1", 8053)
 CEILING = Endpoint("127.0.68.1", 8080)          # bare aiohttp handler
 CEILING_HTTPTOOLS = Endpoint("127.0.68.2", 8080)  # bare asyncio.Protocol + httptools on uvloop
+MEM_L1 = Endpoint("127.0.88.1", 8080)           # the memory scenario's L1 (its own topology)
+MEM_L1_ADMIN = Endpoint("127.0.88.1", 8091)
+MEM_ORIGIN = Endpoint("127.0.88.2", 8080)       # fast-origin.conf again, for the memory scenario
 DNS_CLIENT_EAST = "127.0.69.1"                  # inside the east coverage block
 DNS_CLIENT_WEST = "127.0.69.129"                # inside the west coverage block

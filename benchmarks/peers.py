@@ -19,6 +19,8 @@ from benchmarks import layout
 BENCH_DIR = Path(__file__).resolve().parent
 PEERS_DIR = BENCH_DIR / "peers"
 TOPOLOGY_TEMPLATE = BENCH_DIR / "topology.toml"
+MEMORY_TOPOLOGY_TEMPLATE = BENCH_DIR / "topology-memory.toml"
+MEM_ORIGIN_DIR = "mem-origin"      # the memory scenario's origin: fast-origin.conf with its own paths
 
 _PLACEHOLDER = re.compile(r"\{\{([a-z_0-9]+)\}\}")
 
@@ -86,6 +88,10 @@ def render_all(run_dir: Path) -> dict[str, Path]:
            for role, extra in nginx_variants(run_dir).items()},
         "nginx_l2": render(PEERS_DIR / "nginx-l2.conf", run_dir / "nginx-l2.conf", run_dir),
         "fast_origin": render(PEERS_DIR / "fast-origin.conf", run_dir / "fast-origin.conf", run_dir),
+        "memory_topology": render(MEMORY_TOPOLOGY_TEMPLATE, run_dir / "topology-memory.toml", run_dir),
+        # Its own prefix (pid, temp and root paths) and address: it can run beside the miss path's.
+        "mem_origin": render(PEERS_DIR / "fast-origin.conf", run_dir / MEM_ORIGIN_DIR / "fast-origin.conf",
+                             run_dir / MEM_ORIGIN_DIR, {"fast_origin": str(layout.MEM_ORIGIN)}),
         "varnish": render(PEERS_DIR / "varnish.vcl", run_dir / "varnish.vcl", run_dir),
         "knot": render(PEERS_DIR / "knot.conf", run_dir / "knot.conf", run_dir),
         "ats_runroot": render(PEERS_DIR / "ats" / "runroot.yaml", run_dir / "ats" / "runroot.yaml", run_dir),
@@ -97,12 +103,13 @@ def render_all(run_dir: Path) -> dict[str, Path]:
                  "ssl_multicert.config", "volume.config", "strategies.yaml", "splitdns.config",
                  "socks.config"):
         (run_dir / "ats" / "etc" / name).touch()
-    for directory in ("nginx-l1", "nginx-l1-logs", "nginx-l2", "fast-origin/www", "knot", "ats/cache", "ats/run",
-                      "ats/log", "ats/var", "ats/data", "varnish", "state"):
+    for directory in ("nginx-l1", "nginx-l1-logs", "nginx-l2", "fast-origin/www", f"{MEM_ORIGIN_DIR}/fast-origin/www",
+                      "knot", "ats/cache", "ats/run", "ats/log", "ats/var", "ats/data", "varnish", "state"):
         (run_dir / directory).mkdir(parents=True, exist_ok=True)
     # nginx's workers run as www-data: the master (root) creates the temp and
     # cache directories itself and hands them over, so they are not made here;
     # everything else must be readable by the unprivileged workers.
     run_dir.chmod(0o755)
-    (run_dir / "fast-origin" / "www" / "object").write_bytes(bytes(i % 251 for i in range(1024)))
+    for origin_dir in (run_dir, run_dir / MEM_ORIGIN_DIR):
+        (origin_dir / "fast-origin" / "www" / "object").write_bytes(bytes(i % 251 for i in range(1024)))
     return out

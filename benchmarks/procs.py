@@ -181,3 +181,33 @@ def run_client(argv: Sequence[str], cpu: int | None, timeout_s: float) -> subpro
     """Run a load generator to completion (bounded by its own duration and a timeout)."""
     return subprocess.run(pinned(argv, cpu), capture_output=True, text=True, timeout=timeout_s,
                           stdin=subprocess.DEVNULL)
+
+
+def run_client_until(argv: Sequence[str], cpu: int | None, done: Callable[[], bool], timeout_s: float,
+                     poll_s: float = 0.5) -> subprocess.CompletedProcess:
+    """Run a load generator until ``done()`` says so (or `timeout_s`), then SIGINT it, by its PID.
+
+    For wrk, whose ``-d`` is a sleep its threads cannot end early: on SIGINT it
+    stops, prints its report and runs the script's ``done()``, as at the end
+    of its duration.
+    """
+    process = subprocess.Popen(pinned(argv, cpu), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               stdin=subprocess.DEVNULL)
+    end = time.monotonic() + timeout_s
+    try:
+        while process.poll() is None and time.monotonic() < end:
+            try:
+                if done():
+                    break
+            except (OSError, urllib.error.URLError):
+                pass                    # asked again at the next poll
+            time.sleep(poll_s)
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
+    except BaseException:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

@@ -24,17 +24,18 @@ from pathlib import Path
 from benchmarks import cpu, install, layout, peers, procs, report, servers, targets
 from benchmarks.context import FULL, QUICK, Bench
 from benchmarks.procs import Processes, Started
-from benchmarks.scenarios import collapse, dns, hit, hitratio, large, miss
+from benchmarks.scenarios import collapse, dns, hit, hitratio, large, memory, miss
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("hit", "collapse", "miss", "large", "hitratio", "dns")
+SCENARIOS = ("hit", "collapse", "miss", "large", "hitratio", "dns", "memory")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks",
                                      description="Measure the CDN against nginx, Varnish, ATS and knotd.")
     parser.add_argument("--quick", action="store_true",
-                        help="about two minutes: 1 round of 3 s, 256 MiB large object, 200k-request trace")
+                        help="about two minutes: 1 round of 3 s, 256 MiB large object, 200k-request trace, "
+                             "50k URLs for the memory scenario")
     parser.add_argument("--only", default=",".join(SCENARIOS),
                         help=f"comma-separated scenarios to run (default all: {','.join(SCENARIOS)})")
     parser.add_argument("--skip-install", action="store_true", help="do not apt-get missing tools")
@@ -160,6 +161,11 @@ def start_servers(bench: Bench, chosen: list[str]) -> dict[str, Started]:
         started["ats"] = servers.start_ats(p, c["ats_runroot"])
         started["ceiling"] = servers.start_ceiling(p)
         started["ceiling_httptools"] = servers.start_ceiling_httptools(p)
+    if "memory" in need:
+        started["mem_origin"] = servers.start_nginx(p, "mem-origin", c["mem_origin"],
+                                                    run_dir / peers.MEM_ORIGIN_DIR,
+                                                    f"{layout.MEM_ORIGIN.url}/gen/ready")
+        started["l1_mem"] = servers.start_edge_node(p, c["memory_topology"], memory.NODE, layout.MEM_L1_ADMIN)
     if "dns" in need:
         started["l1_west"] = servers.start_edge_node(p, topology, "l1-west", layout.L1_WEST_ADMIN)
         started["dns"] = servers.start_dns(p, topology)
@@ -200,6 +206,9 @@ def smoke(bench: Bench, started: dict[str, Started]) -> None:
         url = target.url("/gen/smoke?size=1024&cc=max-age=60")
         answered = procs.http_ok(url, target.host, timeout_s=10)
         bench.log(f"smoke {target.label} ({target.host}): {'ok' if answered else 'FAILED'}")
+    if "l1_mem" in started:
+        answered = procs.http_ok(f"{layout.MEM_L1.url}/gen/m-smoke", layout.MEM_SITE_HOST, timeout_s=10)
+        bench.log(f"smoke memory L1 ({layout.MEM_SITE_HOST}): {'ok' if answered else 'FAILED'}")
     if "dns" in started:
         bench.log("smoke DNS: " + "; ".join(dns.check_nearest(bench)))
         knot = dns.answer_addresses(layout.KNOT, layout.SITE_CDN_NAME, layout.DNS_CLIENT_EAST)
@@ -242,6 +251,10 @@ def run_scenarios(bench: Bench, chosen: list[str], started: dict[str, Started]) 
         runs, nearest = dns.measure(bench)
         tables.append(dns.table(runs, nearest))
         verdicts += [v for v in [dns.verdict(runs)] if v]
+    if "memory" in chosen:
+        result = memory.measure(bench, started["l1_mem"])
+        tables.append(memory.table(result))
+        verdicts.append(memory.verdict(result))
     summary.insert(0, targets.summary(s, verdicts))
     tables.insert(0, targets.table(s, verdicts, set(chosen)))
     return tables, summary

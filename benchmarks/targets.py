@@ -25,6 +25,7 @@ COLLAPSE_SLACK_MS = 20          # last collapsed response within the origin's de
 DNS_QPS_RATIO = 0.5             # scheduler against knotd
 SLOW_CLIENT_RATE = 10 * 2**20   # bytes/s: curl --limit-rate 10M
 SLOW_CLIENT_S = 4.0             # how long the slow client reads (about 40 MiB)
+MEMORY_SLACK_BYTES = 64 * 2**20  # an L1's RSS beyond memory_size and its disk index (issue 10)
 
 LOGS = (False, True)            # the hit scenario's two variants: logs off, logs on
 
@@ -86,6 +87,9 @@ def goals(settings: Settings) -> list[Goal]:
                     f"(origin takes {settings.collapse_delay_ms} ms)",
                     f"1 origin request, last response <= {settings.collapse_delay_ms + COLLAPSE_SLACK_MS} ms"))
     out.append(Goal("dns", "dns", "DNS scheduler QPS", f">= {DNS_QPS_RATIO:.2f} x knotd"))
+    out.append(Goal("memory-rss", "memory",
+                    f"L1 RSS after {settings.memory_urls:,} unique 1 KiB URLs (memory_size 64 MiB)",
+                    f"<= memory_size + disk-index RAM + {MEMORY_SLACK_BYTES // 2**20} MiB"))
     return out
 
 
@@ -109,6 +113,11 @@ def no_worse(key: str, value_ms: float, reference_ms: float, note: str = "") -> 
 
 def below_bytes(key: str, value: int, limit: int = RSS_GROWTH_BYTES, note: str = "") -> Verdict:
     return Verdict(key, f"{report.mib(value)} MiB", value < limit, note)
+
+
+def at_most_bytes(key: str, value: int, limit: int, note: str = "") -> Verdict:
+    """A byte figure no higher than its limit; both shown."""
+    return Verdict(key, f"{report.mib(value)} MiB of {report.mib(limit)} MiB allowed", value <= limit, note)
 
 
 def collapse(origin_requests: int, last_ms: float, delay_ms: int, all_ok: bool) -> Verdict:

@@ -37,6 +37,35 @@ end
 """
 
 
+# Exactly `total` distinct paths; the thread stops once `total` responses have
+# arrived.  Requests sent after the last new path (at most one per connection)
+# ask for the first paths again, so no path beyond `total` is ever asked for.
+_COUNTED_PATH_LUA = """
+local counter = 0
+local responses = 0
+local total = {total}
+request = function()
+  counter = counter + 1
+  return wrk.format("GET", "{prefix}" .. ((counter - 1) % total + 1))
+end
+response = function(status, headers, body)
+  responses = responses + 1
+  if responses >= total then
+    wrk.thread:stop()
+  end
+end
+"""
+
+
+def counted_script(prefix: str, total: int) -> str:
+    """The Lua script for `total` unique paths ``prefix1`` .. ``prefix<total>``, each asked once."""
+    if '"' in prefix or "\\" in prefix:
+        raise ValueError(f"path prefix must not contain quotes or backslashes: {prefix!r}")
+    if total < 1:
+        raise ValueError(f"need at least one path, not {total}")
+    return _COUNTED_PATH_LUA.format(prefix=prefix, total=total) + _DONE_LUA
+
+
 def lua_script(unique_prefix: str | None = None, unique_suffix: str = "") -> str:
     """The Lua script for a run; with a prefix, each request gets a new path."""
     script = _DONE_LUA

@@ -77,6 +77,10 @@ VARY_MARKER_STATUS = 0     # a stored Meta with this status records a URL's Vary
 GENERATION_FIELD = "Generation"
 DISK_CHUNK = 4 * 1024 * 1024   # disk hits: fewer thread hops per byte (measured: see README, Disk hits)
 KNOWN_HOSTS_MAX = 4096     # raw Host values remembered by the hit path
+# Longer Host values are looked up every time instead of remembered: a DNS name
+# is at most 253 bytes, plus a port.  Without it the memo could hold 4096 Host
+# fields of up to max_header_bytes each (128 MiB at the default 32 KiB).
+KNOWN_HOST_BYTES_MAX = 300
 
 
 
@@ -270,7 +274,7 @@ class CacheNode:
             text = host.decode("latin-1")
             site = self.topology.site_for_host(text)
             found = (site, key_prefix(site, text)) if site is not None else None
-            if len(self._sites_by_raw_host) < KNOWN_HOSTS_MAX:
+            if len(self._sites_by_raw_host) < KNOWN_HOSTS_MAX and len(host) <= KNOWN_HOST_BYTES_MAX:
                 self._sites_by_raw_host[host] = found
             return found
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cpu, dnsperf, peers, report, wrk, zipf
+from benchmarks import cpu, dnsperf, layout, peers, report, wrk, zipf
 from benchmarks.profile import fold, frame_name
 from benchmarks.scenarios.hit import object_path, rotated
 
@@ -167,6 +167,17 @@ def test_wrk_lua_script_builds_unique_paths_and_rejects_quotes():
     assert "request = function" not in wrk.lua_script()
     with pytest.raises(ValueError):
         wrk.lua_script(unique_prefix='/gen/"; os.exit() --')
+
+
+def test_wrk_counted_script_asks_each_path_once_then_stops():
+    script = wrk.counted_script("/gen/m-", 300_000)
+    assert "local total = 300000" in script
+    assert 'wrk.format("GET", "/gen/m-" .. ((counter - 1) % total + 1))' in script
+    assert "wrk.thread:stop()" in script and "done = function" in script
+    with pytest.raises(ValueError):
+        wrk.counted_script('/gen/"', 10)
+    with pytest.raises(ValueError):
+        wrk.counted_script("/gen/m-", 0)
 
 
 def test_wrk_command_is_one_thread_keepalive_with_host():
@@ -508,7 +519,7 @@ def test_every_target_is_listed_and_unmeasured_ones_say_why():
     from benchmarks import targets
     from benchmarks.context import FULL, QUICK
     keys = [g.key for g in targets.goals(QUICK)]
-    assert len(keys) == len(set(keys)) == 8 + 6       # 2 sizes x 2 log settings x (req/s, p99) + 6 others
+    assert len(keys) == len(set(keys)) == 8 + 7       # 2 sizes x 2 log settings x (req/s, p99) + 7 others
     table = targets.table(QUICK, [targets.Verdict("miss", "0.60 x", True)], ran={"miss", "hit"})
     rows = {row[0]: row for row in table.rows}
     assert rows["Miss chain L1 -> L2 -> origin: req/s"][3] == "met"
@@ -521,7 +532,10 @@ def test_every_target_is_listed_and_unmeasured_ones_say_why():
     collapse_goal = next(g for g in targets.goals(QUICK) if g.key == "collapse")
     assert collapse_goal.goal == "1 origin request, last response <= 220 ms"
     assert targets.summary(QUICK, [targets.Verdict("miss", "x", True), targets.Verdict("dns", "x", False)]) == \
-        "Targets: 1 met, 1 below, 12 not measured (of 14; see the table Targets)"
+        "Targets: 1 met, 1 below, 13 not measured (of 15; see the table Targets)"
+    memory_goal = next(g for g in targets.goals(FULL) if g.key == "memory-rss")
+    assert memory_goal.scenario == "memory" and "300,000 unique 1 KiB URLs" in memory_goal.what
+    assert "50,000" in next(g for g in targets.goals(QUICK) if g.key == "memory-rss").what
 
 
 def test_target_arithmetic():
@@ -538,6 +552,8 @@ def test_target_arithmetic():
     assert targets.collapse(1, 220.4, 200, True).measured == "1 origin request(s), last at 220.4 ms"
     assert not targets.collapse(2, 205.0, 200, True).met
     assert not targets.collapse(1, 205.0, 200, False).met
+    assert targets.at_most_bytes("k", 2**20, 2**20).met and not targets.at_most_bytes("k", 2**20 + 1, 2**20).met
+    assert targets.at_most_bytes("k", 3 * 2**19, 2**21).measured == "1.5 MiB of 2.0 MiB allowed"
 
 
 def test_hit_targets_compare_with_the_nginx_of_the_same_log_setting():
@@ -737,3 +753,44 @@ def test_httptools_ceiling_serves_over_a_real_socket(tmp_path: Path):
     answers = _responses(data)
     assert [len(a[2]) for a in answers] == [4, 70000]
     assert answers[1][1][b"Connection"] == b"close"
+
+
+# --------------------------------------------------------------------------- memory scenario
+
+
+def test_memory_scenario_counts_every_request_the_l1_answered():
+    from benchmarks.scenarios.memory import parse_requests_total
+    exposition = (
+        "# HELP edge_requests_total Client requests by cache status (nginx vocabulary) and method.\n"
+        "# TYPE edge_requests_total counter\n"
+        'edge_requests_total{cache_status="MISS",method="GET"} 99990.0\n'
+        'edge_requests_total{cache_status="HIT",method="GET"} 59.0\n'
+        'edge_requests_created{cache_status="HIT",method="GET"} 1.7e+09\n'
+        "edge_response_body_bytes_total 1.0e+08\n")
+    assert parse_requests_total(exposition) == 100_049
+    assert parse_requests_total("") == 0
+
+
+@pytest.mark.parametrize("memory_size, entries, per_entry, allowed", [
+    (64 * 2**20, 0, 281.0, 128 * 2**20),
+    (64 * 2**20, 300_000, 273.0, 128 * 2**20 + 81_900_000),
+    (512 * 2**20, 1_000, 250.5, 576 * 2**20 + 250_500),
+])
+def test_memory_scenario_goal_is_memory_size_plus_index_plus_64_mib(memory_size, entries, per_entry, allowed):
+    from benchmarks.scenarios.memory import allowed_rss
+    assert allowed_rss(memory_size, entries, per_entry) == allowed
+
+
+def test_memory_topology_has_one_l1_with_64_mib_in_front_of_the_fast_origin(tmp_path: Path):
+    from edge import config
+    rendered = peers.render_all(tmp_path)
+    topology = config.load(rendered["memory_topology"])
+    node = topology.node("l1-mem")
+    assert [n.name for n in topology.nodes] == ["l1-mem"] and node.parents == ()
+    assert node.memory_size == 64 * 2**20 and node.disk_size >= 2 * 300_000 * 1700
+    assert str(node.listen) == str(layout.MEM_L1) and str(node.admin) == str(layout.MEM_L1_ADMIN)
+    assert topology.site_for_host(layout.MEM_SITE_HOST).origin == layout.MEM_ORIGIN.url
+    origin_conf = rendered["mem_origin"].read_text()
+    assert f"listen {layout.MEM_ORIGIN} " in origin_conf
+    assert f"pid {tmp_path}/{peers.MEM_ORIGIN_DIR}/fast-origin.pid;" in origin_conf
+    assert (tmp_path / peers.MEM_ORIGIN_DIR / "fast-origin" / "www" / "object").stat().st_size == 1024

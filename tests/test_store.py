@@ -19,8 +19,8 @@ import pytest
 import xxhash
 
 from edge.store.disk import BLOCK_SIZE, SMALL_BODY, _BlockSums
-from edge.store import (ENTRY_OVERHEAD, CachedObject, CorruptEntry, DiskStore, MemoryStore, Meta,
-                        TieredStore, key_hash)
+from edge.store import (ENTRY_BASE, CachedObject, CorruptEntry, DiskStore, MemoryStore, Meta,
+                        TieredStore, entry_charge, key_hash)
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -125,7 +125,7 @@ def test_meta_from_garbage_raises_corrupt_entry(raw):
 # ---------------------------------------------------------------------------- memory
 
 async def test_memory_is_bounded_in_bytes_and_evicts_least_recently_used():
-    charge = 1000 + ENTRY_OVERHEAD
+    charge = entry_charge("k0", make_meta(body_of(1000, 0)))     # the same for k0 .. k4
     memory = MemoryStore(max_bytes=3 * charge, max_object_bytes=10_000)
     for i in range(3):
         assert await put(memory, f"k{i}", body_of(1000, i))
@@ -142,12 +142,13 @@ async def test_memory_is_bounded_in_bytes_and_evicts_least_recently_used():
 
 
 async def test_memory_counts_empty_objects_against_the_bound():
-    memory = MemoryStore(max_bytes=10 * ENTRY_OVERHEAD, max_object_bytes=MiB)
+    charge = entry_charge("empty99", make_meta(b""))                # the last ten keys' charge
+    memory = MemoryStore(max_bytes=10 * charge, max_object_bytes=MiB)
     for i in range(100):
         assert await put(memory, f"empty{i}", b"")
     assert memory.objects == 10
     assert memory.evictions == 90
-    assert memory.bytes == 10 * ENTRY_OVERHEAD
+    assert memory.bytes == 10 * charge
 
 
 async def test_memory_get_shares_the_body_without_copying():
@@ -653,7 +654,7 @@ async def test_tiered_replacing_a_small_version_with_a_large_one_leaves_no_stale
 async def test_tiered_promotions_racing_commits_never_leave_an_old_version_in_memory(open_disk):
     # Memory holds one object, so reading "filler" pushes "k" out and the next
     # read of "k" promotes it from disk while new versions are being committed.
-    memory = MemoryStore(max_bytes=300 * KiB + ENTRY_OVERHEAD, max_object_bytes=300 * KiB)
+    memory = MemoryStore(max_bytes=300 * KiB + ENTRY_BASE, max_object_bytes=300 * KiB)
     tiered = TieredStore(memory, await open_disk())
     assert await put(tiered, "filler", body_of(200 * KiB, 0))
     versions = [body_of(200 * KiB, seed) for seed in range(1, 41)]

@@ -4,9 +4,11 @@ Each request asks the store (``get``); on a miss the body is stored the way
 the proxy stores it (``writer`` -> ``write`` -> ``commit``).  The store is
 sized in bytes to a share of the trace's working set, with no per-object
 limit below that, and the exact LRU of :mod:`benchmarks.zipf` gets the same
-byte budget.  The store charges each entry a fixed overhead for its
-metadata, so it holds a little less than the simulation: that difference is
-part of what is measured.
+byte budget.  The store charges each entry the RAM it really takes (its
+body plus about 2.2 KiB for the key, the one header field and the Python
+objects: :func:`edge.store.memory.entry_charge`), so it holds fewer objects
+than the simulation, which counts bodies only: that difference is part of
+what is measured.
 """
 
 from __future__ import annotations
@@ -84,6 +86,6 @@ def table(results: list[HitRatioResult], requests: int, objects: int, seed: int)
                 f"{r.store.byte_ratio:.4f}", f"{r.lru.byte_ratio:.4f}",
                 report.rate(r.store.requests / r.store_seconds if r.store_seconds else 0.0))
     out.notes.append("Object sizes log-uniform 256 B - 256 KiB; the store is edge.store.memory.MemoryStore "
-                     "(charges 1 KiB of metadata per entry); LRU is an exact byte-bounded simulation of the "
-                     "same capacity.")
+                     "(charges each entry its RAM: body + about 2.2 KiB here); LRU is an exact byte-bounded "
+                     "simulation of the same capacity, counting bodies only.")
     return out

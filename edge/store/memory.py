@@ -1,8 +1,14 @@
-"""The memory tier: an LRU of whole responses, bounded in bytes.
+"""The memory tier: an LRU of whole responses, bounded in bytes of RAM.
 
-Each entry is charged its body length plus :data:`ENTRY_OVERHEAD`, an
-estimate of what the key, the header tuples and the Python objects cost, so
-that a flood of empty responses is still bounded.  Objects above
+Each entry is charged what it really holds on the heap (:func:`entry_charge`),
+not only its body: for a 1 KiB response the body is less than a fifth of
+it.  An entry keeps its key, a :class:`CachedObject`, the :class:`Meta`
+(header tuples, timing), the body, cachetools' three per-key slots (value,
+size and LRU order) and, once it has been hit, what the hit path keeps with
+it: the header fields as a case-insensitive multidict, the policy's
+assessment and the pre-serialised header block (``Meta.memo``).  The charge
+counts all of that from the start, so ``memory_size`` bounds the heap the
+tier holds however many of its entries get hit.  Objects above
 ``max_object_bytes`` are never buffered whole: the writer drops its buffer
 as soon as the body outgrows the limit (the disk tier takes them).
 """
@@ -13,13 +19,49 @@ from cachetools import Cache, LRUCache
 
 from edge.store.base import CachedObject, Meta
 
-# Rough cost of an entry apart from its body: key string, Meta, header tuples,
-# dict and LRU-order slots.  Typical responses carry 300-800 bytes of headers.
-ENTRY_OVERHEAD = 1024
+# What an entry costs in RSS apart from its body, key, URL and header fields,
+# measured on CPython 3.11 (64-bit) with ``python -m benchmarks.entrycost``
+# (README, "What memory holds"): the CachedObject, the Meta and its dict, the
+# two times and the size, the LRU's three slots, the multidict, memo dict,
+# assessment and the constant part of the header block that a hit builds, and
+# the allocator's rounding (the body's included).
+ENTRY_BASE = 1824
+# Per header field: the (name, value) tuple, the name (an ``istr``, as the
+# upstream response's multidict made it, with its lower-cased form) and the
+# value, the item in the multidict a hit builds, the block's ": " and CRLF.
+FIELD_BASE = 280
+# Each byte of a field: a name is held three times (the istr, its lower-cased
+# form, the header block), a value twice (its string, the header block), and
+# the allocator's size classes round long values up by about as much again.
+FIELD_BYTE = 3
 
 
-def _charge(obj: CachedObject) -> int:
-    return obj.meta.size + ENTRY_OVERHEAD
+def entry_charge(key: str, meta: Meta) -> int:
+    """The bytes of RAM an entry for `key` with `meta` (and its body) holds, hit or not.
+
+    0-3% above the RSS growth per entry measured for the shapes
+    ``benchmarks/entrycost.py`` stores (bodies of 0 to 64 KiB, 2 to 20
+    fields); about 0.6 us per store of a 10-field response, nothing per hit.
+    """
+    field_bytes = 0
+    for name, value in meta.headers:
+        field_bytes += len(name) + len(value)
+    return (ENTRY_BASE + meta.size + len(key) + len(meta.url) + FIELD_BASE * len(meta.headers)
+            + FIELD_BYTE * field_bytes)
+
+
+class _Held(CachedObject):
+    """A memory-tier entry: the object and the charge it was admitted with."""
+
+    __slots__ = ("charge",)
+
+    def __init__(self, meta: Meta, body: bytes, charge: int):
+        super().__init__(meta, body)
+        self.charge = charge
+
+
+def _charge(obj: _Held) -> int:
+    return obj.charge
 
 
 class _CountingLRU(LRUCache):
@@ -74,7 +116,8 @@ class MemoryStore:
             return None
 
     def fits(self, size: int) -> bool:
-        return size <= self.max_object_bytes and size + ENTRY_OVERHEAD <= self.max_bytes
+        """Could a body of `size` bytes be held (before its key and fields are known)?"""
+        return size <= self.max_object_bytes and size + ENTRY_BASE <= self.max_bytes
 
     def put(self, key: str, meta: Meta, body: bytes) -> bool:
         """Store a whole body at once (disk-hit promotion, tests).
@@ -86,7 +129,7 @@ class MemoryStore:
             self._cache.pop(key, None)
             return False
         try:
-            self._cache[key] = CachedObject(meta, body)
+            self._cache[key] = _Held(meta, body, entry_charge(key, meta))
         except ValueError:              # larger than the whole tier
             self._cache.pop(key, None)
             return False
@@ -101,7 +144,12 @@ class MemoryStore:
             return False
         if replacing is not None and current.meta != replacing:
             return False                # replaced meanwhile: the change was meant for the old version
-        self._cache[key] = CachedObject(meta, current.body)    # same charge: no eviction
+        try:
+            # New fields, a new charge: cachetools evicts others if it grew.
+            self._cache[key] = _Held(meta, current.body, entry_charge(key, meta))
+        except ValueError:              # now larger than the whole tier
+            self._cache.pop(key, None)
+            return False
         return True
 
     async def delete(self, key: str) -> bool:
