@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edge.admin import make_admin_app
 from edge.config import Topology
+from edge.metrics import process_metrics
 from edge.scheduler.answer import Answer, Answerer, Edge
 from edge.scheduler.geo import IPAddress
 from edge.scheduler.health import EdgeHealth, HealthChecker
@@ -99,6 +100,7 @@ class Scheduler:
         assert topology.dns is not None                   # Answerer raised ConfigError otherwise
         self.dns = topology.dns
         self.registry = CollectorRegistry()
+        process_metrics(self.registry)
         self.metrics = SchedulerMetrics(self.registry, self.answerer.edges)
         self.health = HealthChecker(self.answerer.edges, self.dns.health, on_change=self._edge_changed)
         self.server = DnsServer(self, on_response=self._count_response)
