@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from edge import config
+from tests.cluster import moved_local_topology
 
 REPO = Path(__file__).resolve().parent.parent
 DIG = shutil.which("dig") or "/usr/bin/dig"
@@ -37,20 +38,7 @@ CURL = shutil.which("curl") or "/usr/bin/curl"
 # Every listening address of deploy/local.toml, and where this module runs it instead.
 MOVED = {"127.0.0.10": "127.0.96.10", "127.0.2.1": "127.0.96.21", "127.0.2.2": "127.0.96.22",
          "127.0.1.1": "127.0.96.31", "127.0.1.2": "127.0.96.32", "127.0.5.1": "127.0.96.5"}
-
-
-def moved_topology(text: str) -> str:
-    """deploy/local.toml's text with every node address moved (each must be found, with a port),
-    also inside URLs (the site's origin)."""
-    for old, new in MOVED.items():
-        text, count = re.subn(rf'(?<=["/]){re.escape(old)}:', f'{new}:', text)
-        assert count, f"deploy/local.toml no longer has {old}"
-    left = re.findall(r'(?<=["/])127\.0\.[0-9]+\.[0-9]+:', text)
-    assert not [a for a in left if not a.startswith("127.0.96.")], f"addresses this module does not move: {left}"
-    return text
-
-
-LOCAL_TOML = moved_topology((REPO / "deploy" / "local.toml").read_text())
+LOCAL_TOML = moved_local_topology(MOVED)
 DEFAULT = config.parse(LOCAL_TOML, "local.toml (moved)", REPO)
 DNS = DEFAULT.dns
 assert DNS is not None
