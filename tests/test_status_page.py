@@ -61,6 +61,7 @@ async def eventually(check, deadline: float, what: str) -> float:
 
 
 def test_page_and_assets_are_served_from_the_package_with_a_strict_policy(up: EdgeUp) -> None:
+    assert f"Status page: {SCHEDULER_ADMIN}/\n" in up.output.read_text()     # where `edge up` says it is
     with urllib.request.urlopen(f"{SCHEDULER_ADMIN}/", timeout=5) as reply:
         page = reply.read().decode()
         assert reply.headers["Content-Type"].startswith("text/html")
