@@ -212,9 +212,10 @@ class Scheduler:
         """
         await self.server.start(self.dns.listen.host, self.dns.listen.port)
         try:
+            page = await asyncio.to_thread(overview_routes, self.overview)    # reads the page's files
             app = make_admin_app(self.registry, self.health_report,
                                  routes=[web.get("/explain", self.explain), web.get("/status", self.status),
-                                         *overview_routes(self.overview)],
+                                         *page],
                                  allow=self.dns.admin_allow)
             self._admin = web.AppRunner(app, access_log=None)
             await self._admin.setup()
