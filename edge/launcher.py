@@ -401,6 +401,9 @@ class Launcher:
             for command in commands:
                 self._say(self.out, f"  {command}")
             self._say(self.out, "")
+        if self.topology.dns is not None:
+            self._say(self.out, f"Status page: {self.topology.dns.admin.url}/")
+            self._say(self.out, "")
         self._say(self.out, f"edge up: {len(self.children)} nodes up; "
                             f"SIGHUP (kill -HUP {os.getpid()}) reloads the topology; "
                             "Ctrl-C or SIGTERM stops them all")

@@ -16,11 +16,19 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from edge import __version__
+
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "PURGE"})
+STATUS_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")   # by status // 100
+# The hit ratio as every view of it computes it (`edge status`, the scheduler's status page,
+# deploy/grafana, deploy/prometheus/alerts.yml): answers from the cache over lookups, where a
+# lookup is every request that could have been a hit (not BYPASS, REFUSED or ERROR).
+HIT_STATUSES = frozenset({"HIT", "UPDATING", "STALE"})
+LOOKUP_STATUSES = HIT_STATUSES | {"MISS", "EXPIRED", "REVALIDATED"}
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -72,23 +80,35 @@ class UpstreamConnectionsCollector(Collector):
 class RequestStats(Collector):
     """Client requests, body bytes and durations as plain numbers, exported when scraped.
 
-    One event loop updates them, so no lock is needed.
+    Requests are counted by site, cache status, method and status class;
+    body bytes by site and cache status (the byte hit ratio); durations by
+    cache status.  Every label is bounded: `site` takes the configured sites'
+    names (``""`` for a request no site took: unknown Host, malformed target),
+    methods outside :data:`METHODS` count as ``OTHER``, and status codes
+    collapse into their class.  One event loop updates them, so no lock is
+    needed.
     """
 
     def __init__(self) -> None:
-        self.counts: dict[tuple[str, str], int] = {}
+        self.counts: dict[tuple[str, str, str, str], int] = {}
+        self.bytes: dict[tuple[str, str], int] = {}
         # per cache status: one count per bucket (the last is +Inf), and the sum
         self.durations: dict[str, tuple[list[int], list[float]]] = {}
-        self.body_bytes = 0
-        self.fast_hits = {"GET": 0, "HEAD": 0}   # the front's hit path: duration 0, folded in at scrape
+        # The front's hit path (always a 200 HIT, duration 0), per site: [GETs, HEADs, body bytes];
+        # folded into the general counts at scrape.  A list per site keeps the hit path to one
+        # dict lookup and two additions: no tuple key is built per hit.
+        self.fast_hits: dict[str, list[int]] = {}
 
-    def add(self, cache_status: str, method: str, duration: float, body_bytes: int) -> None:
-        key = (cache_status, method)
+    def add(self, site: str, cache_status: str, method: str, status: int, duration: float,
+            body_bytes: int) -> None:
+        key = (site, cache_status, method, STATUS_CLASSES[status // 100] if 0 < status < 600 else "other")
         self.counts[key] = self.counts.get(key, 0) + 1
         histogram = self._histogram(cache_status)
         histogram[0][bisect_left(LATENCY_BUCKETS, duration)] += 1
         histogram[1][0] += duration
-        self.body_bytes += body_bytes
+        if body_bytes:
+            key2 = (site, cache_status)
+            self.bytes[key2] = self.bytes.get(key2, 0) + body_bytes
 
     def _histogram(self, cache_status: str) -> tuple[list[int], list[float]]:
         histogram = self.durations.get(cache_status)
@@ -96,23 +116,44 @@ class RequestStats(Collector):
             histogram = self.durations[cache_status] = ([0] * (len(LATENCY_BUCKETS) + 1), [0.0])
         return histogram
 
-    def fast_hit(self, method: str, body_bytes: int) -> None:
-        self.fast_hits[method] += 1
-        self.body_bytes += body_bytes
+    def fast_hit(self, site: str, method: str, body_bytes: int) -> None:
+        counts = self.fast_hits.get(site)
+        if counts is None:
+            counts = self.fast_hits[site] = [0, 0, 0]
+        if method == "GET":
+            counts[0] += 1
+            counts[2] += body_bytes
+        else:
+            counts[1] += 1
+
+    def _fold_fast_hits(self) -> None:
+        """Move the hit path's counts into the general ones, as zero-duration 200 HITs."""
+        for site, fast in self.fast_hits.items():
+            gets, heads, body_bytes = fast
+            if not (gets or heads):
+                continue
+            fast[0] = fast[1] = fast[2] = 0
+            for method, count in (("GET", gets), ("HEAD", heads)):
+                if count:
+                    key = (site, "HIT", method, "2xx")
+                    self.counts[key] = self.counts.get(key, 0) + count
+            self._histogram("HIT")[0][0] += gets + heads
+            if body_bytes:
+                self.bytes[(site, "HIT")] = self.bytes.get((site, "HIT"), 0) + body_bytes
 
     def collect(self):
-        for method, count in self.fast_hits.items():
-            if count:       # fold the hit path's counts into the general ones, as zero-duration hits
-                self.fast_hits[method] = 0
-                key = ("HIT", method)
-                self.counts[key] = self.counts.get(key, 0) + count
-                self._histogram("HIT")[0][0] += count
-        requests = CounterMetricFamily("edge_requests", "Client requests by cache status (nginx vocabulary) and method.",
-                                       labels=["cache_status", "method"])
-        for (cache_status, method), count in sorted(self.counts.items()):
-            requests.add_metric([cache_status, method], count)
+        self._fold_fast_hits()
+        requests = CounterMetricFamily("edge_requests", "Client requests by site, cache status (nginx "
+                                       "vocabulary), method and response status class.",
+                                       labels=["site", "cache_status", "method", "status_class"])
+        for labels, count in sorted(self.counts.items()):
+            requests.add_metric(labels, count)
         yield requests
-        yield CounterMetricFamily("edge_response_body_bytes", "Body bytes sent to clients.", value=self.body_bytes)
+        body = CounterMetricFamily("edge_response_body_bytes", "Body bytes sent to clients, by site and "
+                                   "cache status (a byte hit ratio).", labels=["site", "cache_status"])
+        for labels, count in sorted(self.bytes.items()):
+            body.add_metric(labels, count)
+        yield body
         durations = HistogramMetricFamily("edge_request_duration_seconds",
                                           "Time from request to the end of the response.", labels=["cache_status"])
         for cache_status, (counts, total) in sorted(self.durations.items()):
@@ -124,9 +165,18 @@ class RequestStats(Collector):
         yield durations
 
 
+def process_metrics(registry: CollectorRegistry) -> None:
+    """What every process exports (cache nodes, the origin, the DNS scheduler): ``edge_build_info``
+    and prometheus-client's process metrics (CPU, memory, open files; read from /proc at scrape)."""
+    Gauge("edge_build_info", "Always 1; the running version in the label.", ["version"],
+          registry=registry).labels(__version__).set(1)
+    ProcessCollector(registry=registry)
+
+
 class NodeMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
+        process_metrics(registry)
         self.requests = RequestStats()
         registry.register(self.requests)
         self.upstream_requests = Counter("edge_upstream_requests", "Requests sent upstream, by upstream and outcome.",
@@ -157,11 +207,12 @@ class NodeMetrics:
         self.refused = Counter("edge_refused_requests", "Requests refused before proxying, by reason.",
                                ["reason"], registry=registry)
 
-    def request_done(self, cache_status: str, method: str, duration: float, body_bytes: int) -> None:
-        """Count one client request."""
+    def request_done(self, site: str, cache_status: str, method: str, status: int, duration: float,
+                     body_bytes: int) -> None:
+        """Count one client request (`site` is a configured site's name, or "" for none)."""
         if method not in METHODS:
             method = "OTHER"      # extension methods must not grow the label set without bound
-        self.requests.add(cache_status, method, duration, body_bytes)
+        self.requests.add(site, cache_status, method, status, duration, body_bytes)
 
     def watch_store(self, tiers: Callable[[], Iterable]) -> None:
         self.registry.register(StoreCollector(tiers))

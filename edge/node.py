@@ -29,7 +29,7 @@ from edge import admin, cache_admin
 from edge.config import Node, Topology
 from edge.http.accesslog import AccessLog
 from edge.http.server import Front
-from edge.metrics import NodeMetrics
+from edge.metrics import NodeMetrics, process_metrics
 from edge.proxy import CacheNode
 from edge.reload import Reloader
 from edge.store import DiskStore, MemoryStore, TieredStore
@@ -100,6 +100,7 @@ async def _listen(stack: AsyncExitStack, app: web.Application, host: str, port: 
 def _origin_apps(node: Node, reloader: Reloader | None) -> tuple[web.Application, web.Application]:
     from origin.app import make_app as make_origin_app
     registry = CollectorRegistry()
+    process_metrics(registry)
     traffic = make_origin_app(node.content_dir, node.content_cache_control, registry)
 
     def health() -> dict:

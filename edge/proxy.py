@@ -228,7 +228,7 @@ class CacheNode:
             return None
         head = self._hit_head(meta, age, ttl, b"", tier)
         body = stored.body
-        self.metrics.requests.fast_hit(method, len(body) if method == "GET" else 0)
+        self.metrics.requests.fast_hit(site.name, method, len(body) if method == "GET" else 0)
         return head, body, "HIT"
 
     def _hit_block(self, meta: Meta, tier: bool) -> bytes:
@@ -287,7 +287,17 @@ class CacheNode:
 
     def done(self, request: Request, reply: Reply, sent: int, duration: float) -> None:
         self.inflight -= 1
-        self.metrics.request_done(reply.cache_status or "ERROR", request.method, duration, sent)
+        self.metrics.request_done(self._site_name(request), reply.cache_status or "ERROR", request.method,
+                                  reply.status, duration, sent)
+
+    def _site_name(self, request: Request) -> str:
+        """The configured site a request was for, as the metrics' `site` label: "" when none took it
+        (no or several Hosts, an unknown one), so the label never takes a value a client made up."""
+        hosts = request.headers.getall("Host", ())
+        if len(hosts) != 1:
+            return ""
+        found = self._site_by_raw_host(hosts[0].encode("latin-1"))
+        return found[0].name if found is not None else ""
 
     async def _recv(self, request: Request) -> Reply:
         raw_target = request.target

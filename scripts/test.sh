@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install everything the tests need, from scratch, and run them.
 #   Debian packages: curl and dig (dnsutils) drive the nodes as an operator
-#   would; promtool (prometheus) checks the metrics exposition.
+#   would; prometheus checks the metrics exposition (promtool) and evaluates
+#   the dashboard's and the alerts' queries (a real server); chromium loads
+#   the DNS scheduler's status page headless.
 #   Python: a virtualenv in .venv with the package and its test extras;
 #   ruff (pyflakes rules) first, then pytest.
 set -euo pipefail
@@ -11,6 +13,7 @@ missing=()
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v dig >/dev/null 2>&1 || missing+=(dnsutils)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if ((${#missing[@]})); then
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
     # policy-rc.d 101: install the packages without starting their services

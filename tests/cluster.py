@@ -9,6 +9,7 @@ deadline, never slept for.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -61,6 +62,23 @@ def topology_text(net: str, *, l2: int = 0, l1: int = 1, cache_dir: Path, extra_
                   "parent_fall = 2", "parent_rise = 2", "parent_probe_interval = 0.1", "parent_timeout = 2.0",
                   f'region = "{l1_regions[i]}"' if i < len(l1_regions) else "", extra_node]
     return "\n".join(lines) + "\n" + extra
+
+
+def moved_local_topology(moved: dict[str, str], state_dir: Path | None = None) -> str:
+    """deploy/local.toml (the default topology) with every node address moved as `moved` says
+    (default IP -> new IP; each must be found, with a port, also inside URLs such as the site's
+    origin), and with `state_dir` if given: the whole default CDN where a test may run it, beside
+    an operator's `edge up` of the real default."""
+    text = (REPO / "deploy" / "local.toml").read_text()
+    for old, new in moved.items():
+        text, count = re.subn(rf'(?<=["/]){re.escape(old)}:', f'{new}:', text)
+        assert count, f"deploy/local.toml no longer has {old}"
+    left = set(re.findall(r'(?<=["/])(127\.0\.[0-9]+\.[0-9]+):', text)) - set(moved.values())
+    assert not left, f"deploy/local.toml has addresses the test does not move: {left}"
+    if state_dir is not None:
+        text, count = re.subn(r'^state_dir = "var"$', f'state_dir = "{state_dir}"', text, flags=re.M)
+        assert count == 1, 'deploy/local.toml no longer has state_dir = "var"'
+    return text
 
 
 def wait_port_free(host: str, port: int, deadline: float = 10.0) -> None:
@@ -185,3 +203,64 @@ def single_edge(tmp_path: Path, ip: str, sites: str) -> NodeProcess:
     config.write_text(f'state_dir = "{tmp_path / "state"}"\n{sites}\n[nodes.edge]\nrole = "l1"\n'
                       f'listen = "{ip}:{TRAFFIC_PORT}"\nadmin = "{ip}:{ADMIN_PORT}"\n')
     return NodeProcess("edge", config, f"{ip}:{ADMIN_PORT}", f"{ip}:{TRAFFIC_PORT}").start()
+
+
+@dataclass
+class EdgeUp:
+    """`edge up --config FILE` as a real process, and the PIDs of the nodes it started (from its output).
+
+    `stop` ends the launcher with SIGTERM (it stops its nodes) and then SIGKILLs, by
+    PID, any of its nodes still running; `kill` is a crash of one node (SIGKILL).
+    """
+
+    config: Path
+    output: Path
+    proc: subprocess.Popen
+    pids: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, workdir: Path, topology_text: str, deadline: float = 90.0) -> EdgeUp:
+        config = workdir / "topology.toml"
+        config.write_text(topology_text)
+        output = workdir / "edge-up.log"
+        with open(output, "wb") as sink:
+            proc = subprocess.Popen([sys.executable, "-m", "edge", "up", "--config", str(config)],
+                                    stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(REPO),
+                                    env=dict(os.environ, PYTHONPATH=str(REPO), EDGE_UP_TIMEOUT="60"))
+        up = cls(config, output, proc)
+        end = time.monotonic() + deadline
+        try:
+            while "nodes up;" not in output.read_text():
+                if proc.poll() is not None:
+                    raise AssertionError(f"edge up exited with {proc.returncode}:\n{output.read_text()}")
+                if time.monotonic() > end:
+                    raise AssertionError(f"edge up not up within {deadline}s:\n{output.read_text()}")
+                time.sleep(0.05)
+            up.pids = {m[1]: int(m[2]) for m in re.finditer(r"^started (\S+) pid (\d+)$", output.read_text(), re.M)}
+        except BaseException:
+            up.stop()
+            raise
+        return up
+
+    def kill(self, name: str) -> None:
+        os.kill(self.pids[name], signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for name, pid in self.pids.items():     # only if the launcher could not stop them
+            if self._still_ours(name, pid):
+                os.kill(pid, signal.SIGKILL)
+
+    def _still_ours(self, name: str, pid: int) -> bool:
+        """Is `pid` still the `edge run NAME --config OURS` we started (not a PID reused since)?"""
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return name.encode() in command and str(self.config).encode() in command

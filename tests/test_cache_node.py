@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster import Cluster
 
@@ -305,10 +306,62 @@ async def test_metrics_count_by_cache_status(cluster, http):
     await get(http, url)
     await get(http, url)
     text = cluster.node("l1-1").metrics()
-    assert 'edge_requests_total{cache_status="HIT",method="GET"}' in text
+    assert samples(text, "edge_requests_total", site="example", cache_status="HIT", method="GET",
+                   status_class="2xx")
     assert 'edge_cache_objects{tier="memory"}' in text
     assert "edge_upstream_response_seconds_bucket" in text
     assert "edge_request_duration_seconds_bucket" in text
+
+
+def samples(text: str, name: str, **labels: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Every sample `name` whose labels include `labels`, by its whole label set."""
+    return {tuple(sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()}
+
+
+def total(text: str, name: str, **labels: str) -> float:
+    return sum(samples(text, name, **labels).values())
+
+
+async def test_metrics_count_by_site_status_class_and_bytes_by_cache_status(cluster, http):
+    """Exact deltas: one MISS and two hits (one through the front's hit path, one a HEAD) of a
+    3000-byte object, a 503 from the origin, and a Host no site serves.  Nothing else runs on
+    this node meanwhile (the module's tests run one after another)."""
+    before = cluster.node("l1-1").metrics()
+    url = cluster.url("l1-1", unique() + "?size=3000&cc=max-age=60")
+    assert (await get(http, url))[1]["X-Cache"] == "MISS"
+    assert (await get(http, url))[1]["X-Cache"] == "HIT"
+    assert (await get(http, url, method="HEAD"))[1]["X-Cache"] == "HIT"
+    assert (await get(http, cluster.url("l1-1", unique() + "?status=503&size=10")))[0] == 503
+    assert (await get(http, url, headers={"Host": "not-ours.example.org"}))[0] == 421
+    after = cluster.node("l1-1").metrics()
+
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    site = {"site": "example"}
+    assert delta("edge_requests_total", **site, cache_status="MISS", status_class="2xx") == 1
+    assert delta("edge_requests_total", **site, cache_status="HIT", method="GET", status_class="2xx") == 1
+    assert delta("edge_requests_total", **site, cache_status="HIT", method="HEAD", status_class="2xx") == 1
+    assert delta("edge_requests_total", **site, cache_status="MISS", status_class="5xx") == 1
+    # The unknown Host is no site: its label is "", never the name the client sent.
+    assert delta("edge_requests_total", site="", cache_status="REFUSED", status_class="4xx") == 1
+    assert "not-ours" not in after
+    assert delta("edge_requests_total") == 5
+    assert delta("edge_response_body_bytes_total", **site, cache_status="MISS") == 3000 + 10   # and the 503
+    assert delta("edge_response_body_bytes_total", **site, cache_status="HIT") == 3000    # the HEAD sent none
+    assert {dict(k)["site"] for k in samples(after, "edge_requests_total")} <= {"example", ""}
+
+
+@pytest.mark.parametrize("node", ["l1-1", "origin"])
+async def test_build_info_and_process_metrics(cluster, node):
+    from edge import __version__
+    text = cluster.node(node).metrics()
+    assert samples(text, "edge_build_info") == {(("version", __version__),): 1.0}
+    assert total(text, "process_resident_memory_bytes") > 1e6
+    assert total(text, "process_cpu_seconds_total") > 0
+    assert total(text, "process_open_fds") > 0
 
 
 async def test_purge_needs_token(cluster, http):
@@ -379,7 +432,7 @@ async def test_extension_methods_share_one_metric_label(cluster, http):
     for method in ("PROPFIND", "M-SEARCH", "UNLOCK"):
         await get(http, cluster.url("l1-1", unique()), method=method)
     text = cluster.node("l1-1").metrics()
-    assert 'edge_requests_total{cache_status="BYPASS",method="OTHER"}' in text
+    assert samples(text, "edge_requests_total", cache_status="BYPASS", method="OTHER")
     assert 'method="PROPFIND"' not in text
 
 

@@ -1,12 +1,14 @@
 """End to end: `edge up` on the default topology, then dig and curl as a user would.
 
 This is the "done" check of the DNS scheduler: the whole CDN of the built-in
-topology (origin 127.0.0.10, L2s 127.0.2.x, L1s 127.0.1.x, scheduler
-127.0.5.1:8053) runs as real processes, `dig -b` makes the client appear in
-a region, and `curl --resolve` fetches through the edge the answer names.
-Only the state directory is moved to a temporary one.  The default
-topology's addresses are fixed, so this module cannot run twice at once on a
-machine, nor beside another `edge up` of the default topology.
+topology runs as real processes, `dig -b` makes the client appear in a
+region, and `curl --resolve` fetches through the edge the answer names.  The
+topology is deploy/local.toml with two changes: the state directory is a
+temporary one, and every node's address is moved from the default's
+(origin 127.0.0.10, L2s 127.0.2.x, L1s 127.0.1.x, scheduler 127.0.5.1) to
+127.0.96.x, so the suite runs beside an operator's `edge up` of the default
+topology (and vice versa).  The client addresses (127.0.11.1, 127.0.12.1)
+stay: they are only sources, matched by the default coverage blocks.
 """
 
 from __future__ import annotations
@@ -28,11 +30,16 @@ from pathlib import Path
 import pytest
 
 from edge import config
+from tests.cluster import moved_local_topology
 
 REPO = Path(__file__).resolve().parent.parent
 DIG = shutil.which("dig") or "/usr/bin/dig"
 CURL = shutil.which("curl") or "/usr/bin/curl"
-DEFAULT = config.load(REPO / "deploy" / "local.toml")
+# Every listening address of deploy/local.toml, and where this module runs it instead.
+MOVED = {"127.0.0.10": "127.0.96.10", "127.0.2.1": "127.0.96.21", "127.0.2.2": "127.0.96.22",
+         "127.0.1.1": "127.0.96.31", "127.0.1.2": "127.0.96.32", "127.0.5.1": "127.0.96.5"}
+LOCAL_TOML = moved_local_topology(MOVED)
+DEFAULT = config.parse(LOCAL_TOML, "local.toml (moved)", REPO)
 DNS = DEFAULT.dns
 assert DNS is not None
 EAST_CLIENT, WEST_CLIENT = "127.0.11.1", "127.0.12.1"
@@ -124,8 +131,7 @@ class Up:
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     workdir = tmp_path_factory.mktemp("dns-e2e")
-    text = (REPO / "deploy" / "local.toml").read_text()
-    text, count = re.subn(r'^state_dir = "var"$', f'state_dir = "{workdir / "var"}"', text, flags=re.M)
+    text, count = re.subn(r'^state_dir = "var"$', f'state_dir = "{workdir / "var"}"', LOCAL_TOML, flags=re.M)
     assert count == 1, "deploy/local.toml no longer has state_dir = \"var\""
     topology = workdir / "local.toml"
     topology.write_text(text)

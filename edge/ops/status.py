@@ -20,11 +20,11 @@ from typing import Any, TextIO
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge.config import Topology
+from edge.metrics import HIT_STATUSES, LOOKUP_STATUSES
 from edge.ops.client import AdminClient, Answer
 from edge.ops.table import human_bytes, render
 
-HITS = frozenset({"HIT", "UPDATING", "STALE"})
-LOOKUPS = HITS | {"MISS", "EXPIRED", "REVALIDATED"}
+HITS, LOOKUPS = HIT_STATUSES, LOOKUP_STATUSES
 HEADER = ("NODE", "ROLE", "HEALTH", "MEMORY", "DISK", "REQ/S", "HIT%", "PARENTS", "BANS", "DNS")
 
 

@@ -24,9 +24,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edge.admin import make_admin_app
 from edge.config import Topology
+from edge.metrics import process_metrics
 from edge.scheduler.answer import Answer, Answerer, Edge
 from edge.scheduler.geo import IPAddress
 from edge.scheduler.health import EdgeHealth, HealthChecker
+from edge.scheduler.overview import Overview
+from edge.scheduler.overview import routes as overview_routes
 from edge.scheduler.server import DnsServer, Resolved
 
 if TYPE_CHECKING:
@@ -99,9 +102,11 @@ class Scheduler:
         assert topology.dns is not None                   # Answerer raised ConfigError otherwise
         self.dns = topology.dns
         self.registry = CollectorRegistry()
+        process_metrics(self.registry)
         self.metrics = SchedulerMetrics(self.registry, self.answerer.edges)
         self.health = HealthChecker(self.answerer.edges, self.dns.health, on_change=self._edge_changed)
         self.server = DnsServer(self, on_response=self._count_response)
+        self.overview = Overview(topology, lambda: self.health.snapshot)    # the status page
         self._admin: web.AppRunner | None = None
         self.admin_address: tuple[str, int] | None = None
         self._all_down_logged = -ALL_DOWN_LOG_EVERY
@@ -117,6 +122,8 @@ class Scheduler:
                 self.metrics.answers_by_edge[edge.name].inc()
         if result.all_down:
             self._report_all_down(result)
+        if result.choices:
+            self.overview.record(result)
         # The rendering depends on the query bytes, on which edges were chosen, and on the topology.
         return Resolved(result.response, (self.generation, tuple(choice.chosen for choice in result.choices)))
 
@@ -148,6 +155,7 @@ class Scheduler:
         self.health.retarget(answerer.edges, topology.dns.health)
         self.metrics.track_edges(answerer.edges, {name: s.up for name, s in self.health.snapshot.items()})
         self.topology, self.answerer, self.dns = topology, answerer, topology.dns
+        self.overview.retarget(topology)
         self.generation += 1
 
     # ----------------------------------------------------------------- admin
@@ -204,8 +212,10 @@ class Scheduler:
         """
         await self.server.start(self.dns.listen.host, self.dns.listen.port)
         try:
+            page = await asyncio.to_thread(overview_routes, self.overview)    # reads the page's files
             app = make_admin_app(self.registry, self.health_report,
-                                 routes=[web.get("/explain", self.explain), web.get("/status", self.status)],
+                                 routes=[web.get("/explain", self.explain), web.get("/status", self.status),
+                                         *page],
                                  allow=self.dns.admin_allow)
             self._admin = web.AppRunner(app, access_log=None)
             await self._admin.setup()
@@ -217,6 +227,7 @@ class Scheduler:
             await self.server.close()
             raise
         await self.health.start()
+        await self.overview.start()
 
     @property
     def dns_address(self) -> tuple[str, int] | None:
@@ -228,6 +239,7 @@ class Scheduler:
             self._admin = None
 
     async def close(self) -> None:
+        await self.overview.close()
         await self.health.close()
         await self.server.close()
         await self._close_admin()
@@ -248,7 +260,7 @@ async def serve(topology: Topology, stop: asyncio.Event, reloader: Reloader | No
     host, port = scheduler.dns_address or ("?", 0)
     zones = ", ".join([*scheduler.dns.customer_zones, scheduler.dns.cdn_zone])
     log.info("dns scheduler authoritative for %s on %s:%d (udp+tcp), admin on http://%s:%d "
-             "(/explain, /metrics, /healthz); try: dig @%s -p %d %s", zones, host, port,
+             "(status page /, /explain, /metrics, /healthz); try: dig @%s -p %d %s", zones, host, port,
              *(scheduler.admin_address or ("?", 0)), host, port,
              topology.sites[0].hosts[0] if topology.sites else scheduler.dns.cdn_zone)
     try:
