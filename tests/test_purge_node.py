@@ -113,6 +113,11 @@ async def get(node: Node, target: str, **headers: str) -> tuple[int, Any, bytes]
             return response.status, response.headers, await response.read()
 
 
+def fast_gets(node: Node) -> int:
+    """GETs answered on the hit path so far (counted per site until a scrape folds them in)."""
+    return sum(counts[0] for counts in node.cache.metrics.requests.fast_hits.values())
+
+
 def unique(name: str) -> str:
     return f"/gen/{name}-{uuid.uuid4().hex[:10]}"
 
@@ -122,9 +127,9 @@ async def test_hard_purge_by_tag_on_the_hit_path_and_the_lurker(node):
     other = unique("other") + "?cc=max-age=600&cachetag=cat-3"
     for target in (tagged, other):
         assert (await get(node, target))[1]["X-Cache"] == "MISS"
-    fast = node.cache.metrics.requests.fast_hits["GET"]
+    fast = fast_gets(node)
     _, h, _ = await get(node, tagged)
-    assert h["X-Cache"] == "HIT" and node.cache.metrics.requests.fast_hits["GET"] == fast + 1   # the hit path
+    assert h["X-Cache"] == "HIT" and fast_gets(node) == fast + 1   # the hit path
     await node.purge("tag", "cat-2")
     _, h, _ = await get(node, tagged)
     assert (h["X-Cache"], h["X-Origin-Hits"]) == ("MISS", "2")
