@@ -17,9 +17,12 @@ is not.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
+import ssl
 from pathlib import Path
 
-from edge.config import ConfigError, Topology
+from edge.config import ConfigError, Site, Topology
 
 
 def problems(topology: Topology, only: str | None = None) -> list[ConfigError]:
@@ -29,6 +32,10 @@ def problems(topology: Topology, only: str | None = None) -> list[ConfigError]:
     of it checks, without judging other hosts' paths on this one.
     """
     found: list[ConfigError] = []
+    # Certificates matter to the nodes that terminate TLS (and to `edge check`, which checks all).
+    if only is None or any(n.name == only and n.listen_tls is not None for n in topology.nodes):
+        for site in topology.sites:
+            found += certificate_problems(topology, site)
     if topology.dns is not None and only in (None, "dns"):
         # The scheduler's own construction is the rule (a wildcard L1 address, for one):
         # building it here means `edge check` can never disagree with `edge run dns`.
@@ -69,3 +76,65 @@ def _directory_problem(directory: Path) -> str | None:
             where = "is a file" if candidate == directory else f"is under {str(candidate)!r}, which is a file"
             return f"{str(directory)!r} {where}, not a directory"
     return None
+
+
+def certificate_problems(topology: Topology, site: Site, now: datetime.datetime | None = None) -> list[ConfigError]:
+    """Why `site`'s tls_cert cannot serve its hosts: unreadable, not the key's, expired or not yet
+    valid, or not covering one of its hosts (each problem names the file)."""
+    if site.tls_cert is None or site.tls_key is None:
+        return []
+    from cryptography import x509
+    key = f"sites.{site.name}.tls_cert"
+    try:
+        data = site.tls_cert.read_bytes()
+        certs = x509.load_pem_x509_certificates(data)
+    except OSError as exc:
+        return [ConfigError(topology.source, key, f"{site.tls_cert}: {exc.strerror or exc}")]
+    except ValueError as exc:
+        return [ConfigError(topology.source, key, f"{site.tls_cert}: not a PEM certificate: {exc}")]
+    found = []
+    # The key match is the one OpenSSL makes when the node loads them.
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(site.tls_cert, site.tls_key)
+    except ssl.SSLError as exc:
+        problem = ("is not the certificate of the private key in " if exc.reason == "KEY_VALUES_MISMATCH"
+                   else f"cannot be loaded with the key in ({exc.reason or exc}) ")
+        found.append(ConfigError(topology.source, f"sites.{site.name}.tls_key",
+                                 f"{site.tls_cert} {problem}{site.tls_key}"))
+    except OSError as exc:
+        found.append(ConfigError(topology.source, f"sites.{site.name}.tls_key",
+                                 f"{site.tls_key}: {exc.strerror or exc}"))
+    leaf = certs[0]
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    if leaf.not_valid_after_utc < now:
+        found.append(ConfigError(topology.source, key, f"{site.tls_cert} expired on "
+                                                       f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"))
+    elif leaf.not_valid_before_utc > now:
+        found.append(ConfigError(topology.source, key, f"{site.tls_cert} is not valid before "
+                                                       f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC"))
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [n.lower().rstrip(".") for n in san.get_values_for_type(x509.DNSName)]
+        addresses = [str(a) for a in san.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        names, addresses = [], []       # clients ignore the CN since RFC 6125: nothing is covered
+    for host in site.hosts:
+        if not covers(names, addresses, host):
+            found.append(ConfigError(topology.source, key, f"{site.tls_cert} does not cover {host!r} "
+                                                           f"(its names: {', '.join(names + addresses) or 'none'})"))
+    return found
+
+
+def covers(names: list[str], addresses: list[str], host: str) -> bool:
+    """Does a certificate with these SAN DNS names and IP addresses serve `host` (RFC 6125:
+    a wildcard stands for exactly one left-most label)?"""
+    try:
+        return str(ipaddress.ip_address(host)) in addresses
+    except ValueError:
+        pass
+    for name in names:
+        if name == host:
+            return True
+        if name.startswith("*.") and "." in host and host.split(".", 1)[1] == name[2:]:
+            return True
+    return False

@@ -71,6 +71,10 @@ class Site:
     set_cookie: str = "never"       # responses with Set-Cookie: "never" stored, or "strip" it and store
     defaults: SiteDefaults = SiteDefaults()     # default_ttl, max_ttl and stale windows, all off
     allowed_methods: tuple[str, ...] = DEFAULT_ALLOWED_METHODS   # others get 405, never forwarded
+    tls_cert: Path | None = None    # PEM certificate chain served for the hosts on listen_tls (SNI)
+    tls_key: Path | None = None     # its PEM private key
+    https_redirect: bool = False    # plain-HTTP requests get a 308 to https:// (on nodes with listen_tls)
+    origin_ca: Path | None = None   # CA bundle an https:// origin is verified against; None: the system's
 
     @property
     def allow_field(self) -> str:
@@ -125,6 +129,7 @@ class Node:
     listen: Address
     admin: Address
     region: str | None = None
+    listen_tls: Address | None = None    # HTTPS listener (cache nodes): TLS ends here, same front
     lat: float | None = None
     lon: float | None = None
     parents: tuple[str, ...] = ()   # L1 only: names of L2 nodes, in no particular order
@@ -370,8 +375,8 @@ def parse(text: str, source: str, base_dir: Path) -> Topology:
     cdn_zone = r.dns_name(dns_table["cdn_zone"], "dns.cdn_zone") if "cdn_zone" in dns_table else ""
     # Topology-wide default of every admin listener's allow list; a node or [dns] may set its own.
     admin_allow = r.networks(data["admin_allow"], "admin_allow") if "admin_allow" in data else None
-    sites = _sites(r, r.table(data, "sites", "sites", required=True), cdn_zone)
-    nodes = _nodes(r, r.table(data, "nodes", "nodes", required=True), region_names, base_dir, admin_allow)
+    sites = _sites(r, r.table(data, "sites", "sites", required=True), cdn_zone, base_dir)
+    nodes = _nodes(r, r.table(data, "nodes", "nodes", required=True), region_names, base_dir, admin_allow, sites)
     dns = _dns(r, dns_table, sites, region_names, admin_allow) if dns_table else None
     return Topology(source=source, sites=sites, nodes=nodes, regions=regions,
                     coverage=coverage, dns=dns, state_dir=state_dir)
@@ -408,7 +413,7 @@ def _coverage(r: _Reader, table: dict, regions: set[str]) -> tuple:
     return tuple(out)
 
 
-def _sites(r: _Reader, table: dict, cdn_zone: str) -> tuple[Site, ...]:
+def _sites(r: _Reader, table: dict, cdn_zone: str, base_dir: Path) -> tuple[Site, ...]:
     if not table:
         raise r.fail("sites", "at least one site is needed")
     out, seen_hosts, defaults = [], {}, []
@@ -418,7 +423,8 @@ def _sites(r: _Reader, table: dict, cdn_zone: str) -> tuple[Site, ...]:
             raise r.fail(path, "expected a table")
         r.unknown(body, {"hosts", "origin", "cdn_name", "default", "stale_if_unreachable", "aliases",
                          "ignore_query", "ignore_query_params", "set_cookie", "default_ttl", "max_ttl",
-                         "stale_while_revalidate", "stale_if_error", "allowed_methods"}, path)
+                         "stale_while_revalidate", "stale_if_error", "allowed_methods", "tls_cert", "tls_key",
+                         "https_redirect", "origin_ca"}, path)
         hosts_value = body.get("hosts")
         if not isinstance(hosts_value, list) or not hosts_value:
             raise r.fail(f"{path}.hosts", "expected a non-empty list of host names")
@@ -454,9 +460,26 @@ def _sites(r: _Reader, table: dict, cdn_zone: str) -> tuple[Site, ...]:
         site_defaults = SiteDefaults(default_ttl=seconds("default_ttl"), max_ttl=seconds("max_ttl"),
                                      stale_while_revalidate=seconds("stale_while_revalidate", integer=True),
                                      stale_if_error=seconds("stale_if_error", integer=True))
+        def file(key: str) -> Path | None:
+            if key not in body:
+                return None
+            value = Path(r.str(body, key, f"{path}.{key}"))
+            return value if value.is_absolute() else base_dir / value
+
+        tls_cert, tls_key = file("tls_cert"), file("tls_key")
+        if (tls_cert is None) != (tls_key is None):
+            missing = "tls_key" if tls_key is None else "tls_cert"
+            raise r.fail(f"{path}.{missing}", "tls_cert and tls_key go together: one is set, this one is missing")
+        https_redirect = r.bool(body, "https_redirect", f"{path}.https_redirect", False)
+        if https_redirect and tls_cert is None:
+            raise r.fail(f"{path}.https_redirect", "redirecting to https:// needs this site's tls_cert and tls_key")
+        origin_ca = file("origin_ca")
+        if origin_ca is not None and parts.scheme != "https":
+            raise r.fail(f"{path}.origin_ca", f"only an https:// origin is verified against a CA (origin is {origin!r})")
         out.append(Site(name, hosts, origin.rstrip("/"), cdn_name, default, stale_if_unreachable, aliases,
                         ignore_query, tuple(params), set_cookie, site_defaults,
-                        _allowed_methods(r, body, f"{path}.allowed_methods")))
+                        _allowed_methods(r, body, f"{path}.allowed_methods"),
+                        tls_cert, tls_key, https_redirect, origin_ca))
     if len(defaults) > 1:
         raise r.fail(f"sites.{defaults[1]}.default", f"only one site may be the default (also {defaults[0]!r})")
     return tuple(out)
@@ -494,11 +517,11 @@ _NODE_KEYS = {"role", "listen", "admin", "region", "lat", "lon", "parents", "par
               "content_dir", "content_cache_control", "max_inflight", "parent_fall",
               "parent_rise", "parent_probe_interval", "parent_timeout", "go_direct",
               "upstream_deadline", "upstream_max_conns", "upstream_queue", "access_log", "access_log_format",
-              "admin_allow", *FrontLimits.__dataclass_fields__}
+              "admin_allow", "listen_tls", *FrontLimits.__dataclass_fields__}
 
 
 def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path,
-           admin_allow: tuple[Network, ...] | None) -> tuple[Node, ...]:
+           admin_allow: tuple[Network, ...] | None, sites: tuple[Site, ...] = ()) -> tuple[Node, ...]:
     out: list[Node] = []
     addresses: dict[Address, str] = {}
     for name, body in table.items():
@@ -513,7 +536,15 @@ def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path,
             raise r.fail(f"{path}.role", f"expected one of {', '.join(ROLES)}, got {role!r}")
         listen = r.address(body, "listen", f"{path}.listen")
         admin = r.address(body, "admin", f"{path}.admin")
-        for key, addr in (("listen", listen), ("admin", admin)):
+        listen_tls = r.address(body, "listen_tls", f"{path}.listen_tls") if "listen_tls" in body else None
+        if listen_tls is not None:
+            if role == "origin":
+                raise r.fail(f"{path}.listen_tls", "only a cache node (l1, l2) terminates TLS")
+            if not any(site.tls_cert for site in sites):
+                raise r.fail(f"{path}.listen_tls", "no site has tls_cert and tls_key: nothing to serve on it")
+        for key, addr in (("listen", listen), ("admin", admin), ("listen_tls", listen_tls)):
+            if addr is None:
+                continue
             if addr.port and addr in addresses:
                 raise r.fail(f"{path}.{key}", f"{addr} is already used by {addresses[addr]}")
             addresses[addr] = f"{path}.{key}"
@@ -564,7 +595,7 @@ def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path,
         if content_dir is not None and role != "origin":
             raise r.fail(f"{path}.content_dir", "only an origin node serves a content directory")
         node = Node(
-            name=name, role=role, listen=listen, admin=admin, region=region,
+            name=name, role=role, listen=listen, admin=admin, region=region, listen_tls=listen_tls,
             lat=None if lat is None else float(lat), lon=None if lon is None else float(lon),
             parents=(), parent_weights=tuple(weights), parent_policy=policy,
             memory_size=r.size(body, "memory_size", f"{path}.memory_size", Node.memory_size),

@@ -26,6 +26,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from edge import admin, cache_admin
+from edge.http import tls
 from edge.config import Node, Topology
 from edge.http.accesslog import AccessLog
 from edge.http.server import Front
@@ -54,14 +55,21 @@ async def serve(topology: Topology, node: Node, stop: asyncio.Event, reloader: R
             await stop.wait()
             log.info("%s stopping", node.name)
             return
-        cache_node = await _cache_node(topology, node, stack)
+        # Certificates and CA bundles: read at start (a ConfigError names the file), swapped on reload.
+        tls_setup = await asyncio.to_thread(tls.load, topology, node)
+        cache_node = await _cache_node(topology, node, stack, tls_setup)
         access_log = AccessLog(node.access_log, node.access_log_format)
         await access_log.start()        # an OSError names the file: the command line prints it
         front = Front(cache_node, node.limits, access_log,
                       count_refusal=lambda reason: cache_node.metrics.refused.labels(reason).inc())
         stack.push_async_callback(lambda: front.access_log.close())    # the log of the last reload
         await _listen(stack, _cache_admin_app(cache_node, front, reloader), node.admin.host, node.admin.port)
+        _apply_tls(front, topology, node, tls_setup)
         await front.start(node.listen.host, node.listen.port)
+        if node.listen_tls is not None:
+            await front.start(node.listen_tls.host, node.listen_tls.port, tls=True)
+            log.info("%s serving HTTPS on %s (default certificate: site %s)", node.name, node.listen_tls,
+                     tls_setup.default_site)
         if reloader is not None:
             reloader.attach(lambda new: _reload_cache_node(new, cache_node, front), cache_node.metrics.registry)
         log.info("%s (%s) serving traffic on %s, admin on %s", node.name, node.role, node.listen, node.admin)
@@ -79,11 +87,24 @@ async def _reload_cache_node(topology: Topology, cache_node: CacheNode, front: F
     # moves the file starts a new one.  The one step that can fail: before any swap.
     access_log = AccessLog(node.access_log, node.access_log_format)
     await access_log.start()
+    try:
+        tls_setup = await asyncio.to_thread(tls.load, topology, node)
+    except BaseException:
+        await access_log.close()
+        raise
     # One step, no await: every request sees the old topology or the new one.
     cache_node.reload(topology, node)
-    cache_node.upstreams.reload(topology, node)
+    cache_node.upstreams.reload(topology, node, tls_setup.origin_ca)
+    _apply_tls(front, topology, node, tls_setup)
     old_log = front.reload(node.limits, access_log)
     await old_log.close()       # writes what it still holds
+
+
+def _apply_tls(front: Front, topology: Topology, node: Node, tls_setup: tls.TlsSetup) -> None:
+    """New handshakes take the new certificates; connections already open keep theirs."""
+    front.tls_context = tls_setup.server
+    front.redirect_hosts = frozenset(host.encode() for site in topology.sites if site.https_redirect
+                                     for host in site.hosts) if node.listen_tls is not None else frozenset()
 
 
 async def _apply_nothing(topology: Topology) -> None:
@@ -114,7 +135,8 @@ def _config_sha256(reloader: Reloader | None) -> dict:
     return {"config_sha256": reloader.version.sha256} if reloader is not None else {}
 
 
-async def _cache_node(topology: Topology, node: Node, stack: AsyncExitStack) -> CacheNode:
+async def _cache_node(topology: Topology, node: Node, stack: AsyncExitStack,
+                      tls_setup: tls.TlsSetup) -> CacheNode:
     registry = CollectorRegistry()
     metrics = NodeMetrics(registry)
     memory = MemoryStore(node.memory_size, min(node.memory_object_max, node.memory_size))
@@ -124,7 +146,7 @@ async def _cache_node(topology: Topology, node: Node, stack: AsyncExitStack) -> 
     stack.push_async_callback(store.close)
     metrics.watch_store(store.tiers)
 
-    upstreams = UpstreamPool(topology, node, metrics)
+    upstreams = UpstreamPool(topology, node, metrics, origin_ca=tls_setup.origin_ca)
     await upstreams.start()
     stack.push_async_callback(upstreams.close)
     cache_node = CacheNode(topology, node, store, upstreams, metrics,

@@ -41,7 +41,7 @@ from edge import policy
 from edge.bans import BanList
 from edge.cachekey import (VARIANT_SEPARATOR, cache_key, key_prefix, keyed_target, normalise_target,
                            variant_store_key)
-from edge.config import Node, Site, Topology
+from edge.config import Node, Site, Topology, normalise_host
 from edge.http.message import BodyAborted, ClientGone, Reply, Request, error_reply
 from edge.http.rules import serialise_fields, status_line
 from edge.invalidation import Invalidator
@@ -316,6 +316,13 @@ class CacheNode:
             self.metrics.refused.labels("unknown_host").inc()
             log.info("refused unknown host %r from %s", host, request.remote)
             return self._error(421, f"this CDN does not serve {host!r}")
+        if site.https_redirect and not request.tls and self.node.listen_tls is not None \
+                and not self._from_our_tier(request):
+            # 308, not 301: the method and body are kept (RFC 9110 15.4.9).  Requests from our
+            # own L1s come over plain HTTP on purpose and are never redirected.
+            return error_reply(308, "this site is served over HTTPS", [
+                ("Location", https_location(host, self.node.listen_tls.port, raw_target)), ("Via", self.via)],
+                cache_status="REDIRECT")
         if request.method not in site.allowed_methods:
             return self._method_not_allowed(request, site)
         if self.node.name in via_names(request.headers):
@@ -830,6 +837,15 @@ class CacheNode:
 
     def _error(self, status: int, text: str) -> Reply:
         return error_reply(status, text, [("Via", self.via)])
+
+
+def https_location(host: str, port: int, target: str) -> str:
+    """Where a plain-HTTP request goes on the HTTPS listener: the same host and target, the
+    listener's port unless it is 443."""
+    name = normalise_host(host)
+    if ":" in name:
+        name = f"[{name}]"
+    return f"https://{name}{'' if port == 443 else f':{port}'}{target}"
 
 
 class FillStream:

@@ -37,7 +37,7 @@ log = logging.getLogger("edge.reload")
 # What a running node cannot take from a new topology: the sockets it holds,
 # the stores it sized and opened at start, and the admin listener's allow
 # list (built into the listener).  A change to one of these needs a restart.
-RESTART_NODE_KEYS = ("role", "listen", "admin", "memory_size", "memory_object_max", "disk_size",
+RESTART_NODE_KEYS = ("role", "listen", "listen_tls", "admin", "memory_size", "memory_object_max", "disk_size",
                      "admin_allow", "content_dir", "content_cache_control")
 RESTART_DNS_KEYS = ("listen", "admin", "admin_allow")
 

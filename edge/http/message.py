@@ -130,10 +130,10 @@ class RequestBody(ArrivingBody):
 class Request:
     """One parsed request as the pipeline sees it: no socket, no server library."""
 
-    __slots__ = ("method", "target", "version", "raw_headers", "remote", "body", "keep_alive", "_headers")
+    __slots__ = ("method", "target", "version", "raw_headers", "remote", "body", "keep_alive", "tls", "_headers")
 
     def __init__(self, method: str, target: str, version: str, raw_headers: list[tuple[bytes, bytes]],
-                 remote: str, body: RequestBody | None = None, keep_alive: bool = True):
+                 remote: str, body: RequestBody | None = None, keep_alive: bool = True, tls: bool = False):
         self.method = method
         self.target = target                  # the request-target exactly as received
         self.version = version                # "1.0" or "1.1"
@@ -141,6 +141,7 @@ class Request:
         self.remote = remote                  # client IP address
         self.body = body                      # None when the request has no body
         self.keep_alive = keep_alive          # the client allows the connection to be kept
+        self.tls = tls                        # it came over the HTTPS listener
         self._headers: CIMultiDictProxy[str] | None = None
 
     @property

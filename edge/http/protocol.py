@@ -60,6 +60,13 @@ _PLAIN_KINDS = frozenset({_HOST, _VIA, _REFERER, _UA})
 _METHOD_NAMES = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
 
 
+def _bare_host(host: bytes | None) -> bytes:
+    """A Host value lower-cased, without port or trailing dot (enough to compare with site hosts)."""
+    if not host:
+        return b""
+    return host.rsplit(b":", 1)[0].lower().rstrip(b".") if not host.startswith(b"[") else host.lower()
+
+
 class _Stop(Exception):
     """Raised from a parser callback after the connection was closed: parse nothing more."""
 
@@ -78,6 +85,7 @@ class HttpConnection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.remote = ""
+        self.tls = False                      # the client came over the HTTPS listener
         self.closed = False
         # Timeouts: the front's sweep closes the connection once `deadline` passes.
         self.deadline = FOREVER
@@ -104,6 +112,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if peer else ""
+        self.tls = transport.get_extra_info("ssl_object") is not None
         self.deadline = self.loop.time() + self.limits.client_header_timeout
         self.front.connection_opened(self)
 
@@ -254,12 +263,12 @@ class HttpConnection(asyncio.Protocol):
         if body is None and _SLOW not in noted and not (self._busy or self._queue or self._write_paused) \
                 and self._reject_after is None:
             hosts, via = noted.get(_HOST), noted.get(_VIA)      # inline: this is the hit path
-            hit = self.app.hit_now(method, target, hosts[0] if hosts and len(hosts) == 1 else None,
-                                   via[0] if via else None)
+            hit = self._hit_now(method, target, hosts[0] if hosts and len(hosts) == 1 else None,
+                                via[0] if via else None)
             if hit is not None:
                 self._write_hit(method, target, version, keep, hit, noted)
                 return
-        request = Request(method, target, version, fields, self.remote, body, keep)
+        request = Request(method, target, version, fields, self.remote, body, keep, self.tls)
         self._queue.append(request)
         if len(self._queue) >= MAX_QUEUED:
             self._pause_reading("queue")
@@ -297,6 +306,11 @@ class HttpConnection(asyncio.Protocol):
         self._idle = True
         self.deadline = self.front.now + self._keepalive
 
+    def _hit_now(self, method: str, target: str, host: bytes | None, via: bytes | None):
+        if self.front.redirect_hosts and not self.tls and _bare_host(host) in self.front.redirect_hosts:
+            return None         # plain HTTP to a site that wants HTTPS: the pipeline redirects it
+        return self.app.hit_now(method, target, host, via)
+
     def _next(self) -> None:
         """Start answering the next queued request, if any (and nothing is being answered)."""
         while self._queue and not self.closed:
@@ -306,7 +320,7 @@ class HttpConnection(asyncio.Protocol):
             if request.body is None and not self._write_paused:
                 noted = _noted_of(request)
                 if _SLOW not in noted:
-                    hit = self.app.hit_now(request.method, request.target, _only(noted, _HOST), _first_raw(noted, _VIA))
+                    hit = self._hit_now(request.method, request.target, _only(noted, _HOST), _first_raw(noted, _VIA))
                     if hit is not None:
                         try:
                             self._write_hit(request.method, request.target, request.version, request.keep_alive,

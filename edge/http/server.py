@@ -11,6 +11,12 @@
   refused), idle keep-alive connections close at once, busy ones close after
   their response, and whatever is still running after ``drain_timeout`` is
   cut off.
+* **TLS** (``start(..., tls=context)``): a second listener whose connections
+  are handed to the same :class:`HttpConnection` once the transport has done
+  the handshake.  Handshakes run as their own small tasks so a slow client
+  never holds up accept, and they count against ``max_connections`` as open
+  connections do; a handshake must finish within ``client_header_timeout``.
+  ``tls_context`` is read at every accept: a reload swaps it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Protocol
 
@@ -58,18 +65,26 @@ class Front:
         self.connections: set[HttpConnection] = set()
         self.draining = False
         self._tasks: set[asyncio.Task] = set()
-        self._sock: socket.socket | None = None
-        self._accepting: asyncio.Task | None = None
+        self._listeners: list[tuple[socket.socket, asyncio.Task]] = []
+        self._handshakes: set[asyncio.Task] = set()
+        # Set by the node: the server context (SNI picks the site's), and the hosts whose
+        # plain-HTTP requests the pipeline redirects (the hit path must not answer them).
+        self.tls_context: ssl.SSLContext | None = None
+        self.redirect_hosts: frozenset[bytes] = frozenset()
         self._room: asyncio.Future[None] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Future[None] | None = None
         self.port = 0                   # the bound port (useful when started on port 0)
+        self.tls_port = 0               # the HTTPS listener's
         # The loop's clock as of the last sweep: what the hit path sets deadlines from
         # (a keep-alive deadline may be up to one sweep late; it is 75 s by default).
         self.now = self.loop.time()
 
-    async def start(self, host: str, port: int, backlog: int = 1024) -> None:
-        """Bind and listen (an OSError here is a bind failure), then accept in the background."""
+    async def start(self, host: str, port: int, backlog: int = 1024, tls: bool = False) -> None:
+        """Bind and listen (an OSError here is a bind failure), then accept in the background.
+
+        With `tls`, connections are TLS, with ``tls_context`` as it is at each accept.
+        """
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -80,15 +95,17 @@ class Front:
         except OSError:
             sock.close()
             raise
-        self._sock = sock
-        self.port = sock.getsockname()[1]
-        self._accepting = self.loop.create_task(self._accept_loop())
-        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+        if tls:
+            self.tls_port = sock.getsockname()[1]
+        else:
+            self.port = sock.getsockname()[1]
+        self._listeners.append((sock, self.loop.create_task(self._accept_loop(sock, tls))))
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
-    async def _accept_loop(self) -> None:
-        sock = self._sock
+    async def _accept_loop(self, sock: socket.socket, tls: bool) -> None:
         while True:
-            if len(self.connections) >= self.limits.max_connections:
+            if len(self.connections) + len(self._handshakes) >= self.limits.max_connections:
                 self._room = self.loop.create_future()
                 await self._room
                 continue
@@ -99,11 +116,37 @@ class Front:
                 await asyncio.sleep(0.1)
                 continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls:
+                task = self.loop.create_task(self._handshake(conn))
+                self._handshakes.add(task)
+                task.add_done_callback(self._handshake_done)
+                continue
             try:
                 await self.loop.connect_accepted_socket(lambda: HttpConnection(self), conn)
             except OSError as exc:
                 log.info("accepted connection failed at once: %s", exc)
                 conn.close()
+
+    async def _handshake(self, conn: socket.socket) -> None:
+        # The protocol's connection_made runs once the handshake is done; a failed one
+        # (bad client, TLS 1.1, timeout) is the client's business: logged at debug.
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: HttpConnection(self), conn, ssl=self.tls_context,
+                ssl_handshake_timeout=self.limits.client_header_timeout)
+        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            self.count_refusal("tls_handshake")
+            log.debug("TLS handshake failed: %s", exc)
+            conn.close()
+        except asyncio.CancelledError:      # drain: a handshake still going is cut off
+            conn.close()
+            raise
+
+    def _handshake_done(self, task: asyncio.Task) -> None:
+        self._handshakes.discard(task)
+        room, self._room = self._room, None
+        if room is not None and not room.done():
+            room.set_result(None)
 
     def reload(self, limits: FrontLimits, access_log: AccessLog) -> AccessLog:
         """New limits and access log (a reload); returns the old log, for the caller to close.
@@ -149,11 +192,13 @@ class Front:
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish within drain_timeout, then close everything."""
         self.draining = True
-        if self._accepting is not None:
-            self._accepting.cancel()
-            await asyncio.gather(self._accepting, return_exceptions=True)
-        if self._sock is not None:
-            self._sock.close()          # new connections are refused from here on
+        for _, accepting in self._listeners:
+            accepting.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
+        await asyncio.gather(*(t for _, t in self._listeners), *self._handshakes, return_exceptions=True)
+        for sock, _ in self._listeners:
+            sock.close()                # new connections are refused from here on
         for conn in list(self.connections):
             conn.drain_now()
         if self.connections:

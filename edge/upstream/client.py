@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from multidict import CIMultiDict
 
@@ -70,7 +72,8 @@ def proxy_status_error(headers: Mapping[str, str], name: str) -> str | None:
 
 
 class UpstreamPool:
-    def __init__(self, topology: Topology, node: Node, metrics: NodeMetrics, hash_ring: HashRing | None = None):
+    def __init__(self, topology: Topology, node: Node, metrics: NodeMetrics, hash_ring: HashRing | None = None,
+                 origin_ca: Mapping[Path, ssl.SSLContext] | None = None):
         self.node, self.metrics = node, metrics
         self.policy = node.parent_policy
         self.parents = {
@@ -80,6 +83,7 @@ class UpstreamPool:
         self.client = Http1Client(connect_timeout=self.policy.timeout, read_timeout=self.policy.timeout,
                                   source_ip=node.listen.host, max_conns=self.policy.max_conns,
                                   queue=self.policy.queue, on_excess=self._excess)
+        self.client.ca_contexts = dict(origin_ca or {})
         weights = {name: 1.0 for name in node.parents}
         weights.update(dict(node.parent_weights))
         self.ring = hash_ring if hash_ring is not None else HashRing(weights)
@@ -90,10 +94,10 @@ class UpstreamPool:
         health_urls = {name: f"{topology.node(name).admin.url}/healthz" for name in node.parents}
         self.prober = ActiveProber(self.health, health_urls, self.client,
                                    interval=self.policy.probe_interval, timeout=min(self.policy.timeout, 2.0))
-        self._origins: dict[str, Upstream] = {}
+        self._origins: dict[tuple[str, Path | None], Upstream] = {}
         metrics.watch_upstreams(self.connection_stats)
 
-    def reload(self, topology: Topology, node: Node) -> None:
+    def reload(self, topology: Topology, node: Node, origin_ca: Mapping[Path, ssl.SSLContext] | None = None) -> None:
         """Take a reloaded topology's parents, weights and settings, all at once (no await).
 
         Parents that stay keep their health and their pooled connections; new
@@ -120,6 +124,8 @@ class UpstreamPool:
         client = self.client
         client.connect_timeout = client.read_timeout = policy.timeout
         client.max_conns, client.queue = policy.max_conns, policy.queue
+        # New connections verify with the reloaded bundles; pooled ones were verified already.
+        client.ca_contexts = dict(origin_ca or {})
         self.node, self.policy, self.parents, self.ring, self.health = node, policy, parents, ring, health
         self._names = {upstream.address: name for name, upstream in parents.items()}
         self.prober.retarget(health, health_urls, interval=policy.probe_interval, timeout=min(policy.timeout, 2.0))
@@ -155,9 +161,10 @@ class UpstreamPool:
             log.warning("parent %s marked down after %d consecutive failures", name, self.policy.fall)
 
     def origin(self, site: Site) -> Upstream:
-        upstream = self._origins.get(site.origin)
+        key = (site.origin, site.origin_ca)
+        upstream = self._origins.get(key)
         if upstream is None:
-            upstream = self._origins[site.origin] = Upstream("origin", Address.from_url(site.origin), False)
+            upstream = self._origins[key] = Upstream("origin", Address.from_url(site.origin, site.origin_ca), False)
         return upstream
 
     def candidates(self, key: str, site: Site) -> list[Upstream]:

@@ -29,6 +29,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from pathlib import Path
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -73,13 +74,17 @@ class Address:
     scheme: str
     host: str
     port: int
+    # https only: the CA bundle the peer is verified against (None: the system's).  Part of
+    # the identity, so connections verified against one bundle are never reused for another.
+    ca: Path | None = None
 
     @classmethod
-    def from_url(cls, url: str) -> Address:
+    def from_url(cls, url: str, ca: Path | None = None) -> Address:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
-        return cls(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        return cls(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
+                   ca if parts.scheme == "https" else None)
 
     @property
     def authority(self) -> str:
@@ -113,6 +118,9 @@ class Http1Client:
         self._idle: dict[Address, list[_Connection]] = {}
         self._open: set[_Connection] = set()
         self._tls: ssl.SSLContext | None = None
+        # CA bundle -> a context verifying against it, loaded off the loop (edge.http.tls.load)
+        # and replaced on reload.
+        self.ca_contexts: dict[Path, ssl.SSLContext] = {}
 
     async def request(self, address: Address, method: str, target: str, fields: Iterable[tuple[str, str]],
                       body: AsyncIterator[bytes] | None = None, *,
@@ -251,8 +259,14 @@ class Http1Client:
         """Open a connection in the slot `_acquire` reserved; the slot is freed again if it fails."""
         loop = asyncio.get_running_loop()
         tls = None
-        if address.scheme == "https":
+        if address.scheme == "https" and address.ca is not None:
+            tls = self.ca_contexts.get(address.ca)
+            if tls is None:         # a bug (the pool loads every site's bundle): never fall back to less
+                self._slot_freed(address)
+                raise UpstreamIOError("tls_certificate_error", f"{address}: CA bundle {address.ca} not loaded")
+        elif address.scheme == "https":
             if self._tls is None:
+                # The system's CA store (verification and host-name check on), loaded once.
                 self._tls = ssl.create_default_context()
             tls = self._tls
         timeout = min(timeout, self.connect_timeout)
@@ -275,6 +289,9 @@ def _connect_error(exc: BaseException, address: Address, timeout: float) -> Base
         return UpstreamIOError("connection_refused", f"{address}: {exc.strerror or exc}")
     if isinstance(exc, socket.gaierror):
         return UpstreamIOError("dns_error", f"{address.host}: {exc.strerror or exc}")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        # RFC 9209 2.3.15: the upstream's certificate did not verify (never accepted anyway).
+        return UpstreamIOError("tls_certificate_error", f"{address}: {exc.verify_message or exc.reason}")
     if isinstance(exc, ssl.SSLError):
         return UpstreamIOError("tls_protocol_error", f"{address}: {exc}")
     if isinstance(exc, OSError):
