@@ -47,7 +47,7 @@ from typing import TextIO
 
 import aiohttp
 
-from edge import checks, config, reload
+from edge import checks, config, devcerts, reload
 from edge.config import ConfigError
 
 START_TIMEOUT_ENV = "EDGE_UP_TIMEOUT"
@@ -72,6 +72,7 @@ class Member:
     role: str
     traffic: config.Address
     admin: config.Address
+    traffic_tls: config.Address | None = None     # a cache node's HTTPS listener
 
     @property
     def traffic_protocols(self) -> tuple[str, ...]:
@@ -81,7 +82,7 @@ class Member:
 
 def members(topology: config.Topology) -> tuple[Member, ...]:
     """Every process of the topology, in start order (parents before children)."""
-    found = [Member(n.name, n.role, n.listen, n.admin) for n in topology.nodes]
+    found = [Member(n.name, n.role, n.listen, n.admin, n.listen_tls) for n in topology.nodes]
     if topology.dns is not None:
         found.append(Member("dns", "dns", topology.dns.listen, topology.dns.admin))
     return tuple(sorted(found, key=lambda m: START_ORDER.index(m.role)))
@@ -240,6 +241,15 @@ class Launcher:
                 loop.remove_signal_handler(sig)
 
     async def _run(self, stop: asyncio.Event) -> int:
+        try:
+            made = await asyncio.to_thread(devcerts.ensure, self.topology)
+        except (OSError, ValueError) as exc:
+            self._say(self.err, f"edge up: cannot make throw-away certificates in {self.topology.state_dir}: {exc}")
+            self._say(self.err, "edge up: nothing started")
+            return 1
+        for site in made:
+            self._say(self.out, f"edge up: made a throw-away certificate for site {site.name} "
+                                f"({site.tls_cert}), signed by {devcerts.ca_path(self.topology)}")
         config_problems = await asyncio.to_thread(checks.problems, self.topology)
         if config_problems:
             for problem in config_problems:
@@ -395,7 +405,8 @@ class Launcher:
         self._say(self.out, "")
         self._say(self.out, node_table(self.members))
         self._say(self.out, "")
-        commands = try_commands(self.topology, self.config_path)
+        ca = devcerts.ca_path(self.topology)
+        commands = try_commands(self.topology, self.config_path, ca if ca.exists() else None)
         if commands:
             self._say(self.out, "Try:")
             for command in commands:
@@ -446,9 +457,12 @@ class Launcher:
         where = self.config_path or config.DEFAULT_TOPOLOGY
         try:
             topology, sha256, _ = await asyncio.to_thread(reload.read, self.config_path)
+            await asyncio.to_thread(devcerts.ensure, topology)     # a site added with its files in state_dir
             problems = await asyncio.to_thread(checks.problems, topology)
         except ConfigError as exc:
             problems = [exc]
+        except (OSError, ValueError) as exc:
+            problems = [f"cannot make throw-away certificates: {exc}"]
         if problems:
             for problem in problems:
                 self._say(self.err, f"edge up: reload refused, every node keeps running as it is: "
@@ -665,6 +679,8 @@ def preflight(member: Member) -> list[str]:
         problems.append(f"{member.name}: admin address {member.admin} has port 0; "
                         "`edge up` needs a fixed port to health-check it")
     wanted = [(member.traffic, p, "traffic") for p in member.traffic_protocols]
+    if member.traffic_tls is not None:
+        wanted.append((member.traffic_tls, "tcp", "HTTPS"))
     wanted.append((member.admin, "tcp", "admin"))
     for address, protocol, purpose in wanted:
         if address.port == 0:
@@ -707,14 +723,24 @@ def node_table(found: Iterable[Member]) -> str:
         for row in rows)
 
 
-def try_commands(topology: config.Topology, config_path: Path | None) -> list[str]:
-    """Commands an operator can paste to see the CDN work, from the topology itself."""
+def try_commands(topology: config.Topology, config_path: Path | None, ca: Path | None = None) -> list[str]:
+    """Commands an operator can paste to see the CDN work, from the topology itself.
+
+    `ca`: the CA that signed the sites' certificates (edge up's throw-away one), for the HTTPS line.
+    """
     commands = []
     l1s = topology.by_role("l1")
     site_host = topology.sites[0].hosts[0] if topology.sites else None
     if l1s and site_host:
         edge = l1s[0]
         commands.append(f"curl -sI -H 'Host: {site_host}' {edge.listen.url}/")
+    tls_l1 = next((n for n in l1s if n.listen_tls is not None), None)
+    tls_site = next((s for s in topology.sites if s.tls_cert is not None), None)
+    if tls_l1 is not None and tls_site is not None and tls_l1.listen_tls is not None:
+        address, host = tls_l1.listen_tls, tls_site.hosts[0]
+        trust = f"--cacert {ca} " if ca is not None else ""
+        commands.append(f"curl -sI {trust}--resolve {host}:{address.port}:{address.host} "
+                        f"https://{host}:{address.port}/")
     if l1s:
         commands.append(f"curl -s {l1s[0].admin.url}/metrics | grep edge_requests_total")
     if topology.dns is not None and site_host:

@@ -78,6 +78,8 @@ def moved_local_topology(moved: dict[str, str], state_dir: Path | None = None) -
     if state_dir is not None:
         text, count = re.subn(r'^state_dir = "var"$', f'state_dir = "{state_dir}"', text, flags=re.M)
         assert count == 1, 'deploy/local.toml no longer has state_dir = "var"'
+        # The throw-away certificates edge up makes live in the state dir: move them along.
+        text = text.replace('"var/tls/', f'"{state_dir}/tls/')
     return text
 
 

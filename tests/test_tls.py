@@ -341,3 +341,50 @@ def test_sighup_reloads_the_certificates(cdn):
         assert peer_names(tls) == [NEWS]
     with pytest.raises(ssl.SSLCertVerificationError):
         handshake(ssl.create_default_context(cafile=str(tmp / "ca.pem")), NEWS).close()
+
+
+# --------------------------------------------------------------------------- edge up
+
+def test_devcerts_makes_certificates_only_in_the_state_dir(tmp_path: Path):
+    from edge import devcerts
+    text = (f'state_dir = "{tmp_path / "var"}"\n'
+            '[sites.a]\nhosts = ["www.example.com", "127.0.98.9"]\norigin = "http://127.0.98.10:8080"\n'
+            f'tls_cert = "{tmp_path / "var/tls/a.pem"}"\ntls_key = "{tmp_path / "var/tls/a.key"}"\n'
+            '[sites.b]\nhosts = ["b.example.com"]\norigin = "http://127.0.98.10:8080"\n'
+            f'tls_cert = "{tmp_path / "elsewhere/b.pem"}"\ntls_key = "{tmp_path / "elsewhere/b.key"}"\n'
+            '[nodes.e]\nrole = "l1"\nlisten = "127.0.98.1:8080"\nadmin = "127.0.98.1:8091"\n')
+    topology = config.parse(text, "t.toml", tmp_path)
+    # Before: the state-dir certificate is not a problem (edge up makes it); the other one is.
+    assert [p.key for p in checks.problems(topology)] == ["sites.b.tls_cert"]
+    assert [s.name for s in devcerts.ensure(topology)] == ["a"]
+    assert not (tmp_path / "elsewhere").exists()
+    assert (tmp_path / "var/tls/a.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "var/tls/ca.key").stat().st_mode & 0o777 == 0o600
+    assert checks.certificate_problems(topology, topology.sites[0]) == []   # covers both hosts, key matches
+    ca = (tmp_path / "var/tls/ca.pem").read_bytes()
+    assert devcerts.ensure(topology) == []          # made once; the CA is kept for the next runs
+    (tmp_path / "var/tls/a.pem").unlink()
+    (tmp_path / "var/tls/a.key").unlink()
+    assert [s.name for s in devcerts.ensure(topology)] == ["a"]
+    assert (tmp_path / "var/tls/ca.pem").read_bytes() == ca
+
+
+def test_edge_up_serves_the_default_topology_over_https(tmp_path: Path):
+    from tests.cluster import EdgeUp, moved_local_topology
+    moved = {"127.0.0.10": "127.0.99.10", "127.0.2.1": "127.0.99.21", "127.0.2.2": "127.0.99.22",
+             "127.0.1.1": "127.0.99.31", "127.0.1.2": "127.0.99.32", "127.0.5.1": "127.0.99.5"}
+    up = EdgeUp.start(tmp_path, moved_local_topology(moved, tmp_path / "var"))
+    try:
+        output = up.output.read_text()
+        line = next((line.strip() for line in output.splitlines() if "https://" in line and "--cacert" in line), None)
+        ca = tmp_path / "var" / "tls" / "ca.pem"
+        assert line == (f"curl -sI --cacert {ca} --resolve www.example.com:8443:127.0.99.31 "
+                        "https://www.example.com:8443/"), output
+        for _ in range(2):      # the printed line works as printed (it verifies against the CA)
+            result = subprocess.run(line.split(), capture_output=True, text=True, timeout=20)
+            assert result.returncode == 0 and result.stdout.startswith("HTTP/1.1 200"), (result, output)
+        assert "l1-east; hit" in result.stdout, result.stdout
+        assert "BEGIN" not in subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                                             cwd=str(REPO)).stdout    # nothing made inside the repository
+    finally:
+        up.stop()
