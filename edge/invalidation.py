@@ -185,7 +185,8 @@ class Invalidator:
         if verdict is None:
             return False
         if verdict.hard:
-            if await self.store.delete(key):
+            # Only the version judged: a refill stored meanwhile was checked when it was stored.
+            if await self.store.delete(key, only=meta):
                 self.metrics.invalidations.labels("purge").inc()
                 return True
             return False

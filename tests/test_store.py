@@ -917,3 +917,25 @@ async def test_update_meta_replacing_changes_only_the_version_read(tmp_path, ope
     assert (await store.get("k")).meta.stale_at == 5.0
     if tier == "tiered":
         assert (await store.disk.get("k")).meta.stale_at == 5.0
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk", "tiered"])
+async def test_a_delete_of_one_version_keeps_a_newer_copy(open_disk, kind):
+    """A purge's lurker deletes the version it judged; a refill stored meanwhile stays."""
+    if kind == "memory":
+        store = MemoryStore(4 * MiB, MiB)
+    elif kind == "disk":
+        store = await open_disk()
+    else:
+        store = TieredStore(MemoryStore(4 * MiB, MiB), await open_disk())
+    old_body, new_body = body_of(2000, 1), body_of(2000, 2)
+    old = make_meta(old_body)
+    assert await put(store, "k", old_body, meta=old)
+    new = replace(make_meta(new_body), request_time=old.request_time + 5, response_time=old.response_time + 5)
+    assert await put(store, "k", new_body, meta=new)
+    if kind == "tiered":
+        await store.settled("k")
+    assert not await store.delete("k", only=old)
+    assert await read_all(await store.get("k")) == new_body
+    assert await store.delete("k", only=new)
+    assert await store.get("k") is None

@@ -25,6 +25,11 @@ from edge.surrogate import parse_tags
 DEFAULT_CHUNK_SIZE = 256 * 1024
 
 
+def same_version(a: Meta, b: Meta) -> bool:
+    """Are two metas of one key the same stored response (not a refetch of it)?"""
+    return (a.request_time, a.response_time) == (b.request_time, b.response_time)
+
+
 class CorruptEntry(Exception):
     """A stored entry is unreadable (bad meta, short body, replaced mid-read).
 
@@ -209,7 +214,10 @@ class Store(Protocol):
         """Replace the stored meta of `key` (same body); with `replacing`, only while that is the stored one."""
         ...
 
-    async def delete(self, key: str) -> bool: ...
+    async def delete(self, key: str, only: Meta | None = None) -> bool:
+        """Remove `key`; with `only`, only while the stored version is that one
+        (fetched at its request and response times): a newer copy stays."""
+        ...
 
     @property
     def objects(self) -> int: ...

@@ -57,7 +57,7 @@ import aiofiles.os
 import aiofiles.threadpool
 import xxhash
 
-from edge.store.base import DEFAULT_CHUNK_SIZE, CachedObject, CorruptEntry, Meta
+from edge.store.base import DEFAULT_CHUNK_SIZE, CachedObject, CorruptEntry, Meta, same_version
 
 log = logging.getLogger("edge.store.disk")
 
@@ -288,11 +288,18 @@ class DiskStore:
                 self._index.move_to_end(key)
         return True
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, only: Meta | None = None) -> bool:
         if key not in self._index and self._index_complete:
             return False
         h = key_hash(key)
         async with self._lock(h):
+            if only is not None:
+                try:
+                    found = await self._files.run(_read_entry, *self._paths(h), key)
+                except CorruptEntry:
+                    found = None                 # broken: remove it whatever it was
+                if found is not None and not same_version(found[0], only):
+                    return False
             indexed = self._index_drop(key)
             self._touch(h)
             try:

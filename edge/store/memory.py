@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from cachetools import Cache, LRUCache
 
-from edge.store.base import CachedObject, Meta
+from edge.store.base import CachedObject, Meta, same_version
 
 # What an entry costs in RSS apart from its body, key, URL and header fields,
 # measured on CPython 3.11 (64-bit) with ``python -m benchmarks.entrycost``
@@ -152,7 +152,11 @@ class MemoryStore:
             return False
         return True
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, only: Meta | None = None) -> bool:
+        if only is not None:
+            current = self.peek(key)
+            if current is not None and not same_version(current.meta, only):
+                return False
         return self._cache.pop(key, None) is not None
 
     def keys(self) -> list[str]:

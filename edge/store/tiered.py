@@ -30,7 +30,7 @@ import asyncio
 import collections
 import logging
 
-from edge.store.base import CachedObject, CorruptEntry, Meta
+from edge.store.base import CachedObject, CorruptEntry, Meta, same_version
 from edge.store.disk import DiskStore, DiskWriter
 from edge.store.memory import MemoryStore, MemoryWriter
 
@@ -164,11 +164,15 @@ class TieredStore:
         in_memory = await self.memory.update_meta(key, meta, replacing)
         return in_memory or on_disk
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, only: Meta | None = None) -> bool:
         await self.settled(key)
-        on_disk = await self.disk.delete(key)
+        held = self.memory.peek(key) if only is not None else None
+        if held is not None and not same_version(held.meta, only):
+            return False                         # memory holds a newer copy: it stays, in both tiers
+        on_disk = await self.disk.delete(key, only)
         self._promotions.pop(key, None)
-        in_memory = await self.memory.delete(key)
+        # A copy stored while the disk was busy is newer than `only`: memory.delete keeps it.
+        in_memory = await self.memory.delete(key, only)
         return in_memory or on_disk
 
     def tiers(self) -> list[MemoryStore | DiskStore]:
