@@ -101,6 +101,14 @@ class CoverageMap:
         """The most specific block holding `address`, or None."""
         return self._tables[address.version].lookup(int(address))
 
+    def lookup_value(self, version: int, value: int) -> CoverageMatch | None:
+        """:meth:`lookup` for an address given as an integer (the cache's hit path builds no objects)."""
+        return self._tables[version].lookup(value)
+
     def scope(self, address: IPAddress, match: CoverageMatch | None) -> int:
         """ECS scope prefix length for an answer located by `match` (RFC 7871 section 7.2.1)."""
         return self._tables[address.version].scope(int(address), match)
+
+    def scope_value(self, version: int, value: int, match: CoverageMatch | None) -> int:
+        """:meth:`scope` for an address given as an integer."""
+        return self._tables[version].scope(value, match)
