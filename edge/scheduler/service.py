@@ -10,109 +10,87 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections.abc import Hashable
 from typing import Any
 
 import dns.message
-import dns.rcode
-import dns.rdatatype
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from edge.admin import make_admin_app
 from edge.config import Topology
-from edge.scheduler.answer import Answer, Answerer, Edge
+from edge.scheduler.answer import Answerer, Edge
 from edge.scheduler.geo import IPAddress
 from edge.scheduler.health import EdgeHealth, HealthChecker
+from edge.scheduler.metrics import SchedulerCollector, SchedulerMetrics, Tally
+from edge.scheduler.rrl import RateLimiter
 from edge.scheduler.server import DnsServer, Resolved
+from edge.scheduler.wire import QueryView
 
 log = logging.getLogger("edge.dns")
 
-# Query types with their own metric label; anything else counts as OTHER, so a
-# scan of all 65536 types cannot blow up the number of time series.
-_QTYPE_LABELS = frozenset(dns.rdatatype.to_text(t) for t in (
-    dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.CNAME, dns.rdatatype.NS, dns.rdatatype.SOA,
-    dns.rdatatype.ANY, dns.rdatatype.MX, dns.rdatatype.TXT, dns.rdatatype.PTR, dns.rdatatype.SRV,
-    dns.rdatatype.CAA, dns.rdatatype.HTTPS, dns.rdatatype.SVCB, dns.rdatatype.DS,
-    dns.rdatatype.DNSKEY, dns.rdatatype.AXFR, dns.rdatatype.IXFR))
 ALL_DOWN_LOG_EVERY = 10.0      # seconds between repeated "all edges down" warnings
 
 
-class SchedulerMetrics:
-    """The scheduler's metric objects, on a registry of its own."""
-
-    def __init__(self, registry: CollectorRegistry, edges: tuple[Edge, ...]):
-        self.queries = Counter("dns_queries_total", "DNS queries answered, by query type and response code",
-                               ["qtype", "rcode"], registry=registry)
-        self.answers = Counter("dns_answers_total", "Edges handed out in answers", ["edge"], registry=registry)
-        self.edge_up = Gauge("dns_edge_up", "1 if the edge passes its health checks", ["edge"], registry=registry)
-        self.all_down = Counter("dns_all_edges_down", "Answers given with every candidate edge down "
-                                "(the nearest was answered anyway)", registry=registry)
-        self.decision = Histogram("dns_decision_seconds", "Time to decide an answer (parsing excluded)",
-                                  buckets=(5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 1e-2),
-                                  registry=registry)
-        # Label children resolved once: a labels() call per query is measurable at high QPS.
-        self.answers_by_edge = {edge.name: self.answers.labels(edge=edge.name) for edge in edges}
-        self.up_by_edge = {edge.name: self.edge_up.labels(edge=edge.name) for edge in edges}
-        for gauge in self.up_by_edge.values():
-            gauge.set(1)                                   # not probed yet counts as up
-        self._queries: dict[tuple[int | None, int], Any] = {}
-
-    def count_query(self, qtype: int | None, rcode: int) -> None:
-        """Count one response; label text is worked out once per (type, rcode) pair."""
-        child = self._queries.get((qtype, rcode))
-        if child is None:
-            label = "NONE" if qtype is None else dns.rdatatype.to_text(qtype)
-            if qtype is not None and label not in _QTYPE_LABELS:
-                label = "OTHER"
-            child = self._queries[(qtype, rcode)] = self.queries.labels(
-                qtype=label, rcode=dns.rcode.to_text(rcode))
-        child.inc()
-
-
 class Scheduler:
-    """One DNS scheduler: build with a topology, :meth:`start`, and :meth:`close`."""
+    """One DNS scheduler: build with a topology, :meth:`start`, and :meth:`close`.
+
+    It is the transport's resolver: it decides on the full path (through the
+    answerer), names what the answer cache keys on (:meth:`place`,
+    :attr:`generation`) and counts every answer sent (:meth:`count`).
+    """
 
     def __init__(self, topology: Topology):
         self.topology = topology
         self.answerer = Answerer(topology)
         assert topology.dns is not None                   # Answerer raised ConfigError otherwise
-        self.dns = topology.dns
+        self.dns = conf = topology.dns
         self.registry = CollectorRegistry()
         self.metrics = SchedulerMetrics(self.registry, self.answerer.edges)
-        self.health = HealthChecker(self.answerer.edges, self.dns.health, on_change=self._edge_changed)
-        self.server = DnsServer(self, on_response=self._count_response)
+        self.health = HealthChecker(self.answerer.edges, conf.health, on_change=self._edge_changed)
+        limiter = RateLimiter(conf.rrl.rate, conf.rrl.slip, conf.rrl.table_size) if conf.rrl.rate else None
+        self.server = DnsServer(self, cache_size=conf.cache_size, rate_limiter=limiter,
+                                tcp_idle_timeout=conf.tcp_idle_timeout,
+                                max_tcp_connections=conf.tcp_max_connections,
+                                max_tcp_per_network=conf.tcp_max_per_network)
+        self.registry.register(SchedulerCollector(self.metrics, self.server))
         self._admin: web.AppRunner | None = None
         self.admin_address: tuple[str, int] | None = None
         self._all_down_logged = -ALL_DOWN_LOG_EVERY
 
     # ----------------------------------------------------------------- per query
 
+    @property
+    def generation(self) -> int:
+        """Moves whenever an edge's up or overloaded state does: cached answers of before are not reused."""
+        return self.health.generation
+
+    def place(self, version: int, value: int, view: QueryView) -> Hashable:
+        return self.answerer.place(version, value, view.ecs_family, view.ecs_srclen, view.ecs_address)
+
     def resolve(self, query: dns.message.Message, client: IPAddress) -> Resolved:
         started = time.perf_counter()
         result = self.answerer.answer(query, client, self.health.snapshot)
         self.metrics.decision.observe(time.perf_counter() - started)
-        for choice in result.choices:
-            for edge in choice.chosen:
-                self.metrics.answers_by_edge[edge.name].inc()
-        if result.all_down:
-            self._report_all_down(result)
-        # The rendering depends on the query bytes and on which edges were chosen.
-        return Resolved(result.response, tuple(choice.chosen for choice in result.choices))
+        edges = tuple(edge.name for choice in result.choices for edge in choice.chosen)
+        region = result.location.region if result.location is not None else None
+        return Resolved(result.response, (edges, result.all_down, region))
 
-    def _report_all_down(self, result: Answer) -> None:
-        self.metrics.all_down.inc()
+    def tally(self, qtype: int | None, rcode: int, decision: Hashable) -> Tally:
+        return self.metrics.tally(qtype, rcode, decision)  # type: ignore[arg-type]
+
+    def count(self, tally: Tally) -> None:
+        """Count one answer sent, from the cache or not: the one place answers are counted."""
+        tally.count += 1
+        if tally.all_down:
+            self._report_all_down(tally)
+
+    def _report_all_down(self, tally: Tally) -> None:
         now = time.monotonic()
         if now - self._all_down_logged >= ALL_DOWN_LOG_EVERY:
             self._all_down_logged = now
-            location = result.location
-            log.warning("every candidate edge is down; answering the nearest anyway (%s, region %s): %s",
-                        location.address if location else "?", location.region if location else "?",
-                        ", ".join(e.name for c in result.choices for e in c.chosen))
-
-    def _count_response(self, query: dns.message.Message | None, response: dns.message.Message,
-                        transport: str) -> None:
-        qtype = query.question[0].rdtype if query is not None and query.question else None
-        self.metrics.count_query(qtype, response.rcode())
+            log.warning("every candidate edge is down; answering the nearest anyway (region %s): %s",
+                        tally.region or "none", ", ".join(tally.edges))
 
     def _edge_changed(self, edge: Edge, before: EdgeHealth, after: EdgeHealth) -> None:
         self.metrics.up_by_edge[edge.name].set(1 if after.up else 0)

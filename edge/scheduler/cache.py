@@ -1,0 +1,139 @@
+"""The answer cache: rendered answers in wire format, keyed by what they depend on, bounded in bytes.
+
+An answer depends on the query only through the lower-cased question
+(name, type, class), the flags that change it (RD is echoed; CD and DO are
+kept apart as well), whether EDNS was present and the size limit the
+answer was rendered for; on the client only through its place (the region,
+or with a client subnet the subnet's family, length and scope, see
+``Answerer.place``); and on health only through the generation, which
+moves when an edge goes up or down or becomes overloaded or not.  Those
+make the key (:func:`answer_key`).
+
+An entry is a rendered answer cut around what differs between queries
+with one key: the ID, the question as sent (its 0x20 case; owner names
+compressed to it show that case too) and the client subnet's address bytes,
+which end the answer's OPT record.  A hit is the query's ID, the entry's
+head (flags and counts), the query's question, the entry's tail and the
+query's subnet address: no dnspython.  :func:`template` cuts an answer
+only if it has exactly that shape, so a hit is byte for byte what the
+full path would have sent.
+
+Bounded in bytes with cachetools' LRU (least recently used out first,
+never a wholesale clear): a flood of new names, cases or subnets only
+pushes out the coldest entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import NamedTuple
+
+from cachetools import LRUCache
+
+from edge.scheduler.wire import CD, HEADER, OPTION_ECS, RD, QueryView
+
+# What an entry costs besides its bytes: the key tuple and its name, the entry
+# tuple, two bytes objects' headers, and cachetools' three dicts (data, sizes,
+# LRU order).  Measured with tracemalloc at about 450 bytes (tests check it).
+ENTRY_OVERHEAD = 512
+
+
+class CachedAnswer(NamedTuple):
+    head: bytes           # the answer's header after the ID: flags and section counts
+    tail: bytes           # everything after the question, less the client subnet address at the end
+    tally: object         # what the answer counts as (the resolver's, counted on every hit)
+    size: int             # bytes charged against the cache's bound
+
+
+def answer_key(view: QueryView, limit: int, place: Hashable, generation: int) -> tuple:
+    """The cache key of a query answered within `limit` bytes, from a client at `place`."""
+    shape = (view.flags & (RD | CD)) | view.do << 16 | view.edns << 17 | limit << 18
+    return (view.qkey, shape, place, generation)
+
+
+def template(reply: bytes, wire: bytes, view: QueryView) -> tuple[bytes, bytes] | None:
+    """`reply` to `wire` cut into head and tail, or None if it is not of the shape a hit rebuilds.
+
+    The reply must carry the query's ID and its question byte for byte, and
+    with a client subnet end with the echo of it (RFC 7871 section 7.2.1:
+    family, source length, a scope, the query's address bytes).
+    """
+    end = view.question_end
+    if reply[:2] != wire[:2] or reply[HEADER:end] != wire[HEADER:end]:
+        return None
+    cut = len(reply)
+    if view.ecs_family:
+        address = view.ecs_address
+        cut -= len(address)
+        option = (OPTION_ECS.to_bytes(2, "big") + (4 + len(address)).to_bytes(2, "big")
+                  + view.ecs_family.to_bytes(2, "big") + bytes([view.ecs_srclen]))
+        if reply[cut - 8:cut - 1] != option or reply[cut:] != address:
+            return None
+    return reply[2:HEADER], reply[end:cut]
+
+
+def assemble(wire: bytes, view: QueryView, entry: CachedAnswer) -> bytes:
+    """The answer to `wire` from a cached entry of its key."""
+    return b"".join((wire[:2], entry.head, wire[HEADER:view.question_end], entry.tail, view.ecs_address))
+
+
+class _Lru(LRUCache):
+    """cachetools' LRU charging each entry its bytes and overhead, counting evictions."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(max_bytes, getsizeof=lambda entry: entry.size)
+        self.evictions = 0
+
+    def popitem(self):  # cachetools calls this only to make room
+        item = super().popitem()
+        self.evictions += 1
+        return item
+
+
+class AnswerCache:
+    """Answers by key, at most `max_bytes` of them (0: nothing is kept), with hit and miss counts."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._lru = _Lru(max_bytes) if max_bytes > 0 else None
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> CachedAnswer | None:
+        """The entry for `key` (now the most recently used), counting a hit or a miss."""
+        if self._lru is not None:
+            try:
+                entry = self._lru[key]
+            except KeyError:
+                pass
+            else:
+                self.hits += 1
+                return entry
+        self.misses += 1
+        return None
+
+    def bypass(self) -> None:
+        """Count a query that could not use the cache (the pre-parser handed it on): a miss."""
+        self.misses += 1
+
+    def put(self, key: tuple, head: bytes, tail: bytes, tally: object) -> bool:
+        """Keep an answer under `key`, pushing out the least recently used as needed; False if too big."""
+        if self._lru is None:
+            return False
+        size = len(key[0]) + len(head) + len(tail) + ENTRY_OVERHEAD
+        if size > self.max_bytes:
+            return False
+        self._lru[key] = CachedAnswer(head, tail, tally, size)
+        return True
+
+    @property
+    def entries(self) -> int:
+        return len(self._lru) if self._lru is not None else 0
+
+    @property
+    def bytes(self) -> int:
+        return int(self._lru.currsize) if self._lru is not None else 0
+
+    @property
+    def evictions(self) -> int:
+        return self._lru.evictions if self._lru is not None else 0
