@@ -30,7 +30,6 @@ from edge import config
 from edge.scheduler.answer import Answerer
 from edge.scheduler.server import DnsServer, Resolved
 from edge.scheduler.service import Scheduler
-from edge.scheduler.wire import QueryView
 from tests.cluster import EAST_WEST_REGIONS
 
 DIG = shutil.which("dig") or "/usr/bin/dig"
@@ -362,8 +361,8 @@ class AnswererResolver:
         result = self.answerer.answer(query, client, {})  # type: ignore[arg-type]
         return Resolved(result.response, tuple(e.name for c in result.choices for e in c.chosen))
 
-    def place(self, version: int, value: int, view: QueryView) -> object:
-        return self.answerer.place(version, value, view.ecs_family, view.ecs_srclen, view.ecs_address)
+    def place(self, *client: object) -> object:
+        return self.answerer.place(*client)  # type: ignore[arg-type]
 
     def tally(self, qtype: int | None, rcode: int, decision: object) -> object:
         return (qtype, rcode, decision)

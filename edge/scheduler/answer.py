@@ -185,6 +185,7 @@ class Answerer:
         self.answers = conf.answers
         self.default_region = conf.default_region
         self.coverage = CoverageMap(topology.coverage)
+        self._lookups = self.coverage.lookups
         self.edges = self._edges(topology)
 
         nameserver = dns.name.from_text(conf.nameserver)
@@ -359,7 +360,7 @@ class Answerer:
             match = self.coverage.lookup_value(version, value)
             region = match.region if match is not None else self.default_region
             return (ecs_family, ecs_srclen, region, self.coverage.scope_value(version, value, match))
-        match = self.coverage.lookup_value(version, value)
+        match = self._lookups[version](value)
         region = match.region if match is not None else self.default_region
         return (ecs_family, 0, region, 0) if ecs_family else region
 

@@ -77,7 +77,7 @@ class Resolver(Protocol):
 
     def resolve(self, query: dns.message.Message, client: IPAddress) -> Resolved: ...
 
-    def place(self, version: int, value: int, view: QueryView) -> Hashable:
+    def place(self, version: int, value: int, ecs_family: int, ecs_srclen: int, ecs_address: bytes) -> Hashable:
         """What the answer depends on about where the client is (see Answerer.place)."""
 
     def tally(self, qtype: int | None, rcode: int, decision: Hashable) -> object:
@@ -199,7 +199,8 @@ class DnsServer:
             self.cache.bypass()
             return self._full(wire, host, limit, None, None)
         resolver = self.resolver
-        key = answer_key(view, limit, resolver.place(version, value, view), resolver.generation)
+        place = resolver.place(version, value, view.ecs_family, view.ecs_srclen, view.ecs_address)
+        key = answer_key(view, limit, place, resolver.generation)
         entry = self.cache.get(key)
         if entry is None:
             return self._full(wire, host, limit, view, key)

@@ -10,7 +10,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import dns.message
@@ -25,7 +25,6 @@ from edge.scheduler.health import EdgeHealth, HealthChecker
 from edge.scheduler.metrics import SchedulerCollector, SchedulerMetrics, Tally
 from edge.scheduler.rrl import RateLimiter
 from edge.scheduler.server import DnsServer, Resolved
-from edge.scheduler.wire import QueryView
 
 log = logging.getLogger("edge.dns")
 
@@ -48,6 +47,8 @@ class Scheduler:
         self.registry = CollectorRegistry()
         self.metrics = SchedulerMetrics(self.registry, self.answerer.edges)
         self.health = HealthChecker(self.answerer.edges, conf.health, on_change=self._edge_changed)
+        # What an answer depends on about the client: the answerer's to say, called per query.
+        self.place: Callable[..., Hashable] = self.answerer.place
         limiter = RateLimiter(conf.rrl.rate, conf.rrl.slip, conf.rrl.table_size) if conf.rrl.rate else None
         self.server = DnsServer(self, cache_size=conf.cache_size, rate_limiter=limiter,
                                 tcp_idle_timeout=conf.tcp_idle_timeout,
@@ -64,9 +65,6 @@ class Scheduler:
     def generation(self) -> int:
         """Moves whenever an edge's up or overloaded state does: cached answers of before are not reused."""
         return self.health.generation
-
-    def place(self, version: int, value: int, view: QueryView) -> Hashable:
-        return self.answerer.place(version, value, view.ecs_family, view.ecs_srclen, view.ecs_address)
 
     def resolve(self, query: dns.message.Message, client: IPAddress) -> Resolved:
         started = time.perf_counter()

@@ -46,6 +46,11 @@ class QueryView(NamedTuple):
     ecs_address: bytes    # its address bytes, exactly as sent (ceil(srclen / 8) of them)
 
 
+# QueryView(...) goes through a Python-level __new__; building the tuple directly
+# costs a fifth of that, and this runs once per query.
+_view = tuple.__new__
+
+
 def parse_query(wire: bytes) -> QueryView | None:
     """The view of a plain query, or None for anything the full path must look at."""
     size = len(wire)
@@ -58,15 +63,15 @@ def parse_query(wire: bytes) -> QueryView | None:
     if arcount > 1:
         return None
     at = HEADER
-    while True:                                   # labels up to the root; a pointer or a long label ends it
-        if at >= size:
-            return None
+    try:
         length = wire[at]
-        if length == 0:
-            break
-        if length > 63:
-            return None
-        at += length + 1
+        while length:                             # labels up to the root; a pointer or a long label ends it
+            if length > 63:
+                return None
+            at += length + 1
+            length = wire[at]
+    except IndexError:                            # the name runs past the packet
+        return None
     name_end = at + 1
     if name_end - HEADER > MAX_NAME:
         return None
@@ -80,7 +85,7 @@ def parse_query(wire: bytes) -> QueryView | None:
     if arcount == 0:
         if question_end != size:
             return None
-        return QueryView(qkey, question_end, qtype, flags, False, 0, False, 0, 0, b"")
+        return _view(QueryView, (qkey, question_end, qtype, flags, False, 0, False, 0, 0, b""))
     return _with_opt(wire, qkey, question_end, qtype, flags)
 
 
@@ -128,8 +133,8 @@ def _with_opt(wire: bytes, qkey: bytes, question_end: int, qtype: int, flags: in
                 return None
         else:
             return None                           # another option, or one twice
-    return QueryView(qkey, question_end, qtype, flags, True, payload, bool(edns_flags & _DO),
-                     family, srclen, address)
+    return _view(QueryView, (qkey, question_end, qtype, flags, True, payload, bool(edns_flags & _DO),
+                             family, srclen, address))
 
 
 def ecs_value(family: int, address: bytes) -> int:
