@@ -56,3 +56,4 @@ CEILING = Endpoint("127.0.68.1", 8080)          # bare aiohttp handler
 CEILING_HTTPTOOLS = Endpoint("127.0.68.2", 8080)  # bare asyncio.Protocol + httptools on uvloop
 DNS_CLIENT_EAST = "127.0.69.1"                  # inside the east coverage block
 DNS_CLIENT_WEST = "127.0.69.129"                # inside the west coverage block
+DNS_CLIENT_FLOOD = "127.0.69.2"                 # the flood's source (east block), apart from dnsperf's

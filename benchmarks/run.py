@@ -239,9 +239,12 @@ def run_scenarios(bench: Bench, chosen: list[str], started: dict[str, Started]) 
         worst = min(r.store.byte_ratio - r.lru.byte_ratio for r in results)
         summary.append(f"Hit ratio: store byte hit ratio at worst {worst:+.4f} against exact LRU")
     if "dns" in chosen:
-        runs, nearest = dns.measure(bench)
-        tables.append(dns.table(runs, nearest))
+        runs, nearest, cache = dns.measure(bench)
+        tables.append(dns.table(runs, nearest, cache))
         verdicts += [v for v in [dns.verdict(runs)] if v]
+        flood = dns.measure_flood(bench, started["dns"])
+        tables.append(dns.flood_table(flood))
+        verdicts.append(dns.flood_verdict(flood))
     summary.insert(0, targets.summary(s, verdicts))
     tables.insert(0, targets.table(s, verdicts, set(chosen)))
     return tables, summary

@@ -508,7 +508,7 @@ def test_every_target_is_listed_and_unmeasured_ones_say_why():
     from benchmarks import targets
     from benchmarks.context import FULL, QUICK
     keys = [g.key for g in targets.goals(QUICK)]
-    assert len(keys) == len(set(keys)) == 8 + 6       # 2 sizes x 2 log settings x (req/s, p99) + 6 others
+    assert len(keys) == len(set(keys)) == 8 + 7       # 2 sizes x 2 log settings x (req/s, p99) + 7 others
     table = targets.table(QUICK, [targets.Verdict("miss", "0.60 x", True)], ran={"miss", "hit"})
     rows = {row[0]: row for row in table.rows}
     assert rows["Miss chain L1 -> L2 -> origin: req/s"][3] == "met"
@@ -521,7 +521,7 @@ def test_every_target_is_listed_and_unmeasured_ones_say_why():
     collapse_goal = next(g for g in targets.goals(QUICK) if g.key == "collapse")
     assert collapse_goal.goal == "1 origin request, last response <= 220 ms"
     assert targets.summary(QUICK, [targets.Verdict("miss", "x", True), targets.Verdict("dns", "x", False)]) == \
-        "Targets: 1 met, 1 below, 12 not measured (of 14; see the table Targets)"
+        "Targets: 1 met, 1 below, 13 not measured (of 15; see the table Targets)"
 
 
 def test_target_arithmetic():
@@ -737,3 +737,30 @@ def test_httptools_ceiling_serves_over_a_real_socket(tmp_path: Path):
     answers = _responses(data)
     assert [len(a[2]) for a in answers] == [4, 70000]
     assert answers[1][1][b"Connection"] == b"close"
+
+
+# --------------------------------------------------------------------------- the DNS flood
+
+
+def test_dns_flood_packets_are_new_names_that_the_answer_cache_takes():
+    """Every packet parses, asks a name never asked before, and is of the shape the cache's pre-parser reads."""
+    import random
+
+    import dns.message
+
+    from benchmarks import dnsflood
+    from edge.scheduler.wire import parse_query
+    rng = random.Random(1)
+    names, subnets, mixed_case = set(), 0, 0
+    for qid in range(3000):
+        wire = dnsflood.packet(rng, qid)
+        message = dns.message.from_wire(wire)
+        (question,) = message.question
+        assert message.id == qid and question.name.to_text().lower().endswith(("example.com.", "example.net."))
+        names.add(question.name.to_text().lower())
+        subnets += any(o.otype == 8 for o in message.options)
+        mixed_case += question.name.to_text() != question.name.to_text().lower()
+        assert parse_query(wire) is not None, wire.hex()
+    assert len(names) == 3000 and 1200 < subnets < 1800 and mixed_case > 2500
+    assert dnsflood.packet(random.Random(1), 0) == dnsflood.packet(random.Random(1), 0)      # seeded
+    assert dnsflood.packet(random.Random(1), 0) != dnsflood.packet(random.Random(2), 0)
