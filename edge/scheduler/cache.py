@@ -18,23 +18,25 @@ query's subnet address: no dnspython.  :func:`template` cuts an answer
 only if it has exactly that shape, so a hit is byte for byte what the
 full path would have sent.
 
-Bounded in bytes with cachetools' LRU (least recently used out first,
-never a wholesale clear): a flood of new names, cases or subnets only
-pushes out the coldest entries.
+Bounded in bytes, least recently used out first (never a wholesale
+clear): a flood of new names, cases or subnets only pushes out the coldest
+entries.  The LRU is an OrderedDict (a lookup and a move, both in C)
+rather than cachetools' LRUCache, which keeps three dicts per entry (data,
+sizes, order: about 60 bytes more an entry, measured) and takes three
+Python-level calls a lookup (0.23 against 0.15 us, measured).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable
 from typing import NamedTuple
-
-from cachetools import LRUCache
 
 from edge.scheduler.wire import CD, HEADER, OPTION_ECS, RD, QueryView
 
 # What an entry costs besides its bytes: the key tuple and its name, the entry
-# tuple, two bytes objects' headers, and cachetools' three dicts (data, sizes,
-# LRU order).  Measured with tracemalloc at about 450 bytes (tests check it).
+# tuple, two bytes objects' headers, and the OrderedDict's slot and link.
+# Measured with tracemalloc at about 400 bytes (tests check it).
 ENTRY_OVERHEAD = 512
 
 
@@ -77,40 +79,26 @@ def assemble(wire: bytes, view: QueryView, entry: CachedAnswer) -> bytes:
     return b"".join((wire[:2], entry.head, wire[HEADER:view.question_end], entry.tail, view.ecs_address))
 
 
-class _Lru(LRUCache):
-    """cachetools' LRU charging each entry its bytes and overhead, counting evictions."""
-
-    def __init__(self, max_bytes: int):
-        super().__init__(max_bytes, getsizeof=lambda entry: entry.size)
-        self.evictions = 0
-
-    def popitem(self):  # cachetools calls this only to make room
-        item = super().popitem()
-        self.evictions += 1
-        return item
-
-
 class AnswerCache:
     """Answers by key, at most `max_bytes` of them (0: nothing is kept), with hit and miss counts."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._lru = _Lru(max_bytes) if max_bytes > 0 else None
+        self._entries: OrderedDict[tuple, CachedAnswer] = OrderedDict()   # least recently used first
+        self.bytes = 0
         self.hits = 0
         self.misses = 0
+        self.evictions = 0
 
     def get(self, key: tuple) -> CachedAnswer | None:
         """The entry for `key` (now the most recently used), counting a hit or a miss."""
-        if self._lru is not None:
-            try:
-                entry = self._lru[key]
-            except KeyError:
-                pass
-            else:
-                self.hits += 1
-                return entry
-        self.misses += 1
-        return None
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry
 
     def bypass(self) -> None:
         """Count a query that could not use the cache (the pre-parser handed it on): a miss."""
@@ -118,22 +106,21 @@ class AnswerCache:
 
     def put(self, key: tuple, head: bytes, tail: bytes, tally: object) -> bool:
         """Keep an answer under `key`, pushing out the least recently used as needed; False if too big."""
-        if self._lru is None:
-            return False
         size = len(key[0]) + len(head) + len(tail) + ENTRY_OVERHEAD
         if size > self.max_bytes:
             return False
-        self._lru[key] = CachedAnswer(head, tail, tally, size)
+        entries = self._entries
+        old = entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old.size
+        while self.bytes + size > self.max_bytes:
+            _, evicted = entries.popitem(last=False)
+            self.bytes -= evicted.size
+            self.evictions += 1
+        entries[key] = CachedAnswer(head, tail, tally, size)
+        self.bytes += size
         return True
 
     @property
     def entries(self) -> int:
-        return len(self._lru) if self._lru is not None else 0
-
-    @property
-    def bytes(self) -> int:
-        return int(self._lru.currsize) if self._lru is not None else 0
-
-    @property
-    def evictions(self) -> int:
-        return self._lru.evictions if self._lru is not None else 0
+        return len(self._entries)

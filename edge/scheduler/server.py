@@ -185,19 +185,21 @@ class DnsServer:
             if verdict != rrl_.ANSWER:
                 # A slip needs the question to echo; a packet without a plain one is only dropped.
                 return truncated_reply(wire, view) if verdict == rrl_.SLIP and view is not None else None
-        limit = view_limit(view, self.our_payload) if view is not None else NO_EDNS_LIMIT
-        return self.handle(wire, host, version, value, view, limit)
+        if view is None:
+            self.cache.bypass()
+            return self._full(wire, host, NO_EDNS_LIMIT, None, None)
+        return self.handle(wire, host, version, value, view, view_limit(view, self.our_payload))
 
     def handle_tcp(self, wire: bytes, host: str, version: int, value: int) -> bytes | None:
         """The answer to one framed TCP message (no rate limit: TCP proves the address)."""
-        return self.handle(wire, host, version, value, parse_query(wire), TCP_LIMIT)
-
-    def handle(self, wire: bytes, host: str, version: int, value: int, view: QueryView | None,
-               limit: int) -> bytes | None:
-        """Answer one DNS message from the cache, or through the full path and fill the cache."""
+        view = parse_query(wire)
         if view is None:
             self.cache.bypass()
-            return self._full(wire, host, limit, None, None)
+            return self._full(wire, host, TCP_LIMIT, None, None)
+        return self.handle(wire, host, version, value, view, TCP_LIMIT)
+
+    def handle(self, wire: bytes, host: str, version: int, value: int, view: QueryView, limit: int) -> bytes | None:
+        """Answer a plain query from the cache, or through the full path and fill the cache."""
         resolver = self.resolver
         place = resolver.place(version, value, view.ecs_family, view.ecs_srclen, view.ecs_address)
         key = answer_key(view, limit, place, resolver.generation)
