@@ -54,6 +54,7 @@ ATS = Endpoint("127.0.66.1", 8080)
 KNOT = Endpoint("127.0.67.1", 8053)
 CEILING = Endpoint("127.0.68.1", 8080)          # bare aiohttp handler
 CEILING_HTTPTOOLS = Endpoint("127.0.68.2", 8080)  # bare asyncio.Protocol + httptools on uvloop
+CEILING_DNS = Endpoint("127.0.68.3", 8053)      # bare DatagramProtocol on uvloop answering any name
 DNS_CLIENT_EAST = "127.0.69.1"                  # inside the east coverage block
 DNS_CLIENT_WEST = "127.0.69.129"                # inside the west coverage block
 DNS_CLIENT_FLOOD = "127.0.69.2"                 # the flood's source (east block), apart from dnsperf's

@@ -164,6 +164,7 @@ def start_servers(bench: Bench, chosen: list[str]) -> dict[str, Started]:
         started["l1_west"] = servers.start_edge_node(p, topology, "l1-west", layout.L1_WEST_ADMIN)
         started["dns"] = servers.start_dns(p, topology)
         started["knot"] = servers.start_knot(p, c["knot"])
+        started["ceiling_dns"] = servers.start_ceiling_dns(p)
     bench.log(f"started {len(started)} servers: {', '.join(started)}")
     return started
 
@@ -185,6 +186,7 @@ def server_groups(started: dict[str, Started]) -> dict[str, set[int]]:
         miss.NGINX.label: groups("nginx_l1", "nginx_l2", "fast_origin"),
         dns.SCHEDULER.label: groups("dns"),
         dns.KNOT.label: groups("knot"),
+        dns.CEILING.label: groups("ceiling_dns"),
     }
 
 
