@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import dns.asyncquery
 import dns.message
 import dns.rcode
@@ -252,3 +255,22 @@ async def test_an_edge_going_down_changes_the_cached_answer_within_the_fall_time
     hits = cache.hits
     assert await edges_for(scheduler, "127.0.90.51") == [WEST_EDGE]
     assert cache.hits == hits + 1                             # the new answer is cached in its turn
+
+
+async def test_the_schedulers_metrics_pass_promtool_and_count_hits_like_misses(scheduler) -> None:
+    scheduler, _, _ = scheduler
+    for source in ("127.0.90.50", "127.0.90.51", "127.0.91.50"):
+        await edges_for(scheduler, source)                    # a miss, a hit, a miss (another region)
+    url = "http://%s:%d/metrics" % scheduler.admin_address  # type: ignore[str-format]
+    async with aiohttp.ClientSession() as session, session.get(url) as reply:
+        text = await reply.text()
+    check = subprocess.run([shutil.which("promtool") or "promtool", "check", "metrics"], input=text,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert float(lines['dns_queries_total{qtype="A",rcode="NOERROR"}']) == 3
+    assert float(lines['dns_answers_total{edge="l1-east"}']) == 3       # both edges in every answer
+    assert float(lines["dns_cache_hits_total"]) == 1 and float(lines["dns_cache_misses_total"]) == 2
+    assert float(lines["dns_decision_seconds_count"]) == 2
+    assert float(lines["dns_cache_entries"]) == 2 and 0 < float(lines["dns_cache_bytes"]) <= float(
+        lines["dns_cache_max_bytes"])
