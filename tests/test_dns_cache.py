@@ -43,8 +43,7 @@ class Pair:
         for scheduler in (self.cached, self.reference):
             server = scheduler.server
             if tcp:
-                from edge.scheduler.server import client_value
-                replies.append(server.handle_tcp(wire, source, *client_value(source)))
+                replies.append(server.handle_tcp(wire, source, server.sources.get(source)))
             else:
                 replies.append(server.handle_udp(wire, source))
         assert replies[0] == replies[1], "a cache hit differs from the full path's answer"
@@ -263,3 +262,26 @@ def test_the_cache_stays_within_its_bytes_and_evicts_the_least_recently_used() -
         assert cache.bytes <= cache.max_bytes
     assert 90 <= cache.entries <= 100 and cache.evictions == 1000 - cache.entries
     assert cache.get(keys[1]) is None and cache.get(keys[-1]) is not None
+
+
+def test_a_packet_repeated_byte_for_byte_is_answered_without_being_read_again() -> None:
+    pair = Pair()
+    cache = pair.cached.server.cache
+    pair.ask(wire(qid=1), EAST_A)                          # a miss: one entry (the answer's template)
+    pair.ask(wire(qid=2), EAST_A)                          # a hit: the packet is kept as well
+    assert (pair.hits, cache.entries) == (1, 2)
+    pair.ask(wire(qid=3), EAST_B)                          # the same packet from the same place
+    assert (pair.hits, cache.entries) == (2, 2)
+    pair.ask(wire(qid=4), WEST_A)                          # another place: neither entry applies
+    assert (pair.hits, cache.entries) == (2, 3)
+    pair.health(**{"l1-east": DOWN})
+    pair.health(**{"l1-east": DOWN})                       # a new generation: neither applies either
+    assert addresses(pair.ask(wire(qid=5), EAST_A)) == [EAST2, WEST]
+    assert pair.hits == 2
+
+
+def test_a_flood_of_new_names_keeps_no_repeated_packets() -> None:
+    pair = Pair()
+    for i in range(300):
+        pair.ask(wire(f"n{i}.example.com", qid=i), EAST_A)
+    assert pair.hits == 0 and pair.cached.server.cache.entries == 300

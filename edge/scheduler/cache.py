@@ -18,6 +18,14 @@ query's subnet address: no dnspython.  :func:`template` cuts an answer
 only if it has exactly that shape, so a hit is byte for byte what the
 full path would have sent.
 
+In front of that, for UDP, answers are also kept by the whole query packet
+after its ID (with the client's place and the generation), the way
+PowerDNS's packet cache keys: a resolver repeating a query byte for byte
+gets the answer without the query being read at all, which is most of what
+a hit costs.  Such an entry is made only when the key above has already
+been hit (so a flood of new names makes none), and lives in the same
+bound.
+
 Bounded in bytes, least recently used out first (never a wholesale
 clear): a flood of new names, cases or subnets only pushes out the coldest
 entries.  The LRU is an OrderedDict (a lookup and a move, both in C)
@@ -79,8 +87,17 @@ def assemble(wire: bytes, view: QueryView, entry: CachedAnswer) -> bytes:
     return b"".join((wire[:2], entry.head, wire[HEADER:view.question_end], entry.tail, view.ecs_address))
 
 
+def repeat_key(wire: bytes, place: Hashable, generation: int) -> tuple:
+    """The key of a UDP query packet repeated byte for byte after its ID (three items: never an answer_key)."""
+    return (wire[2:], place, generation)
+
+
 class AnswerCache:
-    """Answers by key, at most `max_bytes` of them (0: nothing is kept), with hit and miss counts."""
+    """Answers by key, at most `max_bytes` of them (0: nothing is kept), with hit and miss counts.
+
+    Entries under an :func:`answer_key` are templates (head, tail); under a
+    :func:`repeat_key`, the whole answer after its ID is the head.
+    """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -98,6 +115,15 @@ class AnswerCache:
             return None
         self._entries.move_to_end(key)
         self.hits += 1
+        return entry
+
+    def repeat(self, key: tuple) -> CachedAnswer | None:
+        """The entry for a repeated packet: a hit if there is one, nothing counted if not (a lookup by
+        :func:`answer_key` follows and counts)."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
         return entry
 
     def bypass(self) -> None:

@@ -38,9 +38,10 @@ import ipaddress
 import logging
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import dns.exception
 import dns.flags
@@ -50,7 +51,7 @@ import dns.rcode
 
 from edge.scheduler import rrl as rrl_
 from edge.scheduler.answer import UDP_PAYLOAD
-from edge.scheduler.cache import AnswerCache, answer_key, assemble, template
+from edge.scheduler.cache import AnswerCache, answer_key, assemble, repeat_key, template
 from edge.scheduler.geo import IPAddress
 from edge.scheduler.wire import HEADER, QueryView, parse_query, truncated_reply
 
@@ -147,6 +148,46 @@ def client_value(host: str) -> tuple[int, int]:
     return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, host), "big")
 
 
+class Source(NamedTuple):
+    """What the hit path needs about a peer address."""
+
+    version: int
+    value: int            # the address as an integer
+    network: int          # its /24 or /56, for rate limiting
+    place: Hashable       # the resolver's place for it when the query has no client subnet
+
+
+class Sources:
+    """Peer address string -> :class:`Source`, the most recent `size` of them.
+
+    A resolver asks again and again from the same few addresses; working its
+    place out once (address parsing, the coverage lookup) instead of per
+    query is a good part of a hit's cost.  The place of an address depends on
+    the topology alone, so an entry never goes stale.  Bounded in entries,
+    least recently used out first, like every per-query table here.
+    """
+
+    def __init__(self, place: Callable[..., Hashable], size: int = 8192):
+        self.place = place
+        self.size = size
+        self._by_host: OrderedDict[str, Source] = OrderedDict()
+
+    def get(self, host: str) -> Source:
+        found = self._by_host.get(host)
+        if found is not None:
+            self._by_host.move_to_end(host)
+            return found
+        version, value = client_value(host)
+        found = self._by_host[host] = Source(version, value, rrl_.network_key(version, value),
+                                             self.place(version, value, 0, 0, b""))
+        if len(self._by_host) > self.size:
+            self._by_host.popitem(last=False)
+        return found
+
+    def __len__(self) -> int:
+        return len(self._by_host)
+
+
 class DnsServer:
     """UDP and TCP listeners on one address answering through `resolver`."""
 
@@ -157,6 +198,7 @@ class DnsServer:
         self.resolver = resolver
         self.our_payload = our_payload
         self.cache = AnswerCache(cache_size)
+        self.sources = Sources(resolver.place)
         self.rrl = rate_limiter
         self.tcp_idle_timeout = tcp_idle_timeout
         self.max_tcp_connections = max_tcp_connections
@@ -177,37 +219,55 @@ class DnsServer:
 
     def handle_udp(self, wire: bytes, host: str) -> bytes | None:
         """The answer to one datagram from `host`; None means send nothing."""
-        version, value = client_value(host)
-        view = parse_query(wire)
+        source = self.sources.get(host)
         # Only what will be answered counts against the limit (short packets and responses are dropped).
-        if self.rrl is not None and (view is not None or len(wire) >= HEADER_SIZE and not wire[2] & 0x80):
-            verdict = self.rrl.check(rrl_.network_key(version, value), self.clock())
+        if self.rrl is not None and len(wire) >= HEADER_SIZE and not wire[2] & 0x80:
+            verdict = self.rrl.check(source.network, self.clock())
             if verdict != rrl_.ANSWER:
                 # A slip needs the question to echo; a packet without a plain one is only dropped.
-                return truncated_reply(wire, view) if verdict == rrl_.SLIP and view is not None else None
+                view = parse_query(wire) if verdict == rrl_.SLIP else None
+                return truncated_reply(wire, view) if view is not None else None
+        resolver = self.resolver
+        repeated = repeat_key(wire, source.place, resolver.generation)
+        entry = self.cache.repeat(repeated)
+        if entry is not None:
+            resolver.count(entry.tally)
+            return wire[:2] + entry.head
+        view = parse_query(wire)
         if view is None:
             self.cache.bypass()
             return self._full(wire, host, NO_EDNS_LIMIT, None, None)
-        return self.handle(wire, host, version, value, view, view_limit(view, self.our_payload))
+        return self.handle(wire, host, source, view, view_limit(view, self.our_payload), repeated)
 
-    def handle_tcp(self, wire: bytes, host: str, version: int, value: int) -> bytes | None:
+    def handle_tcp(self, wire: bytes, host: str, source: Source) -> bytes | None:
         """The answer to one framed TCP message (no rate limit: TCP proves the address)."""
         view = parse_query(wire)
         if view is None:
             self.cache.bypass()
             return self._full(wire, host, TCP_LIMIT, None, None)
-        return self.handle(wire, host, version, value, view, TCP_LIMIT)
+        return self.handle(wire, host, source, view, TCP_LIMIT)
 
-    def handle(self, wire: bytes, host: str, version: int, value: int, view: QueryView, limit: int) -> bytes | None:
-        """Answer a plain query from the cache, or through the full path and fill the cache."""
+    def handle(self, wire: bytes, host: str, source: Source, view: QueryView, limit: int,
+               repeated: tuple | None = None) -> bytes | None:
+        """Answer a plain query from the cache, or through the full path and fill the cache.
+
+        `repeated` (UDP only) is the query's :func:`repeat_key`: a hit here
+        keeps the whole answer under it too, for the packet's next repeat.
+        """
         resolver = self.resolver
-        place = resolver.place(version, value, view.ecs_family, view.ecs_srclen, view.ecs_address)
+        if view.ecs_family:
+            place = resolver.place(source.version, source.value, view.ecs_family, view.ecs_srclen, view.ecs_address)
+        else:
+            place = source.place
         key = answer_key(view, limit, place, resolver.generation)
         entry = self.cache.get(key)
         if entry is None:
             return self._full(wire, host, limit, view, key)
         resolver.count(entry.tally)
-        return assemble(wire, view, entry)
+        reply = assemble(wire, view, entry)
+        if repeated is not None:
+            self.cache.put(repeated, reply[2:], b"", entry.tally)
+        return reply
 
     def _full(self, wire: bytes, host: str, limit: int, view: QueryView | None, key: tuple | None) -> bytes | None:
         if len(wire) < HEADER_SIZE:
@@ -367,7 +427,8 @@ class _TcpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.host = ""
-        self.version = self.value = self.network = 0
+        self.source: Source | None = None
+        self.network = 0
         self.last_query = server.clock()                  # the connection's start counts as a query
         self.admitted = False
 
@@ -376,11 +437,11 @@ class _TcpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         try:
             self.host = peer[0]
-            self.version, self.value = client_value(self.host)
+            self.source = self.server.sources.get(self.host)
         except (TypeError, OSError, ValueError):
             transport.close()
             return
-        self.network = rrl_.network_key(self.version, self.value)
+        self.network = self.source.network
         self.admitted = self.server._admit(self)
         if not self.admitted:
             transport.close()                             # RFC 7766 section 6.2.2: shed, don't queue
@@ -397,7 +458,7 @@ class _TcpConnection(asyncio.Protocol):
             del buffer[:2 + length]
             self.last_query = server.clock()
             try:
-                reply = server.handle_tcp(wire, self.host, self.version, self.value)
+                reply = server.handle_tcp(wire, self.host, self.source)  # type: ignore[arg-type]
             except Exception:                             # never let one message kill the listener
                 log.exception("dropped a TCP message from %s", self.host)
                 reply = None

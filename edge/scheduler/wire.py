@@ -57,7 +57,7 @@ def parse_query(wire: bytes) -> QueryView | None:
     if size < HEADER + 5:
         return None
     flags = wire[2] << 8 | wire[3]
-    if flags & ~_PLAIN_FLAGS or wire[4:10] != _ONE_QUESTION:
+    if flags & ~_PLAIN_FLAGS or not wire.startswith(_ONE_QUESTION, 4):
         return None
     arcount = wire[10] << 8 | wire[11]
     if arcount > 1:
