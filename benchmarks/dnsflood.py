@@ -18,7 +18,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ZONES = (b"\x07example\x03com\x00", b"\x03cdn\x07example\x03net\x00")
 _ALPHABET = b"abcdefghijklmnopqrstuvwxyz0123456789"
@@ -56,12 +56,16 @@ class FloodResult:
     seconds: float = 0.0
     probes: int = 0                 # normal queries asked during the flood
     probes_ok: int = 0              # ... answered as they should be
+    probe_problems: list[str] = field(default_factory=list)   # what went wrong with the others
 
 
 def flood(server: tuple[str, int], source: str, seconds: float, seed: int,
-          probe: Callable[[], bool], probe_every: float = 1.0, in_flight: int = 200,
+          probe: Callable[[], str | None], probe_every: float = 1.0, in_flight: int = 200,
           max_packets: int = 5_000_000) -> FloodResult:
     """Send fresh queries to `server` from `source` for `seconds`; every `probe_every` s, run `probe`.
+
+    `probe` returns None when its normal query was answered as it should
+    be, else what was wrong.
 
     Like dnsperf's ``-q``: at most `in_flight` queries are outstanding, and
     each answer lets another go, so the flood runs as fast as the server
@@ -97,6 +101,10 @@ def flood(server: tuple[str, int], source: str, seconds: float, seed: int,
             if time.monotonic() >= next_probe:
                 next_probe += probe_every
                 result.probes += 1
-                result.probes_ok += bool(probe())
+                problem = probe()
+                if problem is None:
+                    result.probes_ok += 1
+                else:
+                    result.probe_problems.append(problem)
     result.seconds = time.monotonic() - started
     return result

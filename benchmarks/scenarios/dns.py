@@ -180,12 +180,13 @@ class FloodRun:
         return self.cache_max + targets.DNS_FLOOD_SLACK_BYTES
 
 
-def east_client_answered() -> bool:
-    """One normal query from the east block during the flood: the east edge, within 2 s."""
+def east_client_answered() -> str | None:
+    """One normal query from the east block during the flood: None if it got the east edge within 2 s."""
     try:
-        return answer_addresses(layout.DNS, layout.SITE_CDN_NAME, layout.DNS_CLIENT_EAST) == [layout.L1.host]
-    except (dns.exception.DNSException, OSError):
-        return False
+        got = answer_addresses(layout.DNS, layout.SITE_CDN_NAME, layout.DNS_CLIENT_EAST)
+    except (dns.exception.DNSException, OSError) as exc:
+        return f"no answer ({type(exc).__name__})"
+    return None if got == [layout.L1.host] else f"got {', '.join(got) or 'no address'}"
 
 
 def measure_flood(bench: Bench, scheduler: Started) -> FloodRun:
@@ -208,7 +209,7 @@ def measure_flood(bench: Bench, scheduler: Started) -> FloodRun:
         bench.problem("dns flood: the answer cache never filled (no evictions), so its bound was not tested")
     if result.probes_ok < result.probes:
         bench.problem(f"dns flood: {result.probes - result.probes_ok} of {result.probes} normal queries from the "
-                      "east block went unanswered or got another edge")
+                      f"east block went wrong: {'; '.join(result.probe_problems)}")
     return run
 
 
