@@ -280,6 +280,15 @@ def test_a_packet_repeated_byte_for_byte_is_answered_without_being_read_again() 
     assert pair.hits == 2
 
 
+def test_names_in_random_case_share_the_answer_but_keep_no_repeated_packets() -> None:
+    pair = Pair()
+    rng = random.Random(3)
+    for qid in range(50):
+        name = "".join(c.upper() if rng.random() < 0.5 else c for c in "www.example.com")
+        pair.ask(wire(name, qid=qid), EAST_A)
+    assert pair.hits == 49 and pair.cached.server.cache.entries == 1
+
+
 def test_a_flood_of_new_names_keeps_no_repeated_packets() -> None:
     pair = Pair()
     for i in range(300):

@@ -23,8 +23,9 @@ after its ID (with the client's place and the generation), the way
 PowerDNS's packet cache keys: a resolver repeating a query byte for byte
 gets the answer without the query being read at all, which is most of what
 a hit costs.  Such an entry is made only when the key above has already
-been hit (so a flood of new names makes none), and lives in the same
-bound.
+been hit (so a flood of new names makes none) and the name is in lower
+case (a resolver randomising case never repeats a packet), and lives in
+the same bound.
 
 Bounded in bytes, least recently used out first (never a wholesale
 clear): a flood of new names, cases or subnets only pushes out the coldest

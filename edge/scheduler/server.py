@@ -252,7 +252,10 @@ class DnsServer:
         """Answer a plain query from the cache, or through the full path and fill the cache.
 
         `repeated` (UDP only) is the query's :func:`repeat_key`: a hit here
-        keeps the whole answer under it too, for the packet's next repeat.
+        keeps the whole answer under it too, for the packet's next repeat,
+        if its name is in lower case: a resolver that randomises the case
+        (0x20) never repeats a packet, and its entries would only push out
+        answers that are asked for.
         """
         resolver = self.resolver
         if view.ecs_family:
@@ -265,7 +268,7 @@ class DnsServer:
             return self._full(wire, host, limit, view, key)
         resolver.count(entry.tally)
         reply = assemble(wire, view, entry)
-        if repeated is not None:
+        if repeated is not None and wire.startswith(view.qkey[:-4], HEADER):
             self.cache.put(repeated, reply[2:], b"", entry.tally)
         return reply
 
