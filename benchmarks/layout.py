@@ -59,5 +59,7 @@ CEILING_HTTPTOOLS = Endpoint("127.0.68.2", 8080)  # bare asyncio.Protocol + http
 MEM_L1 = Endpoint("127.0.88.1", 8080)           # the memory scenario's L1 (its own topology)
 MEM_L1_ADMIN = Endpoint("127.0.88.1", 8091)
 MEM_ORIGIN = Endpoint("127.0.88.2", 8080)       # fast-origin.conf again, for the memory scenario
+CEILING_DNS = Endpoint("127.0.68.3", 8053)      # bare DatagramProtocol on uvloop answering any name
 DNS_CLIENT_EAST = "127.0.69.1"                  # inside the east coverage block
 DNS_CLIENT_WEST = "127.0.69.129"                # inside the west coverage block
+DNS_CLIENT_FLOOD = "127.0.69.2"                 # the flood's source (east block), apart from dnsperf's

@@ -170,6 +170,7 @@ def start_servers(bench: Bench, chosen: list[str]) -> dict[str, Started]:
         started["l1_west"] = servers.start_edge_node(p, topology, "l1-west", layout.L1_WEST_ADMIN)
         started["dns"] = servers.start_dns(p, topology)
         started["knot"] = servers.start_knot(p, c["knot"])
+        started["ceiling_dns"] = servers.start_ceiling_dns(p)
     bench.log(f"started {len(started)} servers: {', '.join(started)}")
     return started
 
@@ -191,6 +192,7 @@ def server_groups(started: dict[str, Started]) -> dict[str, set[int]]:
         miss.NGINX.label: groups("nginx_l1", "nginx_l2", "fast_origin"),
         dns.SCHEDULER.label: groups("dns"),
         dns.KNOT.label: groups("knot"),
+        dns.CEILING.label: groups("ceiling_dns"),
     }
 
 
@@ -248,9 +250,12 @@ def run_scenarios(bench: Bench, chosen: list[str], started: dict[str, Started]) 
         worst = min(r.store.byte_ratio - r.lru.byte_ratio for r in results)
         summary.append(f"Hit ratio: store byte hit ratio at worst {worst:+.4f} against exact LRU")
     if "dns" in chosen:
-        runs, nearest = dns.measure(bench)
-        tables.append(dns.table(runs, nearest))
+        runs, nearest, cache = dns.measure(bench)
+        tables.append(dns.table(runs, nearest, cache))
         verdicts += [v for v in [dns.verdict(runs)] if v]
+        flood = dns.measure_flood(bench, started["dns"])
+        tables.append(dns.flood_table(flood))
+        verdicts.append(dns.flood_verdict(flood))
     if "memory" in chosen:
         result = memory.measure(bench, started["l1_mem"])
         tables.append(memory.table(result))

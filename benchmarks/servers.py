@@ -144,5 +144,15 @@ def start_ceiling(processes: Processes, name: str = "ceiling", module: str = "be
     return started
 
 
+def start_ceiling_dns(processes: Processes) -> Started:
+    """benchmarks.ceiling_dns: Python's ceiling for a DNS answer."""
+    started = processes.start(
+        "ceiling-dns", [sys.executable, "-m", "benchmarks.ceiling_dns", layout.CEILING_DNS.host,
+                        str(layout.CEILING_DNS.port)],
+        cpu=layout.SERVER_CPU, env=_python_env(), cwd=REPO_DIR)
+    _wait_dns(processes, started, layout.CEILING_DNS, layout.SITE_CDN_NAME)
+    return started
+
+
 def start_ceiling_httptools(processes: Processes) -> Started:
     return start_ceiling(processes, "ceiling-httptools", "benchmarks.ceiling_httptools", layout.CEILING_HTTPTOOLS)

@@ -158,6 +158,15 @@ class HealthCheck:
 
 
 @dataclass(frozen=True)
+class Rrl:
+    """Response rate limiting of the scheduler's UDP answers, per client network (Knot's RRL)."""
+
+    rate: int = 1000                  # answers a second per /24 or /56; 0 turns RRL off
+    slip: int = 2                     # every slip-th refused answer goes out truncated (TC); 0: drop all
+    table_size: int = 65536           # buckets (networks tracked at once)
+
+
+@dataclass(frozen=True)
 class Dns:
     listen: Address
     admin: Address
@@ -170,6 +179,11 @@ class Dns:
     nameserver: str = ""              # NS target at each apex; defaults to ns1.<cdn_zone>
     hostmaster: str = ""
     admin_allow: tuple[Network, ...] | None = None   # who may read the admin listener; None: anyone
+    cache_size: int = 32 * 2**20      # the answer cache's bound in bytes; 0 turns it off
+    tcp_idle_timeout: float = 10.0    # seconds a TCP connection may wait between queries
+    tcp_max_connections: int = 512    # open TCP connections; a new one then replaces the longest idle
+    tcp_max_per_network: int = 32     # open TCP connections per client /24 or /56
+    rrl: Rrl = Rrl()
 
 
 @dataclass(frozen=True)
@@ -665,7 +679,8 @@ def _limits(r: _Reader, body: dict, path: str) -> FrontLimits:
 def _dns(r: _Reader, table: dict, sites: tuple[Site, ...], regions: set[str],
          admin_allow: tuple[Network, ...] | None) -> Dns:
     r.unknown(table, {"listen", "admin", "zones", "cdn_zone", "ttl", "answers", "default_region",
-                      "health", "nameserver", "hostmaster", "admin_allow"}, "dns")
+                      "health", "nameserver", "hostmaster", "admin_allow", "cache_size", "tcp_idle_timeout",
+                      "tcp_max_connections", "tcp_max_per_network", "rrl"}, "dns")
     if "cdn_zone" not in table:
         raise r.fail("dns.cdn_zone", "missing (the zone of the CDN names, e.g. cdn.example.net)")
     cdn_zone = r.dns_name(table["cdn_zone"], "dns.cdn_zone")
@@ -690,6 +705,21 @@ def _dns(r: _Reader, table: dict, sites: tuple[Site, ...], regions: set[str],
         fall=r.number(health_table, "fall", "dns.health.fall", 2, 1, integer=True),
         rise=r.number(health_table, "rise", "dns.health.rise", 2, 1, integer=True),
     )
+    d = Dns(Address("", 0), Address("", 0), (), "")
+    rrl_table = r.table(table, "rrl", "dns.rrl")
+    r.unknown(rrl_table, {"rate", "slip", "table_size"}, "dns.rrl")
+    rrl = Rrl(
+        rate=r.number(rrl_table, "rate", "dns.rrl.rate", d.rrl.rate, 0, integer=True),
+        slip=r.number(rrl_table, "slip", "dns.rrl.slip", d.rrl.slip, 0, integer=True),
+        table_size=r.number(rrl_table, "table_size", "dns.rrl.table_size", d.rrl.table_size, 1, integer=True),
+    )
+    tcp_max = r.number(table, "tcp_max_connections", "dns.tcp_max_connections", d.tcp_max_connections, 1,
+                       integer=True)
+    tcp_per_network = r.number(table, "tcp_max_per_network", "dns.tcp_max_per_network", d.tcp_max_per_network,
+                               1, integer=True)
+    if tcp_per_network > tcp_max:
+        raise r.fail("dns.tcp_max_per_network", f"{tcp_per_network} is more than dns.tcp_max_connections "
+                                                f"({tcp_max}): one network could take every connection")
     return Dns(
         listen=r.address(table, "listen", "dns.listen"),
         admin=r.address(table, "admin", "dns.admin"),
@@ -700,4 +730,8 @@ def _dns(r: _Reader, table: dict, sites: tuple[Site, ...], regions: set[str],
         nameserver=r.dns_name(table["nameserver"], "dns.nameserver") if "nameserver" in table else f"ns1.{cdn_zone}",
         hostmaster=r.dns_name(table["hostmaster"], "dns.hostmaster") if "hostmaster" in table else f"hostmaster.{cdn_zone}",
         admin_allow=r.networks(table["admin_allow"], "dns.admin_allow") if "admin_allow" in table else admin_allow,
+        cache_size=r.size(table, "cache_size", "dns.cache_size", d.cache_size),
+        tcp_idle_timeout=float(r.number(table, "tcp_idle_timeout", "dns.tcp_idle_timeout", d.tcp_idle_timeout,
+                                        0.1)),
+        tcp_max_connections=tcp_max, tcp_max_per_network=tcp_per_network, rrl=rrl,
     )

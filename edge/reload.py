@@ -39,7 +39,9 @@ log = logging.getLogger("edge.reload")
 # list (built into the listener).  A change to one of these needs a restart.
 RESTART_NODE_KEYS = ("role", "listen", "listen_tls", "admin", "memory_size", "memory_object_max", "disk_size",
                      "admin_allow", "content_dir", "content_cache_control")
-RESTART_DNS_KEYS = ("listen", "admin", "admin_allow")
+# The transport's own settings (its answer cache, rate limiter and TCP caps) are built once.
+RESTART_DNS_KEYS = ("listen", "admin", "admin_allow", "cache_size", "tcp_idle_timeout", "tcp_max_connections",
+                    "tcp_max_per_network", "rrl")
 
 Apply = Callable[[Topology], Awaitable[None]]
 

@@ -794,3 +794,62 @@ def test_memory_topology_has_one_l1_with_64_mib_in_front_of_the_fast_origin(tmp_
     assert f"listen {layout.MEM_ORIGIN} " in origin_conf
     assert f"pid {tmp_path}/{peers.MEM_ORIGIN_DIR}/fast-origin.pid;" in origin_conf
     assert (tmp_path / peers.MEM_ORIGIN_DIR / "fast-origin" / "www" / "object").stat().st_size == 1024
+
+
+# --------------------------------------------------------------------------- the DNS flood
+
+
+def test_dns_flood_packets_are_new_names_that_the_answer_cache_takes():
+    """Every packet parses, asks a name never asked before, and is of the shape the cache's pre-parser reads."""
+    import random
+
+    import dns.message
+
+    from benchmarks import dnsflood
+    from edge.scheduler.wire import parse_query
+    rng = random.Random(1)
+    names, subnets, mixed_case = set(), 0, 0
+    for qid in range(3000):
+        wire = dnsflood.packet(rng, qid)
+        message = dns.message.from_wire(wire)
+        (question,) = message.question
+        assert message.id == qid and question.name.to_text().lower().endswith(("example.com.", "example.net."))
+        names.add(question.name.to_text().lower())
+        subnets += any(o.otype == 8 for o in message.options)
+        mixed_case += question.name.to_text() != question.name.to_text().lower()
+        assert parse_query(wire) is not None, wire.hex()
+    assert len(names) == 3000 and 1200 < subnets < 1800 and mixed_case > 2500
+    assert dnsflood.packet(random.Random(1), 0) == dnsflood.packet(random.Random(1), 0)      # seeded
+    assert dnsflood.packet(random.Random(1), 0) != dnsflood.packet(random.Random(2), 0)
+
+
+def test_dns_ceiling_answers_any_name_with_its_id_and_question(tmp_path: Path):
+    import socket
+    import sys
+
+    import dns.message
+    import dns.query
+    import dns.rdatatype
+
+    from benchmarks.procs import Processes, wait_until
+    host = "127.0.90.250"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+
+    def answers(name: str) -> dns.message.Message | None:
+        try:
+            return dns.query.udp(dns.message.make_query(name, "A"), host, port=port, timeout=0.5)
+        except dns.exception.Timeout:
+            return None
+
+    with Processes(tmp_path) as processes:
+        started = processes.start("ceiling-dns", [sys.executable, "-m", "benchmarks.ceiling_dns", host, str(port)],
+                                  cwd=Path(__file__).resolve().parent.parent)
+        wait_until(lambda: answers("a.example.com") is not None, "dns ceiling", 10.0,
+                   alive=lambda: processes.check_alive(started))
+        for name in ("bench.example.com.cdn.example.net", "WwW.Example.COM"):
+            response = answers(name)        # dnspython checks that the ID and question match
+            assert response is not None and response.flags & dns.flags.AA
+            assert [(r.name.to_text(), r.rdtype, [x.address for x in r]) for r in response.answer] == [
+                (name + ".", dns.rdatatype.A, ["127.0.62.1"])]

@@ -314,3 +314,41 @@ def test_edge_check_and_edge_run_refuse_the_same_cache_dir_that_is_a_file(tmp_pa
     blocker.unlink()
     check = _edge("check", "--config", str(topo))
     assert check.returncode == 0 and "l1" in check.stdout, check.stderr
+
+
+DNS = ('[dns]\nlisten = "127.0.5.1:8053"\nadmin = "127.0.5.1:8091"\nzones = ["example.com"]\n'
+       'cdn_zone = "cdn.example.net"\n')
+
+
+def test_dns_cache_tcp_and_rate_limit_defaults_and_settings():
+    dns = config.parse(MINIMAL + DNS, "t.toml", Path(".")).dns
+    assert (dns.cache_size, dns.tcp_idle_timeout, dns.tcp_max_connections, dns.tcp_max_per_network) == (
+        32 * 2**20, 10.0, 512, 32)
+    assert (dns.rrl.rate, dns.rrl.slip, dns.rrl.table_size) == (1000, 2, 65536)   # on by default
+    text = MINIMAL + DNS + ('cache_size = "1MiB"\ntcp_idle_timeout = 2.5\ntcp_max_connections = 64\n'
+                            'tcp_max_per_network = 8\n[dns.rrl]\nrate = 0\nslip = 1\ntable_size = 10\n')
+    dns = config.parse(text, "t.toml", Path(".")).dns
+    assert (dns.cache_size, dns.tcp_idle_timeout, dns.tcp_max_connections, dns.tcp_max_per_network) == (
+        2**20, 2.5, 64, 8)
+    assert (dns.rrl.rate, dns.rrl.slip, dns.rrl.table_size) == (0, 1, 10)
+
+
+@pytest.mark.parametrize(("extra", "key", "problem"), [
+    ('cache_size = "big"\n', "dns.cache_size", "expected a size such as 64MiB"),
+    ("tcp_idle_timeout = 0\n", "dns.tcp_idle_timeout", "at least 0.1"),
+    ("tcp_max_connections = 0\n", "dns.tcp_max_connections", "at least 1"),
+    ("tcp_max_per_network = 1.5\n", "dns.tcp_max_per_network", "whole number"),
+    ("tcp_max_connections = 10\ntcp_max_per_network = 11\n", "dns.tcp_max_per_network",
+     "11 is more than dns.tcp_max_connections (10)"),
+    ("rrl = 5\n", "dns.rrl", "expected a table"),
+    ("[dns.rrl]\nrate = -1\n", "dns.rrl.rate", "at least 0"),
+    ("[dns.rrl]\nrate = 0.5\n", "dns.rrl.rate", "whole number"),
+    ("[dns.rrl]\nslip = -1\n", "dns.rrl.slip", "at least 0"),
+    ("[dns.rrl]\ntable_size = 0\n", "dns.rrl.table_size", "at least 1"),
+    ("[dns.rrl]\nwindow = 15\n", "dns.rrl.window", "unknown key"),
+])
+def test_dns_cache_tcp_and_rate_limit_mistakes_name_file_key_and_problem(extra, key, problem):
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(MINIMAL + DNS + extra, "t.toml", Path("."))
+    assert caught.value.source == "t.toml" and caught.value.key == key
+    assert problem in caught.value.problem

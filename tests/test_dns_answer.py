@@ -23,7 +23,8 @@ import pytest
 from edge import config
 from edge.scheduler.answer import Answerer, EdgeStatus
 from edge.scheduler.geo import CoverageMap, great_circle_km
-from edge.scheduler.health import EdgeHealth, ProbeResult, parse_health
+from edge.config import HealthCheck
+from edge.scheduler.health import EdgeHealth, HealthChecker, ProbeResult, parse_health
 
 TOPOLOGY = """
 [sites.example]
@@ -234,12 +235,18 @@ ZONE = [
     ("www.example.com", "ANY", "NOERROR", True, {CNAME}, set(), set()),
     (CDN, "A", "NOERROR", True, {a_record(EAST)}, set(), set()),
     (CDN, "TXT", "NOERROR", True, set(), {SOA_NET}, set()),
-    (CDN, "ANY", "NOERROR", True, {a_record(EAST), f"{CDN} 30 IN AAAA ::1"}, set(), set()),
+    # ANY gets one RRset (RFC 8482): the edges' A records, not A and AAAA.
+    (CDN, "ANY", "NOERROR", True, {a_record(EAST)}, set(), set()),
     ("example.com", "SOA", "NOERROR", True,
      {SOA_COM.replace(" 30 IN SOA", " 3600 IN SOA")}, set(), set()),
     ("example.com", "NS", "NOERROR", True, {"example.com. 3600 IN NS ns1.cdn.example.net."}, set(),
      {"ns1.cdn.example.net. 3600 IN A 127.0.45.1"}),
     ("example.com", "A", "NOERROR", True, set(), {SOA_COM}, set()),
+    # At an apex ANY is the SOA alone (not SOA and NS), or the edges where the apex hands them out.
+    ("example.com", "ANY", "NOERROR", True, {SOA_COM.replace(" 30 IN SOA", " 3600 IN SOA")}, set(), set()),
+    ("example.org", "ANY", "NOERROR", True, {"example.org. 30 IN A 127.0.46.1"}, set(), set()),
+    ("ns1.cdn.example.net", "ANY", "NOERROR", True, {"ns1.cdn.example.net. 3600 IN A 127.0.45.1"}, set(), set()),
+    ("example.com.cdn.example.net", "ANY", "NOERROR", True, set(), {SOA_NET}, set()),
     ("ns1.cdn.example.net", "A", "NOERROR", True, {"ns1.cdn.example.net. 3600 IN A 127.0.45.1"}, set(), set()),
     # A customer name at a zone apex cannot be a CNAME (RFC 1912 2.4): it answers the edge itself.
     ("example.org", "A", "NOERROR", True, {"example.org. 30 IN A 127.0.46.1"}, set(), set()),
@@ -470,6 +477,59 @@ def test_overload_comes_from_the_last_good_probe_and_down_is_never_overloaded() 
     assert not state.status().up and not state.status().overloaded
     state = state.observe(OK, rise=1, fall=2, now=3.0)
     assert state.status().up and not state.status().overloaded
+
+
+BUSY_ROUND = ProbeResult(True, inflight=9, max_inflight=10)
+
+GENERATIONS = [
+    # (rounds of one edge's probe results, generation after each): it moves only when up or
+    # overloaded does, never for what every round changes (in-flight counts, details)
+    ([OK, BUSY_ROUND, OK], [0, 0, 0]),
+    ([OK, FAIL, FAIL, FAIL], [0, 0, 1, 1]),                # down after fall = 2
+    ([FAIL, OK, OK], [1, 1, 2]),                           # down at the first probe, up after rise = 2
+    ([OK, HOT, HOT, OK], [0, 1, 1, 2]),
+]
+
+
+@pytest.mark.parametrize("rounds,expected", GENERATIONS)
+def test_health_generation_moves_only_with_what_answers_depend_on(rounds: list[ProbeResult],
+                                                                  expected: list[int]) -> None:
+    edges = Answerer(topology()).edges
+    checker = HealthChecker(edges, HealthCheck(fall=2, rise=2))
+    seen = []
+    for now, result in enumerate(rounds):
+        checker.fold([result if edge.name == "l1-east" else OK for edge in edges], float(now))
+        seen.append(checker.generation)
+    assert seen == expected
+
+
+PLACES = [
+    # (source, ECS (address, srclen) or None, expected place)
+    ("127.0.11.1", None, "east"),
+    ("127.0.12.200", None, "east"),              # the east /25 inside the west /24: another block, same region
+    ("127.0.12.1", None, "west"),
+    ("10.0.0.1", None, "east"),                  # no block: the default region
+    ("2001:db8::1", None, "west"),
+    ("127.0.12.1", ("127.0.11.0", 24), (1, 24, "east", 24)),
+    ("127.0.12.1", ("127.0.12.0", 24), (1, 24, "west", 25)),   # the answer holds for the /25 half only
+    ("127.0.11.1", ("0.0.0.0", 0), (1, 0, "east", 0)),         # source 0: located by the packet source
+    ("127.0.11.1", ("2001:db8:1::", 48), (2, 48, "west", 32)),
+]
+
+
+@pytest.mark.parametrize("source,ecs,expected", PLACES)
+def test_place_is_what_an_answer_depends_on_about_the_client(source: str, ecs: tuple | None,
+                                                            expected: object) -> None:
+    answerer = Answerer(topology())
+    ip = ipaddress.ip_address(source)
+    if ecs is None:
+        assert answerer.place(ip.version, int(ip)) == expected
+        return
+    option = dns.edns.ECSOption(*ecs)
+    assert answerer.place(ip.version, int(ip), option.family, option.srclen, option.addrdata) == expected
+    # The same region and scope as the full answer's.
+    response = ask(answerer, "www.example.com", client=source, ecs=f"{ecs[0]}/{ecs[1]}")
+    assert response.options[0].scopelen == expected[3]
 
 
 @pytest.mark.parametrize("status,body,expected", [

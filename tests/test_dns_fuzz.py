@@ -63,9 +63,14 @@ admin = "{DNS_HOST}:8091"
 zones = ["example.com"]
 cdn_zone = "cdn.example.net"
 default_region = "east"
+tcp_max_per_network = 50        # the TCP fuzz opens 50 connections at once from one address
 [dns.health]
 interval = 5.0
 timeout = 0.5
+# Thousands of packets a second from one address: rate limiting would drop the
+# sentinels (test_dns_rrl.py tests it); here every packet must reach the parser.
+[dns.rrl]
+rate = 0
 """
 
 

@@ -315,7 +315,11 @@ async def test_metrics_count_queries_by_type_and_rcode_and_answers_by_edge(clust
     # Every answer names both edges: the nearest and the fallback.
     assert await cluster.metric('dns_answers_total{edge="l1-east"}') == 4
     assert await cluster.metric('dns_answers_total{edge="l1-west"}') == 4
-    assert await cluster.metric("dns_decision_seconds_count") == 6
+    # The second and third east queries (other IDs, same everything else) were cache hits:
+    # counted like the others above, but decided once.
+    assert await cluster.metric("dns_cache_hits_total") == 2
+    assert await cluster.metric("dns_cache_misses_total") == 4
+    assert await cluster.metric("dns_decision_seconds_count") == 4
     status, body = await cluster.get("/healthz")
     assert status == 200 and '"role": "dns"' in body
 
@@ -345,14 +349,26 @@ answers = {count}
 class AnswererResolver:
     """The pure answerer with every edge healthy; a name starting "boom" raises."""
 
+    generation = 0
+
     def __init__(self, answerer: Answerer):
         self.answerer = answerer
+        self.counted: list[object] = []
 
     def resolve(self, query: dns.message.Message, client: object) -> Resolved:
         if query.question and query.question[0].name.labels[0].startswith(b"boom"):
             raise RuntimeError("the resolver broke")
         result = self.answerer.answer(query, client, {})  # type: ignore[arg-type]
-        return Resolved(result.response, tuple(c.chosen for c in result.choices))
+        return Resolved(result.response, tuple(e.name for c in result.choices for e in c.chosen))
+
+    def place(self, *client: object) -> object:
+        return self.answerer.place(*client)  # type: ignore[arg-type]
+
+    def tally(self, qtype: int | None, rcode: int, decision: object) -> object:
+        return (qtype, rcode, decision)
+
+    def count(self, tally: object) -> None:
+        self.counted.append(tally)
 
 
 @pytest.fixture

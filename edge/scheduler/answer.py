@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
 import dns.edns
@@ -35,9 +35,11 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+from cachetools import LRUCache
 
 from edge.config import ConfigError, Topology
 from edge.scheduler.geo import CoverageMap, CoverageMatch, IPAddress, IPNetwork, great_circle_km
+from edge.scheduler.wire import ecs_value
 
 UDP_PAYLOAD = 1232        # EDNS payload we advertise and cap UDP answers at (DNS Flag Day 2020)
 STATIC_TTL = 3600         # SOA, NS, CNAME and NS-host records: they change only with the topology
@@ -151,14 +153,14 @@ class _Node:
     edges: bool = False                                        # A/AAAA are the chosen edges
     static: dict[int, dns.rrset.RRset] = field(default_factory=dict)
     glue: list[dns.rrset.RRset] = field(default_factory=list)  # additional section of an NS answer
-    edge_rrsets: dict[tuple[Edge, ...], dns.rrset.RRset] = field(default_factory=dict)
+    # Choices are few (the topology bounds them), but the bound is kept as an LRU like every
+    # per-query cache of the scheduler, never emptied wholesale.
+    edge_rrsets: LRUCache = field(default_factory=lambda: LRUCache(_EDGE_RRSET_CACHE))
 
     def edge_rrset(self, chosen: tuple[Edge, ...], ttl: int) -> dns.rrset.RRset:
         """The A or AAAA RRset for `chosen`, built once per distinct choice."""
         rrset = self.edge_rrsets.get(chosen)
         if rrset is None:
-            if len(self.edge_rrsets) >= _EDGE_RRSET_CACHE:
-                self.edge_rrsets.clear()    # choices are few; a flood of new ones just rebuilds
             rrset = self.edge_rrsets[chosen] = dns.rrset.from_rdata_list(
                 self.name, ttl, [edge.rdata for edge in chosen])
         return rrset
@@ -183,6 +185,7 @@ class Answerer:
         self.answers = conf.answers
         self.default_region = conf.default_region
         self.coverage = CoverageMap(topology.coverage)
+        self._lookups = self.coverage.lookups
         self.edges = self._edges(topology)
 
         nameserver = dns.name.from_text(conf.nameserver)
@@ -337,6 +340,30 @@ class Answerer:
                     chosen.append(edge)
         return Choice(version, ranked, tuple(chosen), all_down)
 
+    def place(self, version: int, value: int, ecs_family: int = 0, ecs_srclen: int = 0,
+              ecs_address: bytes = b"") -> Hashable:
+        """What an answer depends on about where the client is (a part of the answer cache's key).
+
+        `version`/`value` are the packet's source address as an integer; the
+        ``ecs_*`` arguments the client subnet option, if any (family 0: none).
+        Without a subnet that is the region alone: :meth:`choose` sees nothing
+        else, so two clients of one region (in one coverage block or in two)
+        get the same answer.  With one, the echoed option also depends on the
+        subnet's family and source length and on the scope (RFC 7871 section
+        7.2.1), so those are part of it; its address bytes are the query's own,
+        which the transport copies into each answer.  The same lookups as
+        :meth:`_locate_query`, on integers.
+        """
+        if ecs_family and ecs_srclen:
+            version = 4 if ecs_family == 1 else 6
+            value = ecs_value(ecs_family, ecs_address)
+            match = self.coverage.lookup_value(version, value)
+            region = match.region if match is not None else self.default_region
+            return (ecs_family, ecs_srclen, region, self.coverage.scope_value(version, value, match))
+        match = self._lookups[version](value)
+        region = match.region if match is not None else self.default_region
+        return (ecs_family, 0, region, 0) if ecs_family else region
+
     # ----------------------------------------------------------------- answering
 
     def answer(self, query: dns.message.Message, client: IPAddress, health: HealthSnapshot) -> Answer:
@@ -389,23 +416,46 @@ class Answerer:
         """Append the records of `node` for `qtype`; False if it has none (NODATA)."""
         response = result.response
         before = len(response.answer)
+        if qtype == _ANY:
+            return self._any(result, node, ecs, client, health)
         if qtype == _CNAME and node.cname_rrset is not None:
             response.answer.append(node.cname_rrset)
-        elif qtype == _ANY:
-            response.answer.extend(node.static.values())
         elif qtype in node.static:
             response.answer.append(node.static[qtype])
             if qtype == _NS:
                 response.additional.extend(node.glue)
-        if node.edges and (qtype in _FAMILY or qtype == _ANY):
-            if result.location is None:
-                result.location = self._locate_query(ecs, client)
-            for rdtype in ((_A, _AAAA) if qtype == _ANY else (qtype,)):
-                choice = self.choose(result.location.region, _FAMILY[rdtype], health)
-                result.choices.append(choice)
-                if choice.chosen:
-                    response.answer.append(node.edge_rrset(choice.chosen, self.ttl))
+        if node.edges and qtype in _FAMILY:
+            self._edges_of(result, node, qtype, ecs, client, health)
         return len(response.answer) > before
+
+    def _edges_of(self, result: Answer, node: _Node, rdtype: int, ecs: dns.edns.ECSOption | None,
+                  client: IPAddress, health: HealthSnapshot) -> bool:
+        """Append the chosen edges of one family; False if the topology has none of that family."""
+        if result.location is None:
+            result.location = self._locate_query(ecs, client)
+        choice = self.choose(result.location.region, _FAMILY[rdtype], health)
+        result.choices.append(choice)
+        if choice.chosen:
+            result.response.answer.append(node.edge_rrset(choice.chosen, self.ttl))
+        return bool(choice.chosen)
+
+    def _any(self, result: Answer, node: _Node, ecs: dns.edns.ECSOption | None, client: IPAddress,
+             health: HealthSnapshot) -> bool:
+        """One RRset for ANY (RFC 8482 section 4.1): a subset is a complete answer.
+
+        Everything at a name makes the biggest answer for the smallest query
+        (what reflection attacks ask for), and no client needs it.  A name that
+        hands out edges answers its A records (AAAA when there are no IPv4
+        edges), any other name the first of its records (SOA at an apex); a
+        CNAME owner answers its CNAME (in :meth:`answer`).
+        """
+        if node.edges and (self._edges_of(result, node, _A, ecs, client, health)
+                           or self._edges_of(result, node, _AAAA, ecs, client, health)):
+            return True
+        for rrset in node.static.values():
+            result.response.answer.append(rrset)
+            return True
+        return False
 
     @staticmethod
     def _ecs(query: dns.message.Message) -> dns.edns.ECSOption | None:

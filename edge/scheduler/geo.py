@@ -53,6 +53,7 @@ class _FamilyTable:
             self.by_length.setdefault(block.network.prefixlen, {})[int(block.network.network_address)] = block
         self.lengths = sorted(self.by_length, reverse=True)
         self.masks = {n: ((1 << bits) - 1) ^ ((1 << (bits - n)) - 1) for n in self.lengths}
+        self._probes = [(self.masks[n], self.by_length[n]) for n in self.lengths]
         # Direct children of each block (None: the root), for the ECS scope.
         self.children: dict[IPNetwork | None, list[IPNetwork]] = {}
         for block in blocks:
@@ -70,7 +71,12 @@ class _FamilyTable:
         return None
 
     def lookup(self, value: int) -> CoverageMatch | None:
-        return self._longest(value)
+        """:meth:`_longest` without the `below` bound: the per-query lookup, kept to one loop."""
+        for mask, blocks in self._probes:
+            match = blocks.get(value & mask)
+            if match is not None:
+                return match
+        return None
 
     def scope(self, value: int, match: CoverageMatch | None) -> int:
         """The shortest prefix of `value` whose every address gets the same block.
@@ -96,11 +102,21 @@ class CoverageMap:
         for network, region in blocks:
             (v4 if network.version == 4 else v6).append(CoverageMatch(network, region))
         self._tables = {4: _FamilyTable(32, v4), 6: _FamilyTable(128, v6)}
+        # version -> lookup of an address given as an integer (the answer cache's hit path).
+        self.lookups = {version: table.lookup for version, table in self._tables.items()}
 
     def lookup(self, address: IPAddress) -> CoverageMatch | None:
         """The most specific block holding `address`, or None."""
         return self._tables[address.version].lookup(int(address))
 
+    def lookup_value(self, version: int, value: int) -> CoverageMatch | None:
+        """:meth:`lookup` for an address given as an integer (the cache's hit path builds no objects)."""
+        return self._tables[version].lookup(value)
+
     def scope(self, address: IPAddress, match: CoverageMatch | None) -> int:
         """ECS scope prefix length for an answer located by `match` (RFC 7871 section 7.2.1)."""
         return self._tables[address.version].scope(int(address), match)
+
+    def scope_value(self, version: int, value: int, match: CoverageMatch | None) -> int:
+        """:meth:`scope` for an address given as an integer."""
+        return self._tables[version].scope(value, match)

@@ -10,7 +10,10 @@ first probe decides at once: at start there is no history to protect.
 
 :class:`EdgeHealth` is the pure state machine (the clock is a parameter);
 :class:`HealthChecker` is the loop that does the I/O and publishes an
-immutable snapshot the answerer reads on every query.
+immutable snapshot the answerer reads on every query, with a generation
+number that moves only when what answers depend on moves (an edge going up
+or down, or becoming overloaded or not; not the in-flight counts and
+details every probe round changes): the answer cache keys on it.
 """
 
 from __future__ import annotations
@@ -99,6 +102,11 @@ def parse_health(status: int, body: object) -> ProbeResult:
     return ProbeResult(True, overloaded, inflight, max_inflight)
 
 
+def answers_differ(before: EdgeStatus, after: EdgeStatus) -> bool:
+    """Whether the answerer could choose differently: it reads only `up` and `overloaded`."""
+    return before.up != after.up or before.overloaded != after.overloaded
+
+
 # on_change(edge, before, after): called when an edge goes up or down.
 ChangeHook = Callable[[Edge, EdgeHealth, EdgeHealth], None]
 
@@ -114,6 +122,7 @@ class HealthChecker:
         self.clock = clock
         self.states: dict[str, EdgeHealth] = {edge.name: EdgeHealth() for edge in self.edges}
         self.snapshot: HealthSnapshot = self._publish()
+        self.generation = 0
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
 
@@ -155,24 +164,37 @@ class HealthChecker:
         """Probe every edge at once and fold the results into the state."""
         edges = self.edges
         results = await asyncio.gather(*(self.probe(edge) for edge in edges))
-        now = self.clock()
-        changed = False
-        # A reload while the probes ran: fold in only what is still about an edge being checked.
+        self.fold(results, self.clock(), edges)
+
+    def fold(self, results: Sequence[ProbeResult], now: float, probed: Sequence[Edge] | None = None) -> None:
+        """Take one round of results (one per edge probed, in order): states, snapshot, generation, logs.
+
+        `probed` is the edge list the round started with (default: the current
+        one). After a reload while the probes ran, only the results still about
+        an edge being checked, at the same URL, are folded in.
+        """
+        changed = moved = False
         current = {edge.name: edge for edge in self.edges}
-        for probed, result in zip(edges, results):
-            edge = current.get(probed.name)
-            if edge is None or edge.health_url != probed.health_url:
+        for was, result in zip(probed if probed is not None else self.edges, results, strict=True):
+            edge = current.get(was.name)
+            if edge is None or edge.health_url != was.health_url:
                 continue
             before = self.states[edge.name]
             after = before.observe(result, rise=self.check.rise, fall=self.check.fall, now=now)
             self.states[edge.name] = after
-            changed = changed or after.status() != before.status()
+            old, new = before.status(), after.status()
+            changed = changed or new != old
+            moved = moved or answers_differ(old, new)
             if after.up != before.up or not before.probed:
                 self._log_change(edge, before, after)
                 if self.on_change:
                     self.on_change(edge, before, after)
         if changed:
+            # Snapshot and generation change together, with no await between: a
+            # query sees either both old or both new.
             self.snapshot = self._publish()
+            if moved:
+                self.generation += 1
 
     @staticmethod
     def _log_change(edge: Edge, before: EdgeHealth, after: EdgeHealth) -> None:

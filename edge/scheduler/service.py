@@ -14,98 +14,62 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 import dns.message
-import dns.rcode
-import dns.rdatatype
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from edge.admin import make_admin_app
 from edge.config import Topology
 from edge.metrics import process_metrics
-from edge.scheduler.answer import Answer, Answerer, Edge
+from edge.scheduler.answer import Answerer, Edge
 from edge.scheduler.geo import IPAddress
 from edge.scheduler.health import EdgeHealth, HealthChecker
+from edge.scheduler.metrics import SchedulerCollector, SchedulerMetrics, Tally
 from edge.scheduler.overview import Overview
 from edge.scheduler.overview import routes as overview_routes
-from edge.scheduler.server import DnsServer, Resolved
+from edge.scheduler.rrl import RateLimiter
+from edge.scheduler.server import DnsServer, Resolved, Sources
 
 if TYPE_CHECKING:
     from edge.reload import Reloader
 
 log = logging.getLogger("edge.dns")
 
-# Query types with their own metric label; anything else counts as OTHER, so a
-# scan of all 65536 types cannot blow up the number of time series.
-_QTYPE_LABELS = frozenset(dns.rdatatype.to_text(t) for t in (
-    dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.CNAME, dns.rdatatype.NS, dns.rdatatype.SOA,
-    dns.rdatatype.ANY, dns.rdatatype.MX, dns.rdatatype.TXT, dns.rdatatype.PTR, dns.rdatatype.SRV,
-    dns.rdatatype.CAA, dns.rdatatype.HTTPS, dns.rdatatype.SVCB, dns.rdatatype.DS,
-    dns.rdatatype.DNSKEY, dns.rdatatype.AXFR, dns.rdatatype.IXFR))
 ALL_DOWN_LOG_EVERY = 10.0      # seconds between repeated "all edges down" warnings
 
 
-class SchedulerMetrics:
-    """The scheduler's metric objects, on a registry of its own."""
-
-    def __init__(self, registry: CollectorRegistry, edges: tuple[Edge, ...]):
-        self.queries = Counter("dns_queries_total", "DNS queries answered, by query type and response code",
-                               ["qtype", "rcode"], registry=registry)
-        self.answers = Counter("dns_answers_total", "Edges handed out in answers", ["edge"], registry=registry)
-        self.edge_up = Gauge("dns_edge_up", "1 if the edge passes its health checks", ["edge"], registry=registry)
-        self.all_down = Counter("dns_all_edges_down", "Answers given with every candidate edge down "
-                                "(the nearest was answered anyway)", registry=registry)
-        self.decision = Histogram("dns_decision_seconds", "Time to decide an answer (parsing excluded)",
-                                  buckets=(5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 1e-2),
-                                  registry=registry)
-        self.answers_by_edge: dict[str, Any] = {}
-        self.up_by_edge: dict[str, Any] = {}
-        self.track_edges(edges, {})
-        self._queries: dict[tuple[int | None, int], Any] = {}
-
-    def track_edges(self, edges: tuple[Edge, ...], up: dict[str, bool]) -> None:
-        """Per-edge series for these edges (at start, and after a reload): removed edges' series go."""
-        names = {edge.name for edge in edges}
-        for name in set(self.up_by_edge) - names:
-            self.answers.remove(name)
-            self.edge_up.remove(name)
-        # Label children resolved once: a labels() call per query is measurable at high QPS.
-        self.answers_by_edge = {edge.name: self.answers.labels(edge=edge.name) for edge in edges}
-        self.up_by_edge = {edge.name: self.edge_up.labels(edge=edge.name) for edge in edges}
-        for name, gauge in self.up_by_edge.items():
-            gauge.set(1 if up.get(name, True) else 0)      # not probed yet counts as up
-
-    def count_query(self, qtype: int | None, rcode: int) -> None:
-        """Count one response; label text is worked out once per (type, rcode) pair."""
-        child = self._queries.get((qtype, rcode))
-        if child is None:
-            label = "NONE" if qtype is None else dns.rdatatype.to_text(qtype)
-            if qtype is not None and label not in _QTYPE_LABELS:
-                label = "OTHER"
-            child = self._queries[(qtype, rcode)] = self.queries.labels(
-                qtype=label, rcode=dns.rcode.to_text(rcode))
-        child.inc()
-
-
 class Scheduler:
-    """One DNS scheduler: build with a topology, :meth:`start`, and :meth:`close`."""
+    """One DNS scheduler: build with a topology, :meth:`start`, and :meth:`close`.
+
+    It is the transport's resolver: it decides on the full path (through the
+    answerer), names what the answer cache keys on (:meth:`place`,
+    :attr:`generation`) and counts every answer sent (:meth:`count`).
+    """
 
     def __init__(self, topology: Topology, reloader: Reloader | None = None):
         self.topology = topology
         self.reloader = reloader
         self.answerer = Answerer(topology)
-        # Part of every rendering's variant: the transport's rendered answers of an
-        # older topology are never sent again (a new site's name was NXDOMAIN before).
-        self.generation = 0
+        # Part of the answer cache's key with the health generation: answers cached
+        # from an older topology are never sent again (a new site's name was NXDOMAIN before).
+        self._topology_generation = 0
         assert topology.dns is not None                   # Answerer raised ConfigError otherwise
-        self.dns = topology.dns
+        self.dns = conf = topology.dns
         self.registry = CollectorRegistry()
         process_metrics(self.registry)
         self.metrics = SchedulerMetrics(self.registry, self.answerer.edges)
-        self.health = HealthChecker(self.answerer.edges, self.dns.health, on_change=self._edge_changed)
-        self.server = DnsServer(self, on_response=self._count_response)
+        self.health = HealthChecker(self.answerer.edges, conf.health, on_change=self._edge_changed)
+        # What an answer depends on about the client: the answerer's to say, called per query.
+        self.place: Callable[..., Hashable] = self.answerer.place
+        limiter = RateLimiter(conf.rrl.rate, conf.rrl.slip, conf.rrl.table_size) if conf.rrl.rate else None
+        self.server = DnsServer(self, cache_size=conf.cache_size, rate_limiter=limiter,
+                                tcp_idle_timeout=conf.tcp_idle_timeout,
+                                max_tcp_connections=conf.tcp_max_connections,
+                                max_tcp_per_network=conf.tcp_max_per_network)
+        self.registry.register(SchedulerCollector(self.metrics, self.server))
         self.overview = Overview(topology, lambda: self.health.snapshot)    # the status page
         self._admin: web.AppRunner | None = None
         self.admin_address: tuple[str, int] | None = None
@@ -113,34 +77,37 @@ class Scheduler:
 
     # ----------------------------------------------------------------- per query
 
+    @property
+    def generation(self) -> int:
+        """Moves whenever an edge's up or overloaded state does, and on every reload:
+        cached answers of before are not reused (one int: the hit path hashes it per query)."""
+        return (self._topology_generation << 32) + self.health.generation
+
     def resolve(self, query: dns.message.Message, client: IPAddress) -> Resolved:
         started = time.perf_counter()
         result = self.answerer.answer(query, client, self.health.snapshot)
         self.metrics.decision.observe(time.perf_counter() - started)
-        for choice in result.choices:
-            for edge in choice.chosen:
-                self.metrics.answers_by_edge[edge.name].inc()
-        if result.all_down:
-            self._report_all_down(result)
         if result.choices:
-            self.overview.record(result)
-        # The rendering depends on the query bytes, on which edges were chosen, and on the topology.
-        return Resolved(result.response, (self.generation, tuple(choice.chosen for choice in result.choices)))
+            self.overview.record(result)                   # the status page's last answers (full path)
+        edges = tuple(edge.name for choice in result.choices for edge in choice.chosen)
+        region = result.location.region if result.location is not None else None
+        return Resolved(result.response, (edges, result.all_down, region))
 
-    def _report_all_down(self, result: Answer) -> None:
-        self.metrics.all_down.inc()
+    def tally(self, qtype: int | None, rcode: int, decision: Hashable) -> Tally:
+        return self.metrics.tally(qtype, rcode, decision)  # type: ignore[arg-type]
+
+    def count(self, tally: Tally) -> None:
+        """Count one answer sent, from the cache or not: the one place answers are counted."""
+        tally.count += 1
+        if tally.all_down:
+            self._report_all_down(tally)
+
+    def _report_all_down(self, tally: Tally) -> None:
         now = time.monotonic()
         if now - self._all_down_logged >= ALL_DOWN_LOG_EVERY:
             self._all_down_logged = now
-            location = result.location
-            log.warning("every candidate edge is down; answering the nearest anyway (%s, region %s): %s",
-                        location.address if location else "?", location.region if location else "?",
-                        ", ".join(e.name for c in result.choices for e in c.chosen))
-
-    def _count_response(self, query: dns.message.Message | None, response: dns.message.Message,
-                        transport: str) -> None:
-        qtype = query.question[0].rdtype if query is not None and query.question else None
-        self.metrics.count_query(qtype, response.rcode())
+            log.warning("every candidate edge is down; answering the nearest anyway (region %s): %s",
+                        tally.region or "none", ", ".join(tally.edges))
 
     def _edge_changed(self, edge: Edge, before: EdgeHealth, after: EdgeHealth) -> None:
         self.metrics.up_by_edge[edge.name].set(1 if after.up else 0)
@@ -155,8 +122,11 @@ class Scheduler:
         self.health.retarget(answerer.edges, topology.dns.health)
         self.metrics.track_edges(answerer.edges, {name: s.up for name, s in self.health.snapshot.items()})
         self.topology, self.answerer, self.dns = topology, answerer, topology.dns
+        self.place = answerer.place
+        # Where each peer address is depends on the coverage: forget what was worked out.
+        self.server.sources = Sources(answerer.place, self.server.sources.size)
         self.overview.retarget(topology)
-        self.generation += 1
+        self._topology_generation += 1
 
     # ----------------------------------------------------------------- admin
 
