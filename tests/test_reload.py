@@ -315,7 +315,7 @@ async def test_requests_while_reloading_fold_into_one_more_reload(topology_file:
 # --------------------------------------------------------------------------- the scheduler, through its transport
 
 
-def test_scheduler_reload_answers_from_the_new_topology_through_the_render_cache() -> None:
+def test_scheduler_reload_answers_from_the_new_topology_through_the_answer_cache() -> None:
     from edge.scheduler.service import Scheduler
     before = parse(BASE)
     after = parse(BASE.replace('"127.0.95.0/24" = "east"', '"127.0.95.0/24" = "west"')
@@ -328,9 +328,9 @@ def test_scheduler_reload_answers_from_the_new_topology_through_the_render_cache
 
     def ask(name: str, rdtype: str = "A") -> dns.message.Message:
         wire = dns.message.make_query(name, rdtype).to_wire()
-        return dns.message.from_wire(scheduler.server.handle(wire, client, "udp"))
+        return dns.message.from_wire(scheduler.server.handle_udp(wire, str(client)))
 
-    for _ in range(2):                      # the second answer comes from the transport's render cache
+    for _ in range(2):                      # the second answer comes from the transport's answer cache
         assert ask("news.example.com").rcode() == dns.rcode.NXDOMAIN
         assert [r.address for r in ask("www.example.com").answer[-1]] == ["127.0.94.31"]
         assert ask("example.com", "SOA").answer[0][0].minimum == 30
