@@ -81,6 +81,8 @@ KNOWN_HOSTS_MAX = 4096     # raw Host values remembered by the hit path
 # is at most 253 bytes, plus a port.  Without it the memo could hold 4096 Host
 # fields of up to max_header_bytes each (128 MiB at the default 32 KiB).
 KNOWN_HOST_BYTES_MAX = 300
+# The same for raw Via values (our tiers add a few short members: "1.1 l2-a, 1.1 l1-east").
+KNOWN_VIA_BYTES_MAX = 300
 
 
 
@@ -262,7 +264,8 @@ class CacheNode:
         Remembered (bounded), as the hit path meets the same few values again and again."""
         names = [member.split()[1] for member in via.decode("latin-1").split(",") if len(member.split()) >= 2]
         tier = not self._tier_names.isdisjoint(names)
-        if len(self._tier_vias) < KNOWN_HOSTS_MAX:
+        # Bounded in size too: a client may send up to max_header_bytes of Via.
+        if len(self._tier_vias) < KNOWN_HOSTS_MAX and len(via) <= KNOWN_VIA_BYTES_MAX:
             self._tier_vias[via] = tier
         return tier
 

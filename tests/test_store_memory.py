@@ -265,3 +265,16 @@ def test_the_host_memo_is_bounded_in_entries(monkeypatch):
     for port in range(200):
         node.hit_now("GET", "/x", b"mem.example.com:%d" % port, None)
     assert len(node._sites_by_raw_host) == 50
+
+
+@pytest.mark.parametrize("via, remembered", [
+    (b"1.1 l2-a", True),
+    (b"1.1 proxy.example.net, 1.1 other", True),
+    (b"1.1 x" + b" " * 400, False),                     # up to max_header_bytes could come in
+])
+def test_the_via_memo_keeps_only_via_values_of_a_plausible_length(via, remembered):
+    from edge.proxy import KNOWN_VIA_BYTES_MAX
+    node = entrycost.MemoryFill(shape("empty body, 2 fields")).node
+    node.hit_now("GET", "/x", b"mem.example.com", via)
+    assert (via in node._tier_vias) is remembered
+    assert all(len(v) <= KNOWN_VIA_BYTES_MAX for v in node._tier_vias)
