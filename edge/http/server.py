@@ -106,8 +106,11 @@ class Front:
     async def _accept_loop(self, sock: socket.socket, tls: bool) -> None:
         while True:
             if len(self.connections) + len(self._handshakes) >= self.limits.max_connections:
-                self._room = self.loop.create_future()
-                await self._room
+                # One future for every listener waiting (HTTP and HTTPS): a second one
+                # must not replace the first's, or that listener never wakes again.
+                if self._room is None or self._room.done():
+                    self._room = self.loop.create_future()
+                await asyncio.shield(self._room)
                 continue
             try:
                 conn, _ = await self.loop.sock_accept(sock)
