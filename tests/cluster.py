@@ -83,6 +83,38 @@ def moved_local_topology(moved: dict[str, str], state_dir: Path | None = None) -
     return text
 
 
+def processes_naming(text: str) -> list[int]:
+    """PIDs of live processes whose command line contains `text` (our unique topology path)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue   # exited while we looked
+        if text.encode() in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def kill_processes_naming(text: str) -> None:
+    """SIGKILL what a test started with this topology path and left behind (by PID, never by name)."""
+    for pid in processes_naming(text):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass   # exited on its own meanwhile
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def wait_port_free(host: str, port: int, deadline: float = 10.0) -> None:
     end = time.monotonic() + deadline
     while time.monotonic() < end:

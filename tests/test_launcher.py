@@ -29,6 +29,7 @@ import dns.message
 import pytest
 
 from edge import config, launcher
+from tests.cluster import alive, kill_processes_naming, processes_naming
 
 REPO = Path(__file__).resolve().parent.parent
 TRAFFIC_PORT = 28080
@@ -97,29 +98,6 @@ timeout = 0.5
     path = directory / "topology.toml"
     path.write_text(text)
     return path
-
-
-def processes_naming(text: str) -> list[int]:
-    """PIDs of live processes whose command line contains `text` (our unique topology path)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue   # exited while we looked
-        if text.encode() in cmdline:
-            found.append(int(entry))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def bindable(host: str, port: int) -> bool:
@@ -202,11 +180,7 @@ async def start_up(tmp_path: Path) -> AsyncIterator:
             run.process.kill()
             await run.process.wait()
         # Only processes started for this test name its tmp topology file.
-        for pid in processes_naming(str(run.topology)):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass   # exited on its own meanwhile
+        kill_processes_naming(str(run.topology))
 
 
 # --------------------------------------------------------------------------- edge up

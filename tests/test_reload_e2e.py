@@ -27,7 +27,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.cluster import REPO, Cluster
+from tests.cluster import REPO, Cluster, alive, kill_processes_naming, processes_naming
 
 START_DEADLINE = 45.0
 RELOAD_DEADLINE = 60.0
@@ -153,31 +153,7 @@ async def edge_up():
         if run.process.returncode is None:
             run.process.kill()
             await run.process.wait()
-        for pid in processes_naming(str(run.topology)):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def processes_naming(text: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                if text.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    found.append(int(entry))
-            except OSError:
-                pass
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        kill_processes_naming(str(run.topology))
 
 
 # --------------------------------------------------------------------------- clients
