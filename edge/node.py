@@ -38,7 +38,6 @@ from edge.upstream.client import UpstreamPool
 
 log = logging.getLogger("edge.node")
 
-ADMIN_TOKEN_ENV = "EDGE_ADMIN_TOKEN"
 
 
 async def serve(topology: Topology, node: Node, stop: asyncio.Event, reloader: Reloader | None = None) -> None:
