@@ -39,7 +39,6 @@ from edge.upstream.client import UpstreamPool
 log = logging.getLogger("edge.node")
 
 
-
 async def serve(topology: Topology, node: Node, stop: asyncio.Event, reloader: Reloader | None = None) -> None:
     async with AsyncExitStack() as stack:
         if node.role == "origin":
