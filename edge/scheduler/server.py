@@ -33,6 +33,7 @@ The resolver decides (``answer``, through ``service``); this module moves bytes:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -358,8 +359,10 @@ class DnsServer:
         if self._tcp is not None:
             self._tcp.close()
             for connection in list(self._connections):
-                connection.close()
-            await self._tcp.wait_closed()
+                connection.abort()
+            # Bounded: a connection we did not track (shed at connect) must not hold the stop.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._tcp.wait_closed(), 5)
             self._tcp = None
 
     @property
@@ -447,7 +450,7 @@ class _TcpConnection(asyncio.Protocol):
         self.network = self.source.network
         self.admitted = self.server._admit(self)
         if not self.admitted:
-            transport.close()                             # RFC 7766 section 6.2.2: shed, don't queue
+            transport.abort()                             # RFC 7766 section 6.2.2: shed, don't queue
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
@@ -484,6 +487,11 @@ class _TcpConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, unsent answers dropped (the server is stopping)."""
+        if self.transport is not None:
+            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.admitted:
