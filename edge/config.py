@@ -117,6 +117,7 @@ class FrontLimits:
     max_headers: int = 100                # header fields; more gets 431
     max_connections: int = 10_000         # beyond this, new connections wait in the backlog
     drain_timeout: float = 30.0           # on SIGTERM, in-flight requests get this long to finish
+    http2_max_concurrent_streams: int = 128   # streams with work in progress per HTTP/2 connection
 
 
 ACCESS_LOG_FORMATS = ("combined", "json")
@@ -130,6 +131,8 @@ class Node:
     admin: Address
     region: str | None = None
     listen_tls: Address | None = None    # HTTPS listener (cache nodes): TLS ends here, same front
+    http2: bool = True              # ALPN offers h2 on listen_tls (nginx: listen ... ssl http2)
+    h2c: bool = False               # HTTP/2 with prior knowledge on the plain listener too
     lat: float | None = None
     lon: float | None = None
     parents: tuple[str, ...] = ()   # L1 only: names of L2 nodes, in no particular order
@@ -531,7 +534,7 @@ _NODE_KEYS = {"role", "listen", "admin", "region", "lat", "lon", "parents", "par
               "content_dir", "content_cache_control", "max_inflight", "parent_fall",
               "parent_rise", "parent_probe_interval", "parent_timeout", "go_direct",
               "upstream_deadline", "upstream_max_conns", "upstream_queue", "access_log", "access_log_format",
-              "admin_allow", "listen_tls", *FrontLimits.__dataclass_fields__}
+              "admin_allow", "listen_tls", "http2", "h2c", *FrontLimits.__dataclass_fields__}
 
 
 def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path,
@@ -556,6 +559,9 @@ def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path,
                 raise r.fail(f"{path}.listen_tls", "only a cache node (l1, l2) terminates TLS")
             if not any(site.tls_cert for site in sites):
                 raise r.fail(f"{path}.listen_tls", "no site has tls_cert and tls_key: nothing to serve on it")
+        h2c = r.bool(body, "h2c", f"{path}.h2c", False)
+        if h2c and role not in ("l1", "l2"):
+            raise r.fail(f"{path}.h2c", "only a cache node (l1, l2) speaks HTTP/2")
         for key, addr in (("listen", listen), ("admin", admin), ("listen_tls", listen_tls)):
             if addr is None:
                 continue
@@ -610,6 +616,7 @@ def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path,
             raise r.fail(f"{path}.content_dir", "only an origin node serves a content directory")
         node = Node(
             name=name, role=role, listen=listen, admin=admin, region=region, listen_tls=listen_tls,
+            http2=r.bool(body, "http2", f"{path}.http2", True), h2c=h2c,
             lat=None if lat is None else float(lat), lon=None if lon is None else float(lon),
             parents=(), parent_weights=tuple(weights), parent_policy=policy,
             memory_size=r.size(body, "memory_size", f"{path}.memory_size", Node.memory_size),
@@ -673,6 +680,9 @@ def _limits(r: _Reader, body: dict, path: str) -> FrontLimits:
         max_connections=r.number(body, "max_connections", f"{path}.max_connections", d.max_connections, 1,
                                  integer=True),
         drain_timeout=float(r.number(body, "drain_timeout", f"{path}.drain_timeout", d.drain_timeout, 0)),
+        http2_max_concurrent_streams=r.number(body, "http2_max_concurrent_streams",
+                                              f"{path}.http2_max_concurrent_streams",
+                                              d.http2_max_concurrent_streams, 1, integer=True),
     )
 
 

@@ -99,8 +99,10 @@ async def _reload_cache_node(topology: Topology, cache_node: CacheNode, front: F
 
 
 def _apply_tls(front: Front, topology: Topology, node: Node, tls_setup: tls.TlsSetup) -> None:
-    """New handshakes take the new certificates; connections already open keep theirs."""
+    """New handshakes take the new certificates (and ALPN), new plain connections the h2c
+    setting; connections already open keep theirs."""
     front.tls_context = tls_setup.server
+    front.h2c = node.h2c
     front.redirect_hosts = frozenset(host.encode() for site in topology.sites if site.https_redirect
                                      for host in site.hosts) if node.listen_tls is not None else frozenset()
 

@@ -229,7 +229,7 @@ def test_sni_picks_each_site_certificate(cdn):
     context.set_alpn_protocols(["h2", "http/1.1"])
     with handshake(context, NEWS) as tls:
         assert peer_names(tls) == [NEWS]
-        assert tls.selected_alpn_protocol() == "http/1.1"       # no h2 yet
+        assert tls.selected_alpn_protocol() == "h2"
         assert tls.version() in ("TLSv1.2", "TLSv1.3")
 
 
@@ -382,7 +382,7 @@ def test_edge_up_serves_the_default_topology_over_https(tmp_path: Path):
                         "https://www.example.com:8443/"), output
         for _ in range(2):      # the printed line works as printed (it verifies against the CA)
             result = subprocess.run(line.split(), capture_output=True, text=True, timeout=20)
-            assert result.returncode == 0 and result.stdout.startswith("HTTP/1.1 200"), (result, output)
+            assert result.returncode == 0 and result.stdout.startswith("HTTP/2 200"), (result, output)
         assert "l1-east; hit" in result.stdout, result.stdout
         assert "BEGIN" not in subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
                                              cwd=str(REPO)).stdout    # nothing made inside the repository

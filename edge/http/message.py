@@ -10,11 +10,14 @@ that on the wire: framing, keep-alive, backpressure.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from email.utils import formatdate
 
 from multidict import CIMultiDict, CIMultiDictProxy
+
+log = logging.getLogger("edge.http")
 
 
 class BodyAborted(Exception):
@@ -199,3 +202,15 @@ def error_reply(status: int, text: str, fields: Iterable[tuple[str, str]] = (),
     """A short plain-text answer this node makes itself (a refusal, an upstream failure)."""
     return Reply(status, [("Date", formatdate(usegmt=True)), ("Content-Type", "text/plain; charset=utf-8"),
                           *fields], f"{status} {text}\n".encode("utf-8", "replace"), cache_status=cache_status)
+
+
+async def close_body(reply: Reply) -> None:
+    """Close a reply's stream, if it is one (a cache fill behind it finishes); never raises."""
+    body = reply.body
+    if not isinstance(body, bytes):
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except Exception as exc:        # a broken stream must not break the connection's bookkeeping
+                log.info("closing a reply body failed: %r", exc)

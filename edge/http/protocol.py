@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 import httptools
 
 from edge.http import rules
-from edge.http.message import BodyAborted, ClientGone, Reply, Request, RequestBody, error_reply
+from edge.http.h2 import PREFACE, H2Connection
+from edge.http.message import BodyAborted, ClientGone, Reply, Request, RequestBody, close_body, error_reply
 from edge.http.rules import Reject
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ class HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.remote = ""
         self.tls = False                      # the client came over the HTTPS listener
+        self._sniff_h2c = False               # the first bytes may be the HTTP/2 preface (h2c)
+        self._sniffed = b""
         self.closed = False
         # Timeouts: the front's sweep closes the connection once `deadline` passes.
         self.deadline = FOREVER
@@ -112,9 +115,23 @@ class HttpConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if peer else ""
-        self.tls = transport.get_extra_info("ssl_object") is not None
+        ssl_object = transport.get_extra_info("ssl_object")
+        self.tls = ssl_object is not None
+        if self.tls and ssl_object.selected_alpn_protocol() == "h2":
+            self._hand_over(b"")
+            return
+        self._sniff_h2c = not self.tls and self.front.h2c
         self.deadline = self.loop.time() + self.limits.client_header_timeout
         self.front.connection_opened(self)
+
+    def _hand_over(self, data: bytes) -> None:
+        """This connection speaks HTTP/2 (ALPN h2, or the h2c preface): its own protocol takes over."""
+        self.closed = True
+        self.deadline = FOREVER
+        self.front.connections.discard(self)
+        conn = H2Connection(self.front, self.tls)
+        self.transport.set_protocol(conn)
+        conn.connection_made(self.transport, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -146,6 +163,16 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self._sniff_h2c:
+            # h2c with prior knowledge (RFC 9113 3.3): the first bytes are the preface.
+            data = self._sniffed + data
+            if PREFACE.startswith(data[:len(PREFACE)]):
+                if len(data) < len(PREFACE):
+                    self._sniffed = data
+                    return
+                self._hand_over(data)
+                return
+            self._sniff_h2c, self._sniffed = False, b""
         try:
             self.parser.feed_data(data)
         except Reject as reject:
@@ -351,7 +378,7 @@ class HttpConnection(asyncio.Protocol):
             if self._reject_after is not None and self._reject_after.status and request.body is not None \
                     and not request.body.complete:
                 # Its own body was malformed: the refusal replaces whatever the pipeline said.
-                await _close_body(reply)
+                await close_body(reply)
                 reply = error_reply(self._reject_after.status, str(self._reject_after))
                 self._reject_after = None
                 request.keep_alive = False
@@ -418,7 +445,7 @@ class HttpConnection(asyncio.Protocol):
             except ClientGone:
                 pass
         if self.closed:
-            await _close_body(reply)
+            await close_body(reply)
             return 0, False
         if isinstance(body, bytes):
             if bodyless or not body:
@@ -429,7 +456,7 @@ class HttpConnection(asyncio.Protocol):
             return len(body), keep
         transport.writelines(head)
         if bodyless:
-            await _close_body(reply)
+            await close_body(reply)
             return 0, keep
         sent = 0
         try:
@@ -455,7 +482,7 @@ class HttpConnection(asyncio.Protocol):
         except ClientGone:
             keep = False
         finally:
-            await _close_body(reply)
+            await close_body(reply)
         if reply.length is not None and sent != reply.length and not self.closed:
             self.abort()          # never a complete-looking short response
             keep = False
@@ -533,17 +560,6 @@ def _unknown_method(data: bytes) -> Reject:
 
 
 _TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-
-
-async def _close_body(reply: Reply) -> None:
-    body = reply.body
-    if not isinstance(body, bytes):
-        aclose = getattr(body, "aclose", None)
-        if aclose is not None:
-            try:
-                await aclose()
-            except Exception as exc:        # a broken stream must not break the connection's bookkeeping
-                log.info("closing a reply body failed: %r", exc)
 
 
 def _first(noted: dict[int, list[bytes]], kind: int) -> str:

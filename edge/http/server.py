@@ -71,6 +71,7 @@ class Front:
         # plain-HTTP requests the pipeline redirects (the hit path must not answer them).
         self.tls_context: ssl.SSLContext | None = None
         self.redirect_hosts: frozenset[bytes] = frozenset()
+        self.h2c = False                # plain-listener connections may start with the HTTP/2 preface
         self._room: asyncio.Future[None] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Future[None] | None = None

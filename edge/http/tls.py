@@ -8,7 +8,7 @@ handshakes themselves happen in the transport.
 Server defaults, as a modern nginx/Mozilla "intermediate" profile would have them:
 
 * TLS 1.2 and 1.3 only (``minimum_version``); OpenSSL's default cipher list.
-* ALPN offers ``http/1.1`` only: HTTP/2 is not built yet.
+* ALPN offers ``h2`` then ``http/1.1`` (only ``http/1.1`` with ``http2 = false``).
 * Session resumption: OpenSSL's stateless tickets with keys made per context, so a
   reload (new contexts) or a restart costs returning clients one full handshake.
 * No client-initiated renegotiation (a cheap way to make a server do expensive work).
@@ -25,7 +25,8 @@ from pathlib import Path
 
 from edge.config import ConfigError, Node, Site, Topology
 
-ALPN = ["http/1.1"]
+ALPN = ["h2", "http/1.1"]
+ALPN_HTTP1 = ["http/1.1"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ def load(topology: Topology, node: Node) -> TlsSetup:
         return TlsSetup(None, None, origin_ca)
     with_cert = [site for site in topology.sites if site.tls_cert is not None]
     default = next((site for site in with_cert if site.default), with_cert[0])
-    contexts = {site.name: site_context(topology, site) for site in with_cert}
+    alpn = ALPN if node.http2 else ALPN_HTTP1
+    contexts = {site.name: site_context(topology, site, alpn) for site in with_cert}
     by_host = {host: contexts[site.name] for site in with_cert for host in site.hosts}
     server = contexts[default.name]
 
@@ -60,11 +62,11 @@ def load(topology: Topology, node: Node) -> TlsSetup:
     return TlsSetup(server, default.name, origin_ca)
 
 
-def site_context(topology: Topology, site: Site) -> ssl.SSLContext:
+def site_context(topology: Topology, site: Site, alpn: list[str] = ALPN) -> ssl.SSLContext:
     assert site.tls_cert is not None and site.tls_key is not None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(ALPN)
+    context.set_alpn_protocols(alpn)
     context.options |= ssl.OP_NO_RENEGOTIATION
     try:
         context.load_cert_chain(site.tls_cert, site.tls_key)
