@@ -44,6 +44,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack.table
 import hyperframe.frame
 from h2.errors import ErrorCodes
 
@@ -70,6 +71,11 @@ _CONNECTION_FIELDS = frozenset({b"connection", b"keep-alive", b"proxy-connection
 _SLOW_FIELDS = frozenset({b"range", b"if-range", b"if-match", b"if-none-match", b"if-modified-since",
                           b"if-unmodified-since"})
 _STATUS = {code: str(code).encode() for code in range(100, 600)}
+_STATUS_200 = [(b":status", b"200")]       # what h2 sees of a hit's fields (the block is encoded already)
+_METHOD_NAMES = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
+_TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_NAME_BYTES = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"     # RFC 9113 8.2.1: lower case
+_BLANK = (b" ", b"\t")
 
 
 class _Stream:
@@ -120,9 +126,12 @@ class H2Connection(asyncio.Protocol):
         self.closed = False
         self.deadline = FOREVER
         self._max_streams = limits.http2_max_concurrent_streams
+        # Fields are checked by _request_view (inbound) and made by us (outbound).
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                           validate_inbound_headers=False, normalize_inbound_headers=False,
                                            validate_outbound_headers=False, normalize_outbound_headers=False)
         self.h2 = h2.connection.H2Connection(config=config)
+        self.h2.encoder = self._encoder = _BlockEncoder(self.h2.encoder)
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self._max_streams,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
@@ -188,6 +197,19 @@ class H2Connection(asyncio.Protocol):
             self._flush()
             self.close()
             return
+        try:
+            self._events(events)
+        except Exception:       # our own bug, not the client's: say so, and end only this connection
+            log.exception("HTTP/2 connection from %s failed", self.remote)
+            self.abort()
+            return
+        self._flush()
+
+    def _events(self, events: list[h2.events.Event]) -> None:
+        if self.h2.state_machine.state is h2.connection.ConnectionState.CLOSED:
+            # The client sent GOAWAY: it reads nothing more, whatever else came with it.
+            self.close()
+            return
         for event in events:
             kind = type(event)
             if kind is h2.events.RequestReceived:
@@ -209,12 +231,10 @@ class H2Connection(asyncio.Protocol):
                 if stream is not None and stream.body is not None and event.stream_ended:
                     stream.body.finish()
             elif kind is h2.events.ConnectionTerminated:
-                self._flush()
                 self.close()
                 return
             if self.closed:
                 return
-        self._flush()
 
     def _flush(self) -> None:
         data = self.h2.data_to_send()
@@ -306,8 +326,13 @@ class H2Connection(asyncio.Protocol):
         self._start(stream, None)
 
     def _request_view(self, headers: list[tuple[bytes, bytes]]) -> tuple[Request, bool]:
-        """The Request of a HEADERS block (pseudo-fields checked by h2), and whether it needs the pipeline."""
-        method = path = authority = b""
+        """The Request of a decoded HEADERS block, and whether it needs the pipeline.
+
+        The field section is checked here in one pass (RFC 9113 8.2 and 8.3), rather than by
+        h2's own validation, which costs more than the rest of a hit: a malformed request
+        gets a 400 on its stream, and the connection goes on.
+        """
+        method = path = authority = scheme = None
         fields: list[tuple[bytes, bytes]] = []
         cookies: list[bytes] = []
         host = None
@@ -315,19 +340,31 @@ class H2Connection(asyncio.Protocol):
         for name, value in headers:
             size += len(name) + len(value) + 32          # RFC 9113 6.5.2's accounting
             if name[:1] == b":":
-                if name == b":method":
+                if fields or cookies:
+                    raise Reject(400, f"pseudo-header {name.decode('latin-1')} after the fields")
+                if name == b":method" and method is None:
                     method = value
-                elif name == b":path":
+                elif name == b":path" and path is None:
                     path = value
-                elif name == b":authority":
+                elif name == b":authority" and authority is None:
                     authority = value
+                elif name == b":scheme" and scheme is None:
+                    scheme = value
+                else:
+                    raise Reject(400, f"unknown or repeated pseudo-header {name.decode('latin-1')}")
                 continue
-            if value.translate(None, rules.FIELD_VALUE_BYTES):
-                rules.check_field_value(value)           # raises the 400
+            if not name or name.translate(None, _NAME_BYTES):
+                raise Reject(400, "header field name is not a lower-case token")
+            if value.translate(None, rules.FIELD_VALUE_BYTES) or value[:1] in _BLANK or value[-1:] in _BLANK:
+                raise Reject(400, "header field value has bytes outside visible ASCII, or leading or trailing space")
+            if name in _CONNECTION_FIELDS or (name == b"te" and value != b"trailers"):
+                raise Reject(400, f"connection-specific field {name.decode()} in HTTP/2")
             if name == b"cookie":
                 cookies.append(value)                    # RFC 9113 8.2.3: crumbs are joined again
                 continue
             if name == b"host":
+                if host is not None:
+                    raise Reject(400, "more than one Host")
                 host = value
             elif name in _SLOW_FIELDS:
                 slow = True
@@ -336,25 +373,31 @@ class H2Connection(asyncio.Protocol):
             raise Reject(431, f"header fields larger than {self.limits.max_header_bytes} bytes")
         if len(fields) + len(cookies) > self.limits.max_headers:
             raise Reject(431, f"more than {self.limits.max_headers} header fields")
+        if method is None or not method or method.translate(None, _TOKEN_BYTES):
+            raise Reject(400, "no valid :method")
         if method == b"CONNECT":
             raise Reject(405, "method not allowed", (("Allow", "GET, HEAD"),))
+        if scheme is None or not path:
+            raise Reject(400, "no :scheme or no :path")
         if len(path) > self.limits.max_request_line:
             raise Reject(414, f"request target longer than {self.limits.max_request_line} bytes")
         if path.translate(None, rules.TARGET_BYTES):
             rules.check_target(path)
-        if authority:
+        if authority is not None:
             # RFC 9113 8.3.1: :authority is the target's authority; a Host that says otherwise
             # makes the request malformed (two views of one request is how smuggling starts).
             if host is not None and host.lower() != authority.lower():
                 raise Reject(400, ":authority and Host differ")
+            if authority.translate(None, rules.TARGET_BYTES):
+                raise Reject(400, ":authority has bytes outside visible ASCII")
             if host is None:
                 fields.insert(0, (b"host", authority))
         elif host is None:
             raise Reject(400, "no :authority and no Host")
         if cookies:
             fields.append((b"cookie", b"; ".join(cookies)))
-        request = Request(method.decode("ascii", "replace"), path.decode("ascii"), VERSION, fields, self.remote,
-                          None, True, self.tls)
+        request = Request(_METHOD_NAMES.get(method) or method.decode("ascii"), path.decode("ascii"), VERSION,
+                          fields, self.remote, None, True, self.tls)
         return request, slow
 
     def _hit_now(self, request: Request):
@@ -370,9 +413,9 @@ class H2Connection(asyncio.Protocol):
 
     def _write_hit(self, stream: _Stream, request: Request, hit) -> None:
         head, body, cache_status = hit
-        status, fields = _parse_head(head)
         head_only = request.method == "HEAD" or not body
-        self.h2.send_headers(stream.id, fields, end_stream=head_only)
+        self._encoder.block = _hit_block(head)
+        self.h2.send_headers(stream.id, _STATUS_200, end_stream=head_only)
         sent = 0
         if not head_only and len(body) <= min(self.h2.local_flow_control_window(stream.id),
                                               self.h2.max_outbound_frame_size):
@@ -383,8 +426,8 @@ class H2Connection(asyncio.Protocol):
             self._flush()
             self.front.track(self.loop.create_task(self._stream_hit(stream, request, body, cache_status)))
             return
-        self._flush()
-        self._log(request, status, sent, cache_status, "", 0.0)
+        # No flush: data_received writes what all the streams it read produced at once.
+        self._log(request, 200, sent, cache_status, "", 0.0)
         self._finished(stream)
 
     async def _stream_hit(self, stream: _Stream, request: Request, body: bytes, cache_status: str) -> None:
@@ -623,6 +666,87 @@ class H2Connection(asyncio.Protocol):
 _REFUSAL_REASONS = {400: "bad_request", 405: "unknown_method", 414: "uri_too_long", 431: "header_too_large"}
 
 
+class _BlockEncoder:
+    """h2's HPACK encoder, which can also send a header block encoded beforehand.
+
+    Hit blocks are encoded once per stored object (see :func:`_hit_block`) with
+    literals that never touch the dynamic table, so the same bytes are right on
+    every connection; h2 is handed them through ``block`` and a one-field list.
+    Everything else is encoded by h2's encoder as usual.
+    """
+
+    def __init__(self, real):
+        self.__dict__["real"] = real
+        self.__dict__["block"] = None
+
+    def encode(self, headers, huffman: bool = True) -> bytes:
+        block = self.block
+        if block is None:
+            return self.real.encode(headers, huffman)
+        self.__dict__["block"] = None
+        if self.real.header_table.resized:
+            # A table size change must open the next header block (RFC 7541 4.2).
+            return self.real.encode([]) + block
+        return block
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "block":
+            self.__dict__["block"] = value
+        else:
+            setattr(self.real, name, value)
+
+
+_STATIC_NAMES: dict[bytes, int] = {}
+for _index, (_name, _) in enumerate(hpack.table.HeaderTable.STATIC_TABLE, 1):
+    _STATIC_NAMES.setdefault(_name, _index)
+
+
+def _integer(value: int, prefix_bits: int, first: int) -> bytes:
+    """RFC 7541 5.1: `value` with an N-bit prefix, `first` holding the bits above it."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _literal(name: bytes, value: bytes) -> bytes:
+    """RFC 7541 6.2.2: a literal field without indexing (no dynamic table state, plain strings)."""
+    index = _STATIC_NAMES.get(name)
+    head = _integer(index, 4, 0x00) if index else b"\x00" + _integer(len(name), 7, 0x00) + name
+    return head + _integer(len(value), 7, 0x00) + value
+
+
+_HIT_BLOCKS: dict[bytes, bytes] = {}
+HIT_BLOCKS_MAX = 4096           # distinct stored header blocks remembered encoded; then start again
+
+
+def _hit_block(head: bytes) -> bytes:
+    """The HPACK block of a hit's header block, its unchanging part encoded once.
+
+    The hit path's block is the stored object's fields, then ``Cache-Status``
+    (whose ttl changes) and ``Age``: only those two are encoded per hit.
+    """
+    cut = head.rfind(b"\r\nCache-Status: ")
+    if cut < 0:
+        return b"".join(_literal(n, v) for n, v in _parse_head(head)[1])
+    prefix = head[:cut]
+    encoded = _HIT_BLOCKS.get(prefix)
+    if encoded is None:
+        if len(_HIT_BLOCKS) >= HIT_BLOCKS_MAX:
+            _HIT_BLOCKS.clear()
+        encoded = _HIT_BLOCKS[prefix] = b"".join(_literal(n, v) for n, v in _parse_head(prefix)[1])
+    return encoded + b"".join(_literal(n, v) for n, v in _field_lines(head[cut:]))
+
+
 def _wake(stream: _Stream) -> None:
     waiter, stream.window = stream.window, None
     if waiter is not None and not waiter.done():
@@ -631,14 +755,20 @@ def _wake(stream: _Stream) -> None:
 
 def _parse_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
     """An HTTP/1.1 header block (status line and field lines, as the store keeps it) as HTTP/2 fields."""
-    lines = head.split(b"\r\n")
-    status = lines[0][9:12]
-    fields = [(b":status", status)]
-    for line in lines[1:]:
+    status = head[9:12]
+    return int(status), [(b":status", status), *_field_lines(head[head.find(b"\r\n"):])]
+
+
+def _field_lines(lines: bytes) -> list[tuple[bytes, bytes]]:
+    """Field lines ("Name: value" separated by CRLF) as lower-case HTTP/2 fields, without the
+    connection-specific ones."""
+    fields = []
+    for line in lines.split(b"\r\n"):
         if not line:
             continue
         name, _, value = line.partition(b":")
         name = name.lower()
         if name not in _CONNECTION_FIELDS:
             fields.append((name, value.strip()))
-    return int(status), fields
+    return fields
+
