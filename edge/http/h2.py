@@ -657,9 +657,16 @@ class H2Connection(asyncio.Protocol):
              duration: float) -> None:
         access = self.front.access_log
         if access.enabled:
-            headers = request.headers
+            host = referer = agent = b""
+            for name, value in request.raw_headers:         # a multidict per hit would cost more
+                if name == b"host":
+                    host = value
+                elif name == b"referer":
+                    referer = value
+                elif name == b"user-agent":
+                    agent = value
             access.log(self.remote, request.method, request.target, VERSION, status, sent,
-                       headers.get("Host", ""), headers.get("Referer", ""), headers.get("User-Agent", ""),
+                       host.decode("latin-1"), referer.decode("latin-1"), agent.decode("latin-1"),
                        cache_status, upstream, duration)
 
 
