@@ -417,6 +417,25 @@ def test_streams_beyond_the_limit_are_refused_not_queued(cdn):
         client.close()
 
 
+@pytest.mark.parametrize("count, expected", [(40, "431"), (70, ErrorCodes.ENHANCE_YOUR_CALM)])
+def test_oversized_header_list(cdn, count, expected):
+    """More than max_header_bytes (32 KiB) of fields: 431 on the stream; more than twice that is
+    not even decoded (GOAWAY)."""
+    cluster, ca = cdn
+    client = H2Client(ca)
+    try:
+        assert client.get("/gen/x?size=1")["headers"][":status"] == "200"   # our SETTINGS are acknowledged
+        stream_id = client.request("/gen/x?size=1", fields=[(f"x-f{i}", "v" * 1000) for i in range(int(count))])
+        try:
+            (response,) = client.wait(stream_id)
+            outcome = response["headers"][":status"] if response["headers"] else response["reset"]
+        except ConnectionError:
+            outcome = client.terminated.error_code if client.terminated else "closed"
+    finally:
+        client.close()
+    assert outcome == expected, outcome
+
+
 def test_drain_finishes_the_streams_in_progress(cdn):
     """Last in this module: it stops the node.  SIGTERM while a slow miss is in progress over
     HTTP/2: the node sends a graceful GOAWAY and still answers the stream in full (curl, as
