@@ -49,6 +49,55 @@ def test_parse_head(head, status, fields):
     assert _parse_head(head) == (status, fields)
 
 
+def alpn_chosen(server: ssl.SSLContext, ca: trustme.CA, offered: list[str]) -> str | None:
+    """A handshake in memory (no sockets): the protocol the server context picks."""
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    client.set_alpn_protocols(offered)
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client.wrap_bio(c_in, c_out, server_hostname=WWW)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for side in (c, s):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    return s.selected_alpn_protocol()
+
+
+@pytest.mark.parametrize("http2, offered, chosen", [
+    ("", ["h2", "http/1.1"], "h2"),
+    ("http2 = false", ["h2", "http/1.1"], "http/1.1"),
+    ("http2 = false", ["h2"], None),
+    ("", ["http/1.1"], "http/1.1"),
+])
+def test_alpn_follows_the_http2_key(tmp_path: Path, http2: str, offered: list[str], chosen: str | None):
+    from edge import config
+    from edge.http import tls
+    ca = trustme.CA()
+    leaf = ca.issue_cert(WWW)
+    leaf.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
+    (tmp_path / "c.pem").write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    text = (f'[sites.s]\nhosts = ["{WWW}"]\norigin = "http://127.0.102.10:8080"\n'
+            'tls_cert = "c.pem"\ntls_key = "k.pem"\n'
+            f'[nodes.e]\nrole = "l1"\nlisten = "127.0.102.1:8080"\nadmin = "127.0.102.1:8091"\n'
+            f'listen_tls = "127.0.102.1:8443"\n{http2}\n')
+    topology = config.parse(text, "t.toml", tmp_path)
+    assert alpn_chosen(tls.load(topology, topology.nodes[0]).server, ca, offered) == chosen
+
+
+def test_h2c_is_for_cache_nodes_only():
+    from edge import config
+    text = ('[sites.s]\nhosts = ["www.example.com"]\norigin = "http://127.0.102.10:8080"\n'
+            '[nodes.o]\nrole = "origin"\nlisten = "127.0.102.10:8080"\nadmin = "127.0.102.10:8091"\nh2c = true\n')
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(text, "t.toml", Path("/tmp"))
+    assert caught.value.key == "nodes.o.h2c", caught.value
+
+
 # --------------------------------------------------------------------------- a client
 
 class H2Client:
