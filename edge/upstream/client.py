@@ -53,11 +53,12 @@ class Upstream:
 
 
 class UpstreamError(Exception):
-    """No candidate answered; `error` is an RFC 9209 Proxy-Status error type."""
+    """No candidate answered; `error` is an RFC 9209 Proxy-Status error type, `params` its
+    extra parameters (such as a TLS alert's alert-id)."""
 
-    def __init__(self, error: str, detail: str, tried: list[str]):
+    def __init__(self, error: str, detail: str, tried: list[str], params: tuple[tuple[str, int | str], ...] = ()):
         super().__init__(f"{error}: {detail} (tried {', '.join(tried) or 'nothing'})")
-        self.error, self.detail, self.tried = error, detail, tried
+        self.error, self.detail, self.tried, self.params = error, detail, tried, params
 
 
 def proxy_status_error(headers: Mapping[str, str], name: str) -> str | None:
@@ -182,7 +183,7 @@ class UpstreamPool:
                    body: AsyncIterator[bytes] | None = None) -> tuple[UpstreamResponse, Upstream]:
         """Send the request to the first candidate that answers; the caller releases the response."""
         tried: list[str] = []
-        last_error = ("destination_unavailable", "no upstream configured")
+        last_error: tuple[str, str, tuple] = ("destination_unavailable", "no upstream configured", ())
         # This request's view, kept across a reload that happens while it waits.
         candidates, health = self.candidates(key, site), self.health
         loop = asyncio.get_running_loop()
@@ -191,7 +192,7 @@ class UpstreamPool:
             left = deadline - loop.time()
             if left <= 0:
                 last_error = ("http_response_timeout", f"no answer within the {self.policy.deadline:g}s "
-                                                       f"upstream deadline")
+                                                       f"upstream deadline", ())
                 break
             tried.append(upstream.name)
             started = time.monotonic()
@@ -200,19 +201,19 @@ class UpstreamPool:
                     upstream.address, method, raw_target, headers.items(), body,
                     read_timeout=left if upstream.is_parent else self.policy.timeout, deadline=deadline)
             except UpstreamIOError as exc:
-                last_error = (exc.error, exc.detail)
+                last_error = (exc.error, exc.detail, exc.params)
                 if exc.error == "connection_limit_reached":
                     # Our own limit, not the upstream's failure: answer 503 now, try nothing else.
                     self.metrics.upstream_requests.labels(upstream.name, exc.error).inc()
                     break
-                self._failed(upstream, exc.error, health)
+                self._failed(upstream, exc.error, health, exc.detail)
                 if exc.body_started:
                     break   # the body is gone; it cannot be replayed to the next candidate
                 continue
             self.metrics.upstream_duration.labels(upstream.name).observe(time.monotonic() - started)
             if upstream.is_parent and proxy_status_error(response.headers, upstream.name) in PARENT_OWN_ERRORS:
                 # The parent failed in itself (not its upstream): the next one may do better.
-                last_error = ("destination_unavailable", f"{upstream.name} answered {response.status}")
+                last_error = ("destination_unavailable", f"{upstream.name} answered {response.status}", ())
                 self._failed(upstream, f"status_{response.status}", health)
                 if index < len(candidates) - 1 and not response.body_started:
                     response.release()
@@ -221,11 +222,14 @@ class UpstreamPool:
                 health.success(upstream.name)
             self.metrics.upstream_requests.labels(upstream.name, f"{response.status // 100}xx").inc()
             return response, upstream
-        raise UpstreamError(last_error[0], last_error[1], tried)
+        raise UpstreamError(last_error[0], last_error[1], tried, last_error[2])
 
-    def _failed(self, upstream: Upstream, outcome: str, health: ParentHealth) -> None:
+    def _failed(self, upstream: Upstream, outcome: str, health: ParentHealth, detail: str = "") -> None:
         self.metrics.upstream_requests.labels(upstream.name, outcome).inc()
         if upstream.is_parent:
             health.failure(upstream.name)
-        log.info("upstream %s failed: %s", upstream.name, outcome)
+        # A TLS failure is a misconfiguration or an impostor, never a passing fault: say it
+        # at the level an operator sees by default, with why (which certificate, which alert).
+        level = logging.WARNING if outcome.startswith("tls_") else logging.INFO
+        log.log(level, "upstream %s failed: %s%s", upstream.name, outcome, f": {detail}" if detail else "")
 
