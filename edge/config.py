@@ -75,6 +75,8 @@ class Site:
     tls_key: Path | None = None     # its PEM private key
     https_redirect: bool = False    # plain-HTTP requests get a 308 to https:// (on nodes with listen_tls)
     origin_ca: Path | None = None   # CA bundle an https:// origin is verified against; None: the system's
+    origin_client_cert: Path | None = None   # PEM chain presented to an https:// origin (mutual TLS)
+    origin_client_key: Path | None = None    # its PEM private key
 
     @property
     def allow_field(self) -> str:
@@ -438,7 +440,7 @@ def _sites(r: _Reader, table: dict, cdn_zone: str, base_dir: Path) -> tuple[Site
         r.unknown(body, {"hosts", "origin", "cdn_name", "default", "stale_if_unreachable", "aliases",
                          "ignore_query", "ignore_query_params", "set_cookie", "default_ttl", "max_ttl",
                          "stale_while_revalidate", "stale_if_error", "allowed_methods", "tls_cert", "tls_key",
-                         "https_redirect", "origin_ca"}, path)
+                         "https_redirect", "origin_ca", "origin_client_cert", "origin_client_key"}, path)
         hosts_value = body.get("hosts")
         if not isinstance(hosts_value, list) or not hosts_value:
             raise r.fail(f"{path}.hosts", "expected a non-empty list of host names")
@@ -490,10 +492,18 @@ def _sites(r: _Reader, table: dict, cdn_zone: str, base_dir: Path) -> tuple[Site
         origin_ca = file("origin_ca")
         if origin_ca is not None and parts.scheme != "https":
             raise r.fail(f"{path}.origin_ca", f"only an https:// origin is verified against a CA (origin is {origin!r})")
+        client_cert, client_key = file("origin_client_cert"), file("origin_client_key")
+        if (client_cert is None) != (client_key is None):
+            missing = "origin_client_key" if client_key is None else "origin_client_cert"
+            raise r.fail(f"{path}.{missing}", "origin_client_cert and origin_client_key go together: "
+                                              "one is set, this one is missing")
+        if client_cert is not None and parts.scheme != "https":
+            raise r.fail(f"{path}.origin_client_cert", "a client certificate is presented only to an https:// "
+                                                       f"origin (origin is {origin!r})")
         out.append(Site(name, hosts, origin.rstrip("/"), cdn_name, default, stale_if_unreachable, aliases,
                         ignore_query, tuple(params), set_cookie, site_defaults,
                         _allowed_methods(r, body, f"{path}.allowed_methods"),
-                        tls_cert, tls_key, https_redirect, origin_ca))
+                        tls_cert, tls_key, https_redirect, origin_ca, client_cert, client_key))
     if len(defaults) > 1:
         raise r.fail(f"sites.{defaults[1]}.default", f"only one site may be the default (also {defaults[0]!r})")
     return tuple(out)

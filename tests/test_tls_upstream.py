@@ -1,17 +1,46 @@
-"""TLS towards upstreams: how TLS failures are reported (RFC 9209)."""
+"""TLS towards upstreams: how TLS failures are reported, and client certificates to origins.
+
+Real processes on real sockets, certificates made here (trustme).  On 127.0.100.x: https
+origins run in this process (the blocking `ssl` module in threads, as OpenSSL servers such
+as nginx do: refusals are sent as TLS alerts) that REQUIRE a client certificate from their
+own CA: .11:8443 speaks TLS 1.3, .12:8443 TLS 1.2 only.  One edge, l1-1 (.31), with a site
+per client identity.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import re
+import socketserver
 import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 import pytest
+import trustme
 
+from edge import config
+from edge.config import ConfigError
+from edge.http import tls
 from edge.proxy import proxy_status
 from edge.upstream.client import UpstreamError
-from edge.upstream.http1 import Address, tls_error
-
+from edge.upstream.http1 import Address, Http1Client, TlsProfile, tls_error
+from tests.cluster import Cluster, topology_text
 
 WWW = "www.example.com"
+
+
+def write_leaf(ca: trustme.CA, directory: Path, name: str, *hosts: str, **kwargs) -> tuple[Path, Path]:
+    leaf = ca.issue_cert(*hosts, **kwargs)
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    leaf.private_key_pem.write_to_path(str(key))
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    return cert, key
 
 
 # --------------------------------------------------------------------------- pure rules
@@ -60,3 +89,230 @@ def test_proxy_status_carries_the_alert_parameters():
                                          'alert-message="certificate_required"; details="https://o: alert \\"x\\""')
     assert proxy_status("l1-1", UpstreamError("connection_refused", "x", [])) == \
         'l1-1; error=connection_refused; details="x"'
+
+
+@pytest.mark.parametrize("a, b, same", [
+    (Address("https", "o", 443), Address.from_url("https://o"), True),          # the system's store either way
+    (Address.from_url("https://o", TlsProfile(Path("ca.pem"))), Address.from_url("https://o"), False),
+    (Address.from_url("https://o", TlsProfile(None, Path("a.pem"), Path("a.key"))),
+     Address.from_url("https://o", TlsProfile(None, Path("b.pem"), Path("b.key"))), False),
+    (Address.from_url("http://o", TlsProfile(Path("ca.pem"))), Address("http", "o", 80), True),
+])
+def test_the_tls_identity_is_part_of_the_pool_key(a, b, same):
+    assert (a == b) is same
+    assert len({a, b}) == (1 if same else 2)
+
+
+SITE = '[sites.s]\nhosts = ["www.example.com"]\norigin = "{origin}"\n{site}\n'
+NODES = ('[nodes.l2]\nrole = "l2"\nlisten = "127.0.100.21:8080"\nadmin = "127.0.100.21:8091"\n{l2}\n'
+         '[nodes.e]\nrole = "l1"\nlisten = "127.0.100.1:8080"\nadmin = "127.0.100.1:8091"\n{l1}\n')
+
+
+@pytest.mark.parametrize("origin, site, l2, l1, key, problem", [
+    ("https://o", 'origin_client_cert = "c.pem"', "", "", "sites.s.origin_client_key", "go together"),
+    ("https://o", 'origin_client_key = "k.pem"', "", "", "sites.s.origin_client_cert", "go together"),
+    ("http://o", 'origin_client_cert = "c.pem"\norigin_client_key = "k.pem"', "", "",
+     "sites.s.origin_client_cert", "only to an https:// origin"),
+])
+def test_config_errors(origin, site, l2, l1, key, problem):
+    text = SITE.format(origin=origin, site=site) + NODES.format(l2=l2, l1=l1)
+    with pytest.raises(ConfigError) as caught:
+        config.parse(text, "t.toml", Path("/tmp"))
+    assert caught.value.key == key and problem in caught.value.problem, caught.value
+
+
+def test_paths_are_relative_to_the_topology_file():
+    text = (SITE.format(origin="https://o", site='origin_client_cert = "c/a.pem"\norigin_client_key = "/k/a.key"')
+            + NODES.format(l2="", l1=""))
+    topology = config.parse(text, "/etc/cdn/t.toml", Path("/etc/cdn"))
+    site = topology.sites[0]
+    assert (site.origin_client_cert, site.origin_client_key) == (Path("/etc/cdn/c/a.pem"), Path("/k/a.key"))
+    assert tls.origin_profile(site) == TlsProfile(None, Path("/etc/cdn/c/a.pem"), Path("/k/a.key"))
+
+
+# --------------------------------------------------------------------------- files
+
+def test_a_client_key_that_is_not_the_certificate_s_is_a_config_error_naming_both_files(tmp_path: Path):
+    ca = trustme.CA()
+    cert, _ = write_leaf(ca, tmp_path, "a", "edge-a.example.net")
+    _, other_key = write_leaf(ca, tmp_path, "b", "edge-b.example.net")
+    text = SITE.format(origin="https://127.0.100.11:8443",
+                       site=f'origin_client_cert = "{cert}"\norigin_client_key = "{other_key}"') + \
+        NODES.format(l2="", l1="")
+    topology = config.parse(text, "t.toml", tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        tls.load(topology, topology.node("e"))
+    assert caught.value.key == "sites.s.origin_client_key"
+    assert caught.value.problem == f"{cert} with key {other_key}: the private key does not belong to the certificate"
+    missing = tmp_path / "missing.pem"
+    topology = config.parse(text.replace(str(cert), str(missing)), "t.toml", tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        tls.load(topology, topology.node("e"))
+    assert caught.value.key == "sites.s.origin_client_cert" and str(missing) in caught.value.problem
+
+
+# --------------------------------------------------------------------------- mutual TLS to an origin
+
+MTLS_ORIGIN = ("127.0.100.11", 8443)
+MTLS_ORIGIN_12 = ("127.0.100.12", 8443)
+EDGE = "127.0.100.31"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"       # keep-alive, as a real origin
+
+    def handle(self) -> None:
+        try:
+            self.connection.do_handshake()
+        except (ssl.SSLError, OSError):
+            self.server.refused += 1
+            return
+        super().handle()
+
+    def do_GET(self) -> None:
+        name = self.connection.getpeercert()["subjectAltName"][0][1]
+        self.server.hits.append(name)
+        body = f"hello {name}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")       # every request reaches the origin
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class MutualTlsOrigin(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """An https origin that requires a client certificate its context trusts; answers
+    `hello <the client certificate's first subjectAltName>`.  Handshakes run in each connection's
+    thread with the `ssl` module, which sends OpenSSL's alerts before closing."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], context: ssl.SSLContext):
+        super().__init__(address, _Handler)
+        self.socket = context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+        self.hits: list[str] = []
+        self.refused = 0
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self.thread.join(10)
+
+
+def origin_context(server_ca: trustme.CA, client_ca: trustme.CA, host: str,
+                   maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ca.issue_cert(host).configure_cert(context)
+    context.verify_mode = ssl.CERT_REQUIRED
+    client_ca.configure_trust(context)
+    if maximum is not None:
+        context.maximum_version = maximum
+    return context
+
+
+@pytest.fixture(scope="module")
+def mtls(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mtls")
+    server_ca, client_ca, stranger_ca = trustme.CA(), trustme.CA(), trustme.CA()
+    server_ca.cert_pem.write_to_path(str(tmp / "origin-ca.pem"))
+    edge_a = write_leaf(client_ca, tmp, "edge-a", "edge-a.example.net")
+    edge_b = write_leaf(client_ca, tmp, "edge-b", "edge-b.example.net")
+    stranger = write_leaf(stranger_ca, tmp, "stranger", "stranger.example.net")
+    origins = [MutualTlsOrigin(MTLS_ORIGIN, origin_context(server_ca, client_ca, MTLS_ORIGIN[0])),
+               MutualTlsOrigin(MTLS_ORIGIN_12, origin_context(server_ca, client_ca, MTLS_ORIGIN_12[0],
+                                                              ssl.TLSVersion.TLSv1_2))]
+    url, url12 = (f"https://{host}:{port}" for host, port in (MTLS_ORIGIN, MTLS_ORIGIN_12))
+
+    def site(name: str, origin: str, client: tuple[Path, Path] | None) -> str:
+        text = f'[sites.{name}]\nhosts = ["{name}.example.com"]\norigin = "{origin}"\norigin_ca = "origin-ca.pem"\n'
+        if client is not None:
+            text += f'origin_client_cert = "{client[0]}"\norigin_client_key = "{client[1]}"\n'
+        return text
+
+    extra = (site("a", url, edge_a) + site("b", url, edge_b) + site("nocert", url, None)
+             + site("stranger", url, stranger) + site("a12", url12, edge_a) + site("nocert12", url12, None))
+    cluster = Cluster(tmp / "topology.toml", "100")
+    cluster.config.write_text(topology_text("100", cache_dir=tmp / "state", extra=extra))
+    try:
+        cluster.start("l1-1")
+        yield cluster, origins
+    finally:
+        cluster.stop_all()
+        for origin in origins:
+            origin.stop()
+
+
+def get(ip: str, host: str, path: str) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(f"http://{ip}:8080{path}", headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
+
+
+def test_a_site_with_a_client_certificate_gets_through_an_origin_that_requires_one(mtls):
+    _, (origin, origin12) = mtls
+    for host, server in (("a.example.com", origin), ("a12.example.com", origin12)):
+        before = len(server.hits)
+        status, fields, body = get(EDGE, host, f"/m-{uuid.uuid4().hex[:12]}")
+        assert (status, body) == (200, b"hello edge-a.example.net\n"), (status, fields, body)
+        assert server.hits[before:] == ["edge-a.example.net"]
+
+
+@pytest.mark.parametrize("host, alert", [
+    ("nocert.example.com", 'alert-id=116; alert-message="certificate_required"'),       # TLS 1.3: after the handshake
+    ("nocert12.example.com", 'alert-id=40; alert-message="handshake_failure"'),         # TLS 1.2: in it
+    ("stranger.example.com", 'alert-id=48; alert-message="unknown_ca"'),               # a certificate it does not trust
+])
+def test_without_a_certificate_the_origin_trusts_the_answer_is_a_502_naming_the_alert(mtls, host, alert):
+    _, origins = mtls
+    hits = [len(o.hits) for o in origins]
+    refused = sum(o.refused for o in origins)
+    status, fields, _ = get(EDGE, host, f"/m-{uuid.uuid4().hex[:12]}")
+    assert status == 502, fields
+    assert re.fullmatch(rf'l1-1; error=tls_alert_received; {alert}; details="https://127\.0\.100\.1[12]:8443: '
+                        r'the upstream sent TLS alert \w+ \(\d+\)"', fields["proxy-status"]), fields["proxy-status"]
+    assert [len(o.hits) for o in origins] == hits      # no request got through
+    deadline = time.monotonic() + 5
+    while sum(o.refused for o in origins) == refused:  # the origin's side of it (its thread may lag)
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_two_sites_with_the_same_origin_and_different_certificates_never_share_a_connection(mtls):
+    _, (origin, _) = mtls
+    before = len(origin.hits)
+    # Interleaved, so that each site's request finds the other's connection idle in the pool.
+    answers = [get(EDGE, f"{name}.example.com", f"/m-{uuid.uuid4().hex[:12]}") for name in "ababab"]
+    assert [body for _, _, body in answers] == [b"hello edge-a.example.net\n", b"hello edge-b.example.net\n"] * 3
+    assert origin.hits[before:] == ["edge-a.example.net", "edge-b.example.net"] * 3
+    # And a site without a certificate never borrows one of theirs.
+    assert get(EDGE, "nocert.example.com", "/m-after")[0] == 502
+
+
+async def test_the_pool_keeps_one_connection_per_client_identity(tmp_path: Path):
+    server_ca, client_ca = trustme.CA(), trustme.CA()
+    server_ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    a, b = write_leaf(client_ca, tmp_path, "a", "a.example.net"), write_leaf(client_ca, tmp_path, "b", "b.example.net")
+    origin = MutualTlsOrigin(("127.0.100.13", 0), origin_context(server_ca, client_ca, "127.0.100.13"))
+    url = f"https://127.0.100.13:{origin.server_address[1]}"
+    client = Http1Client(connect_timeout=2.0, read_timeout=2.0)
+    profiles = {name: TlsProfile(tmp_path / "ca.pem", *pair) for name, pair in (("a", a), ("b", b))}
+    client.tls_contexts = {p: tls.client_context(config.Topology("t", (), ()), p, "ca") for p in profiles.values()}
+    try:
+        for name in "abab":
+            response = await client.request(Address.from_url(url, profiles[name]), "GET", "/", ())
+            assert await response.read() == f"hello {name}.example.net\n".encode()
+            response.release()
+        stats = sorted((address.tls.cert.name, active, idle) for address, active, idle, _ in client.stats())
+        assert stats == [("a.pem", 0, 1), ("b.pem", 0, 1)]      # one each, reused: not one shared
+    finally:
+        await client.close()
+        await asyncio.to_thread(origin.stop)

@@ -24,14 +24,14 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from multidict import CIMultiDict
 
 from edge.config import Node, Site, Topology
+from edge.http.tls import origin_profile
 from edge.metrics import NodeMetrics
 from edge.upstream.health import ActiveProber, ParentHealth
-from edge.upstream.http1 import Address, Http1Client, UpstreamIOError, UpstreamResponse
+from edge.upstream.http1 import Address, Http1Client, TlsProfile, UpstreamIOError, UpstreamResponse
 from edge.upstream.ring import HashRing
 
 log = logging.getLogger("edge.upstream")
@@ -74,7 +74,7 @@ def proxy_status_error(headers: Mapping[str, str], name: str) -> str | None:
 
 class UpstreamPool:
     def __init__(self, topology: Topology, node: Node, metrics: NodeMetrics, hash_ring: HashRing | None = None,
-                 origin_ca: Mapping[Path, ssl.SSLContext] | None = None):
+                 tls_contexts: Mapping[TlsProfile, ssl.SSLContext] | None = None):
         self.node, self.metrics = node, metrics
         self.policy = node.parent_policy
         self.parents = {
@@ -84,7 +84,7 @@ class UpstreamPool:
         self.client = Http1Client(connect_timeout=self.policy.timeout, read_timeout=self.policy.timeout,
                                   source_ip=node.listen.host, max_conns=self.policy.max_conns,
                                   queue=self.policy.queue, on_excess=self._excess)
-        self.client.ca_contexts = dict(origin_ca or {})
+        self.client.tls_contexts = dict(tls_contexts or {})
         weights = {name: 1.0 for name in node.parents}
         weights.update(dict(node.parent_weights))
         self.ring = hash_ring if hash_ring is not None else HashRing(weights)
@@ -95,10 +95,11 @@ class UpstreamPool:
         health_urls = {name: f"{topology.node(name).admin.url}/healthz" for name in node.parents}
         self.prober = ActiveProber(self.health, health_urls, self.client,
                                    interval=self.policy.probe_interval, timeout=min(self.policy.timeout, 2.0))
-        self._origins: dict[tuple[str, Path | None], Upstream] = {}
+        self._origins: dict[tuple[str, TlsProfile | None], Upstream] = {}
         metrics.watch_upstreams(self.connection_stats)
 
-    def reload(self, topology: Topology, node: Node, origin_ca: Mapping[Path, ssl.SSLContext] | None = None) -> None:
+    def reload(self, topology: Topology, node: Node,
+               tls_contexts: Mapping[TlsProfile, ssl.SSLContext] | None = None) -> None:
         """Take a reloaded topology's parents, weights and settings, all at once (no await).
 
         Parents that stay keep their health and their pooled connections; new
@@ -125,8 +126,9 @@ class UpstreamPool:
         client = self.client
         client.connect_timeout = client.read_timeout = policy.timeout
         client.max_conns, client.queue = policy.max_conns, policy.queue
-        # New connections verify with the reloaded bundles; pooled ones were verified already.
-        client.ca_contexts = dict(origin_ca or {})
+        # New connections verify with the reloaded bundles (and present the reloaded client
+        # certificates); pooled ones were verified already.
+        client.tls_contexts = dict(tls_contexts or {})
         self.node, self.policy, self.parents, self.ring, self.health = node, policy, parents, ring, health
         self._names = {upstream.address: name for name, upstream in parents.items()}
         self.prober.retarget(health, health_urls, interval=policy.probe_interval, timeout=min(policy.timeout, 2.0))
@@ -145,9 +147,17 @@ class UpstreamPool:
         self.metrics.upstream_excess.labels(self._names.get(address, "origin")).inc()
 
     def connection_stats(self) -> list[tuple[str, str, int, int, int]]:
-        """Per upstream address: name, address, connections in use, idle, requests queued."""
-        return [(self._names.get(address, "origin"), str(address), active, idle, queued)
-                for address, active, idle, queued in self.client.stats()]
+        """Per upstream address: name, address, connections in use, idle, requests queued.
+
+        Pools that differ only in what the address's text does not show (a CA bundle, a
+        client certificate) are added up: one series per name and address."""
+        rows: dict[tuple[str, str], list[int]] = {}
+        for address, active, idle, queued in self.client.stats():
+            row = rows.setdefault((self._names.get(address, "origin"), str(address)), [0, 0, 0])
+            row[0] += active
+            row[1] += idle
+            row[2] += queued
+        return [(name, text, *row) for (name, text), row in rows.items()]
 
     def unreachable(self, response: UpstreamResponse, upstream: Upstream) -> bool:
         """Did this parent answer that it could not reach its own upstream at all?"""
@@ -162,10 +172,11 @@ class UpstreamPool:
             log.warning("parent %s marked down after %d consecutive failures", name, self.policy.fall)
 
     def origin(self, site: Site) -> Upstream:
-        key = (site.origin, site.origin_ca)
+        profile = origin_profile(site)
+        key = (site.origin, profile)
         upstream = self._origins.get(key)
         if upstream is None:
-            upstream = self._origins[key] = Upstream("origin", Address.from_url(site.origin, site.origin_ca), False)
+            upstream = self._origins[key] = Upstream("origin", Address.from_url(site.origin, profile), False)
         return upstream
 
     def candidates(self, key: str, site: Site) -> list[Upstream]:

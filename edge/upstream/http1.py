@@ -32,11 +32,11 @@ import asyncio
 import logging
 import socket
 import ssl
-from pathlib import Path
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httptools
@@ -72,23 +72,44 @@ class _Stale(UpstreamIOError):
 
 
 @dataclass(frozen=True)
+class TlsProfile:
+    """How a TLS connection upstream is verified, and which certificate it presents: one
+    client SSLContext each (loaded off the loop by edge.http.tls.load)."""
+
+    ca: Path | None = None          # the CA bundle the peer is verified against; None: the system's
+    cert: Path | None = None        # our client certificate chain (mutual TLS), with its key
+    key: Path | None = None
+
+
+SYSTEM_TLS = TlsProfile()
+
+
+@dataclass(frozen=True)
 class Address:
-    """Where to connect, and the authority to send as Host when the request has none."""
+    """Where to connect, and the authority to send as Host when the request has none.
+
+    For https, the whole TLS identity is part of the address, and so of the pool's key: a
+    connection verified against one CA bundle or presenting one client certificate is never
+    reused for a request that wants another.
+    """
 
     scheme: str
     host: str
     port: int
-    # https only: the CA bundle the peer is verified against (None: the system's).  Part of
-    # the identity, so connections verified against one bundle are never reused for another.
-    ca: Path | None = None
+    tls: TlsProfile | None = None   # https only (SYSTEM_TLS when not given)
+
+    def __post_init__(self) -> None:
+        if self.scheme == "https" and self.tls is None:
+            object.__setattr__(self, "tls", SYSTEM_TLS)
 
     @classmethod
-    def from_url(cls, url: str, ca: Path | None = None) -> Address:
+    def from_url(cls, url: str, tls: TlsProfile | None = None) -> Address:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
-        return cls(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
-                   ca if parts.scheme == "https" else None)
+        https = parts.scheme == "https"
+        return cls(parts.scheme, parts.hostname, parts.port or (443 if https else 80),
+                   tls if https else None)
 
     @property
     def authority(self) -> str:
@@ -121,10 +142,9 @@ class Http1Client:
         self._on_excess = on_excess
         self._idle: dict[Address, list[_Connection]] = {}
         self._open: set[_Connection] = set()
-        self._tls: ssl.SSLContext | None = None
-        # CA bundle -> a context verifying against it, loaded off the loop (edge.http.tls.load)
-        # and replaced on reload.
-        self.ca_contexts: dict[Path, ssl.SSLContext] = {}
+        # TLS profile -> its client context, loaded off the loop (edge.http.tls.load) and
+        # replaced on reload.
+        self.tls_contexts: dict[TlsProfile, ssl.SSLContext] = {}
 
     async def request(self, address: Address, method: str, target: str, fields: Iterable[tuple[str, str]],
                       body: AsyncIterator[bytes] | None = None, *,
@@ -263,16 +283,16 @@ class Http1Client:
         """Open a connection in the slot `_acquire` reserved; the slot is freed again if it fails."""
         loop = asyncio.get_running_loop()
         tls = None
-        if address.scheme == "https" and address.ca is not None:
-            tls = self.ca_contexts.get(address.ca)
-            if tls is None:         # a bug (the pool loads every site's bundle): never fall back to less
+        if address.scheme == "https":
+            assert address.tls is not None
+            tls = self.tls_contexts.get(address.tls)
+            if tls is None and address.tls == SYSTEM_TLS:
+                # A client used on its own (not by a node, which loads every context it needs
+                # off the loop): the system's CA store, verification and host-name check on.
+                tls = self.tls_contexts[SYSTEM_TLS] = ssl.create_default_context()
+            if tls is None:         # a bug (the node loads every profile): never fall back to less
                 self._slot_freed(address)
-                raise UpstreamIOError("tls_certificate_error", f"{address}: CA bundle {address.ca} not loaded")
-        elif address.scheme == "https":
-            if self._tls is None:
-                # The system's CA store (verification and host-name check on), loaded once.
-                self._tls = ssl.create_default_context()
-            tls = self._tls
+                raise UpstreamIOError("tls_certificate_error", f"{address}: TLS settings {address.tls} not loaded")
         timeout = min(timeout, self.connect_timeout)
         try:
             _, connection = await asyncio.wait_for(loop.create_connection(
