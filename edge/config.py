@@ -137,6 +137,8 @@ class Node:
     parents: tuple[str, ...] = ()   # L1 only: names of L2 nodes, in no particular order
     parent_weights: tuple[tuple[str, float], ...] = ()
     parent_policy: ParentPolicy = ParentPolicy()
+    parent_tls: bool = False        # L1 only: reach parents on their listen_tls, verifying the site's certificate
+    parent_ca: Path | None = None   # CA bundle parents are verified against with parent_tls; None: the system's
     memory_size: int = 64 * 2**20
     memory_object_max: int = 1 * 2**20   # bigger objects skip the memory tier
     disk_size: int = 1 * 2**30
@@ -541,7 +543,7 @@ _NODE_KEYS = {"role", "listen", "admin", "region", "lat", "lon", "parents", "par
               "content_dir", "content_cache_control", "max_inflight", "parent_fall",
               "parent_rise", "parent_probe_interval", "parent_timeout", "go_direct",
               "upstream_deadline", "upstream_max_conns", "upstream_queue", "access_log", "access_log_format",
-              "admin_allow", "listen_tls", *FrontLimits.__dataclass_fields__}
+              "admin_allow", "listen_tls", "parent_tls", "parent_ca", *FrontLimits.__dataclass_fields__}
 
 
 def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path,
@@ -608,6 +610,12 @@ def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path,
             return value if value.is_absolute() else base_dir / value
 
         content_dir = directory("content_dir")
+        parent_tls = r.bool(body, "parent_tls", f"{path}.parent_tls", False)
+        if parent_tls and role != "l1":
+            raise r.fail(f"{path}.parent_tls", f"only an l1 node has parents (this one is {role})")
+        parent_ca = directory("parent_ca")
+        if parent_ca is not None and not parent_tls:
+            raise r.fail(f"{path}.parent_ca", "parents are verified against a CA only with parent_tls = true")
         limits = _limits(r, body, path)
         access_log = r.str(body, "access_log", f"{path}.access_log", "-")
         if access_log not in ("-", "off") and not Path(access_log).is_absolute():
@@ -622,6 +630,7 @@ def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path,
             name=name, role=role, listen=listen, admin=admin, region=region, listen_tls=listen_tls,
             lat=None if lat is None else float(lat), lon=None if lon is None else float(lon),
             parents=(), parent_weights=tuple(weights), parent_policy=policy,
+            parent_tls=parent_tls, parent_ca=parent_ca,
             memory_size=r.size(body, "memory_size", f"{path}.memory_size", Node.memory_size),
             memory_object_max=r.size(body, "memory_object_max", f"{path}.memory_object_max", Node.memory_object_max),
             disk_size=r.size(body, "disk_size", f"{path}.disk_size", Node.disk_size),
@@ -655,9 +664,25 @@ def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path,
             for parent, _ in node.parent_weights:
                 if parent not in parents:
                     raise r.fail(f"{path}.parent_weights.{parent}", "not one of this node's parents")
+            if node.parent_tls:
+                _check_parent_tls(r, path, parents, {n.name: n for n, _ in out}, sites)
             node = replace(node, parents=parents)
         nodes.append(node)
     return tuple(nodes)
+
+
+def _check_parent_tls(r: _Reader, path: str, parents: tuple[str, ...], nodes: dict[str, Node],
+                      sites: tuple[Site, ...]) -> None:
+    """parent_tls connects to each parent's listen_tls and verifies the certificate the parent
+    serves for the site's first host (its own SNI pick, as for a client): both must exist."""
+    for parent in parents:
+        if nodes[parent].listen_tls is None:
+            raise r.fail(f"{path}.parent_tls", f"parent {parent!r} has no listen_tls to connect to")
+    for site in sites:
+        if parents and site.tls_cert is None:
+            raise r.fail(f"{path}.parent_tls", f"site {site.name!r} has no tls_cert: a parent could not prove "
+                                               f"it serves {site.hosts[0]!r} (parents are verified by the "
+                                               "certificate of each request's site)")
 
 
 def _limits(r: _Reader, body: dict, path: str) -> FrontLimits:

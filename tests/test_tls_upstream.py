@@ -1,10 +1,14 @@
-"""TLS towards upstreams: how TLS failures are reported, and client certificates to origins.
+"""TLS towards upstreams: client certificates to origins (mutual TLS) and TLS between tiers.
 
-Real processes on real sockets, certificates made here (trustme).  On 127.0.100.x: https
-origins run in this process (the blocking `ssl` module in threads, as OpenSSL servers such
-as nginx do: refusals are sent as TLS alerts) that REQUIRE a client certificate from their
-own CA: .11:8443 speaks TLS 1.3, .12:8443 TLS 1.2 only.  One edge, l1-1 (.31), with a site
-per client identity.
+Real processes on real sockets, certificates made here (trustme).
+
+* 127.0.100.x: https origins run in this process (the blocking `ssl` module in threads,
+  as OpenSSL servers such as nginx do: refusals are sent as TLS alerts) that REQUIRE a
+  client certificate from their own CA: .11:8443 speaks TLS 1.3, .12:8443 TLS 1.2 only.
+  One edge, l1-1 (.31), with a site per client identity.
+* 127.0.101.x: origin .10, an L2 l2-a (.21, listen_tls .21:8443) and three L1s with
+  `parent_tls`: l1-1 (.31) trusts the CA that signed the site's certificate, l1-2 (.32) and
+  l1-3 (.33, go_direct = false) trust another CA.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import re
 import socketserver
 import ssl
+import subprocess
 import threading
 import time
 import urllib.error
@@ -30,7 +35,7 @@ from edge.http import tls
 from edge.proxy import proxy_status
 from edge.upstream.client import UpstreamError
 from edge.upstream.http1 import Address, Http1Client, TlsProfile, tls_error
-from tests.cluster import Cluster, topology_text
+from tests.cluster import Cluster, NodeProcess, topology_text
 
 WWW = "www.example.com"
 
@@ -96,7 +101,9 @@ def test_proxy_status_carries_the_alert_parameters():
     (Address.from_url("https://o", TlsProfile(Path("ca.pem"))), Address.from_url("https://o"), False),
     (Address.from_url("https://o", TlsProfile(None, Path("a.pem"), Path("a.key"))),
      Address.from_url("https://o", TlsProfile(None, Path("b.pem"), Path("b.key"))), False),
-    (Address.from_url("http://o", TlsProfile(Path("ca.pem"))), Address("http", "o", 80), True),
+    (Address.from_url("https://o", server_name="a.example"), Address.from_url("https://o", server_name="b.example"),
+     False),
+    (Address.from_url("http://o", TlsProfile(Path("ca.pem")), "a.example"), Address("http", "o", 80), True),
 ])
 def test_the_tls_identity_is_part_of_the_pool_key(a, b, same):
     assert (a == b) is same
@@ -113,6 +120,16 @@ NODES = ('[nodes.l2]\nrole = "l2"\nlisten = "127.0.100.21:8080"\nadmin = "127.0.
     ("https://o", 'origin_client_key = "k.pem"', "", "", "sites.s.origin_client_cert", "go together"),
     ("http://o", 'origin_client_cert = "c.pem"\norigin_client_key = "k.pem"', "", "",
      "sites.s.origin_client_cert", "only to an https:// origin"),
+    ("http://o", "", "", 'parent_ca = "ca.pem"', "nodes.e.parent_ca", "only with parent_tls = true"),
+    ("http://o", "", "parent_tls = true", "", "nodes.l2.parent_tls", "only an l1 node has parents"),
+    ("http://o", 'tls_cert = "c.pem"\ntls_key = "k.pem"', "", "parent_tls = true", "nodes.e.parent_tls",
+     "parent 'l2' has no listen_tls"),
+    ("http://o", "", 'listen_tls = "127.0.100.21:8443"', "parent_tls = true", "nodes.l2.listen_tls",
+     "no site has tls_cert"),
+    ("http://o", 'tls_cert = "c.pem"\ntls_key = "k.pem"\n[sites.t]\nhosts = ["t.example.com"]\norigin = "http://o"',
+     'listen_tls = "127.0.100.21:8443"', "parent_tls = true", "nodes.e.parent_tls",
+     "site 't' has no tls_cert: a parent could not prove it serves 't.example.com'"),
+    ("http://o", "", "", "parent_tls = 1", "nodes.e.parent_tls", "expected true or false"),
 ])
 def test_config_errors(origin, site, l2, l1, key, problem):
     text = SITE.format(origin=origin, site=site) + NODES.format(l2=l2, l1=l1)
@@ -122,12 +139,16 @@ def test_config_errors(origin, site, l2, l1, key, problem):
 
 
 def test_paths_are_relative_to_the_topology_file():
-    text = (SITE.format(origin="https://o", site='origin_client_cert = "c/a.pem"\norigin_client_key = "/k/a.key"')
-            + NODES.format(l2="", l1=""))
+    text = (SITE.format(origin="https://o", site='origin_client_cert = "c/a.pem"\norigin_client_key = "/k/a.key"\n'
+                                                 'tls_cert = "t.pem"\ntls_key = "t.key"')
+            + NODES.format(l2='listen_tls = "127.0.100.21:8443"', l1='parent_tls = true\nparent_ca = "ca.pem"'))
     topology = config.parse(text, "/etc/cdn/t.toml", Path("/etc/cdn"))
-    site = topology.sites[0]
+    site, l1 = topology.sites[0], topology.node("e")
     assert (site.origin_client_cert, site.origin_client_key) == (Path("/etc/cdn/c/a.pem"), Path("/k/a.key"))
+    assert (l1.parent_tls, l1.parent_ca) == (True, Path("/etc/cdn/ca.pem"))
+    assert topology.node("l2").parent_tls is False and topology.node("l2").parent_ca is None
     assert tls.origin_profile(site) == TlsProfile(None, Path("/etc/cdn/c/a.pem"), Path("/k/a.key"))
+    assert tls.parent_profile(l1) == TlsProfile(Path("/etc/cdn/ca.pem"))
 
 
 # --------------------------------------------------------------------------- files
@@ -316,3 +337,114 @@ async def test_the_pool_keeps_one_connection_per_client_identity(tmp_path: Path)
     finally:
         await client.close()
         await asyncio.to_thread(origin.stop)
+
+
+# --------------------------------------------------------------------------- TLS between tiers
+
+NET = "101"
+L2_TLS = "127.0.101.21:8443"
+
+
+def l1_table(name: str, ip: str, parent_ca: Path, go_direct: bool = True) -> str:
+    return (f'[nodes.{name}]\nrole = "l1"\nlisten = "{ip}:8080"\nadmin = "{ip}:8091"\n'
+            'memory_size = "16MiB"\ndisk_size = "512MiB"\nparents = "all"\n'
+            "parent_fall = 2\nparent_rise = 2\nparent_probe_interval = 0.1\nparent_timeout = 2.0\n"
+            f'parent_tls = true\nparent_ca = "{parent_ca}"\ngo_direct = {str(go_direct).lower()}\n')
+
+
+@pytest.fixture(scope="module")
+def tiers(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiers")
+    ca, other_ca = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
+    other_ca.cert_pem.write_to_path(str(tmp / "other-ca.pem"))
+    www = write_leaf(ca, tmp, "www", WWW, "static.example.com")
+    extra = (l1_table("l1-1", "127.0.101.31", tmp / "ca.pem")
+             + l1_table("l1-2", "127.0.101.32", tmp / "other-ca.pem")
+             + l1_table("l1-3", "127.0.101.33", tmp / "other-ca.pem", go_direct=False))
+    cluster = Cluster(tmp / "topology.toml", NET)
+    cluster.config.write_text(topology_text(
+        NET, l2=1, l1=0, cache_dir=tmp / "state", extra=extra,
+        extra_site=f'tls_cert = "{www[0]}"\ntls_key = "{www[1]}"',
+        extra_node=f'listen_tls = "{L2_TLS}"'))         # only the L2 (the L1s are in `extra`)
+    try:
+        cluster.start("origin", "l2-a", "l1-1", "l1-2", "l1-3")
+        yield cluster
+    finally:
+        cluster.stop_all()
+
+
+def metric(node: NodeProcess, name: str, **labels: str) -> float:
+    """The value of the sample of `name` with exactly these labels in the node's /metrics (0 when absent)."""
+    for line in node.metrics().splitlines():
+        found = re.fullmatch(r'(\w+)(?:\{(.*)\})? (\S+)', line)
+        if found and found[1] == name and dict(re.findall(r'(\w+)="([^"]*)"', found[2] or "")) == labels:
+            return float(found[3])
+    return 0.0
+
+
+def origin_count(cluster: Cluster) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in cluster.node("origin").metrics().splitlines()
+               if line.startswith("origin_requests_total"))
+
+
+def established(local: str, remote_ip: str) -> bool:
+    """Is there an established TCP connection on `local` (ip:port) from `remote_ip`?"""
+    out = subprocess.run(["ss", "-Htn", "state", "established"], capture_output=True, text=True, timeout=10).stdout
+    return any(local in line.split()[2:3] and line.split()[3].startswith(f"{remote_ip}:")
+               for line in out.splitlines() if len(line.split()) >= 4)
+
+
+def test_an_l1_with_parent_tls_fetches_through_the_l2_over_tls(tiers):
+    cluster = tiers
+    path = f"/gen/tier-{uuid.uuid4().hex[:12]}?size=100&cc=max-age=60"
+    before = origin_count(cluster)
+    status, fields, body = get("127.0.101.31", WWW, path)
+    assert (status, len(body)) == (200, 100), fields
+    entries = [e.strip().split(";")[0] for e in fields["cache-status"].split(",")]
+    assert entries == ["l2-a", "l1-1"], fields["cache-status"]      # the L2 fetched it, then the L1
+    assert origin_count(cluster) == before + 1
+    l1 = cluster.node("l1-1")
+    # The L1's connection to the L2 is on the L2's TLS listener, verified for the site's name...
+    assert metric(l1, "edge_upstream_connections", upstream="l2-a",
+                  address=f"https://{L2_TLS} (SNI {WWW})", state="idle") == 1
+    assert metric(l1, "edge_upstream_requests_total", upstream="l2-a", outcome="2xx") >= 1
+    # (The health probes' connection to its admin port counts as the L2's too, not the origin's.)
+    assert sum(metric(l1, "edge_upstream_connections", upstream="l2-a", address="http://127.0.101.21:8091",
+                      state=state) for state in ("active", "idle")) == 1
+    # ...and the L2 holds that connection on its HTTPS port, not on its plain one.
+    assert established(L2_TLS, "127.0.101.31")
+    assert not established("127.0.101.21:8080", "127.0.101.31")
+    # Served again from the L2 for the next L1 request that misses there: the tiers work over TLS.
+    status, fields, _ = get("127.0.101.31", WWW, path)
+    assert status == 200 and "l1-1; hit" in fields["cache-status"], fields
+
+
+def test_an_untrusted_l2_certificate_makes_the_l1_go_to_the_origin_and_says_why(tiers):
+    cluster = tiers
+    l1, l2 = cluster.node("l1-2"), cluster.node("l2-a")
+    path = f"/gen/untrusted-{uuid.uuid4().hex[:12]}?size=10&cc=max-age=60"
+    before, handshakes = origin_count(cluster), metric(l2, "edge_refused_requests_total", reason="tls_handshake")
+    failed = metric(l1, "edge_upstream_requests_total", upstream="l2-a", outcome="tls_certificate_error")
+    log_size = l1.log.stat().st_size
+    status, fields, _ = get("127.0.101.32", WWW, path)
+    assert status == 200, fields
+    assert [e.strip().split(";")[0] for e in fields["cache-status"].split(",")] == ["l1-2"], fields
+    assert origin_count(cluster) == before + 1                  # it went direct...
+    # ...because the L2's certificate did not verify (l1-2's first request: the L2 was up).
+    assert metric(l1, "edge_upstream_requests_total", upstream="l2-a", outcome="tls_certificate_error") \
+        == failed + 1
+    assert (f"upstream l2-a failed: tls_certificate_error: https://{L2_TLS} (SNI {WWW}): "
+            "unable to get local issuer certificate") in l1.log.read_text()[log_size:]
+    # The L2 saw the L1 give up in the handshake: no request reached it.
+    assert metric(l2, "edge_refused_requests_total", reason="tls_handshake") >= handshakes + 1
+
+
+def test_an_untrusted_l2_without_go_direct_is_a_502_with_the_reason(tiers):
+    cluster = tiers
+    before = origin_count(cluster)
+    status, fields, _ = get("127.0.101.33", WWW, f"/gen/nodirect-{uuid.uuid4().hex[:12]}?size=10")
+    assert status == 502, fields
+    assert fields["proxy-status"] == (f'l1-3; error=tls_certificate_error; details="https://{L2_TLS} (SNI {WWW}): '
+                                      'unable to get local issuer certificate"'), fields["proxy-status"]
+    assert origin_count(cluster) == before

@@ -1,14 +1,15 @@
 """TLS for a cache node: the HTTPS listener's contexts (one per site, chosen by SNI), and the
-client contexts for its upstreams: https:// origins, verified against the system's CA store or
-the site's ``origin_ca``, presenting the site's ``origin_client_cert`` if it has one.
+client contexts for its upstreams: https:// origins (verified against the system's CA store or
+the site's ``origin_ca``, presenting the site's ``origin_client_cert`` if it has one) and, with
+``parent_tls``, parents (verified against the node's ``parent_ca`` or the system's store).
 
 Everything here reads files (certificates, keys, CA bundles): call :func:`load` at start
 or through ``asyncio.to_thread`` on a reload, never on the running event loop.  The
 handshakes themselves happen in the transport.
 
 Which client context an upstream uses is its :class:`TlsProfile` (CA bundle, client
-certificate): :func:`origin_profile` says which, for the upstream pool and for :func:`load`,
-which builds one context per distinct profile.
+certificate): :func:`origin_profile` and :func:`parent_profile` say which, for the upstream
+pool and for :func:`load`, which builds one context per distinct profile.
 
 Server defaults, as a modern nginx/Mozilla "intermediate" profile would have them:
 
@@ -48,6 +49,11 @@ def origin_profile(site: Site) -> TlsProfile | None:
     return TlsProfile(site.origin_ca, site.origin_client_cert, site.origin_client_key)
 
 
+def parent_profile(node: Node) -> TlsProfile | None:
+    """How `node` reaches its parents over TLS; None without parent_tls."""
+    return TlsProfile(node.parent_ca) if node.parent_tls else None
+
+
 def load(topology: Topology, node: Node) -> TlsSetup:
     """Build every context `node` needs from `topology`; ConfigError naming the file if one cannot load."""
     upstream: dict[TlsProfile, ssl.SSLContext] = {}
@@ -57,6 +63,9 @@ def load(topology: Topology, node: Node) -> TlsSetup:
             upstream[profile] = client_context(topology, profile, f"sites.{site.name}.origin_ca",
                                                f"sites.{site.name}.origin_client_cert",
                                                f"sites.{site.name}.origin_client_key")
+    profile = parent_profile(node)
+    if profile is not None and profile not in upstream:
+        upstream[profile] = client_context(topology, profile, f"nodes.{node.name}.parent_ca")
     if node.listen_tls is None:
         return TlsSetup(None, None, upstream)
     with_cert = [site for site in topology.sites if site.tls_cert is not None]

@@ -10,6 +10,14 @@ upstream could not be reached (`connection_refused`,
 `destination_unavailable`, ...).  That parent is healthy: one dead origin
 must not take every parent out of service for every site.
 
+With `parent_tls`, a parent is reached on its `listen_tls` and must prove the
+request's site: SNI is the site's first host name and the parent's certificate
+is verified for it (against `parent_ca`, or the system's store), as a client of
+that site would verify it.  So there is one pool of connections per parent and
+site.  A parent whose certificate does not verify has failed like one that
+refuses the connection: the next candidate is tried, the metric counts the
+error type, and the log says why.
+
 Every attempt of one request shares one deadline (`upstream_deadline`, like
 nginx's `proxy_next_upstream_timeout`): the next candidate is tried only
 while time remains.  A parent is given the whole remaining time for its
@@ -23,12 +31,12 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from multidict import CIMultiDict
 
 from edge.config import Node, Site, Topology
-from edge.http.tls import origin_profile
+from edge.http.tls import origin_profile, parent_profile
 from edge.metrics import NodeMetrics
 from edge.upstream.health import ActiveProber, ParentHealth
 from edge.upstream.http1 import Address, Http1Client, TlsProfile, UpstreamIOError, UpstreamResponse
@@ -72,15 +80,30 @@ def proxy_status_error(headers: Mapping[str, str], name: str) -> str | None:
     return None
 
 
+def parent_upstreams(topology: Topology, node: Node) -> dict[str, Upstream]:
+    """`node`'s parents by name: on their listen address, or with parent_tls on their listen_tls
+    (the server name to verify is added per site, by `UpstreamPool.parent`)."""
+    profile = parent_profile(node)
+    out = {}
+    for name in node.parents:
+        parent = topology.node(name)
+        if profile is None:
+            address = Address.from_url(parent.listen.url)
+        else:
+            assert parent.listen_tls is not None      # config checks it
+            address = Address("https", parent.listen_tls.host, parent.listen_tls.port, profile)
+        out[name] = Upstream(name, address, True)
+    return out
+
+
 class UpstreamPool:
     def __init__(self, topology: Topology, node: Node, metrics: NodeMetrics, hash_ring: HashRing | None = None,
                  tls_contexts: Mapping[TlsProfile, ssl.SSLContext] | None = None):
         self.node, self.metrics = node, metrics
         self.policy = node.parent_policy
-        self.parents = {
-            name: Upstream(name, Address.from_url(topology.node(name).listen.url), True) for name in node.parents
-        }
-        self._names = {upstream.address: name for name, upstream in self.parents.items()}
+        self.parents = parent_upstreams(topology, node)
+        self._site_parents: dict[tuple[str, str], Upstream] = {}
+        self._names = _names(topology, node)
         self.client = Http1Client(connect_timeout=self.policy.timeout, read_timeout=self.policy.timeout,
                                   source_ip=node.listen.host, max_conns=self.policy.max_conns,
                                   queue=self.policy.queue, on_excess=self._excess)
@@ -107,9 +130,7 @@ class UpstreamPool:
         candidates and the health state they started with.
         """
         policy = node.parent_policy
-        parents = {
-            name: Upstream(name, Address.from_url(topology.node(name).listen.url), True) for name in node.parents
-        }
+        parents = parent_upstreams(topology, node)
         weights = {name: 1.0 for name in node.parents}
         weights.update(dict(node.parent_weights))
         ring = HashRing(weights)
@@ -130,7 +151,8 @@ class UpstreamPool:
         # certificates); pooled ones were verified already.
         client.tls_contexts = dict(tls_contexts or {})
         self.node, self.policy, self.parents, self.ring, self.health = node, policy, parents, ring, health
-        self._names = {upstream.address: name for name, upstream in parents.items()}
+        self._site_parents = {}
+        self._names = _names(topology, node)
         self.prober.retarget(health, health_urls, interval=policy.probe_interval, timeout=min(policy.timeout, 2.0))
 
     async def start(self) -> None:
@@ -142,9 +164,12 @@ class UpstreamPool:
         await self.prober.close()
         await self.client.close()
 
+    def _name(self, address: Address) -> str:
+        return self._names.get((address.host, address.port), "origin")
+
     def _excess(self, address: Address) -> None:
         """An upstream sent bytes beyond a response (RFC 9112 6.3); its connection was closed."""
-        self.metrics.upstream_excess.labels(self._names.get(address, "origin")).inc()
+        self.metrics.upstream_excess.labels(self._name(address)).inc()
 
     def connection_stats(self) -> list[tuple[str, str, int, int, int]]:
         """Per upstream address: name, address, connections in use, idle, requests queued.
@@ -153,7 +178,7 @@ class UpstreamPool:
         client certificate) are added up: one series per name and address."""
         rows: dict[tuple[str, str], list[int]] = {}
         for address, active, idle, queued in self.client.stats():
-            row = rows.setdefault((self._names.get(address, "origin"), str(address)), [0, 0, 0])
+            row = rows.setdefault((self._name(address), str(address)), [0, 0, 0])
             row[0] += active
             row[1] += idle
             row[2] += queued
@@ -179,16 +204,30 @@ class UpstreamPool:
             upstream = self._origins[key] = Upstream("origin", Address.from_url(site.origin, profile), False)
         return upstream
 
+    def parent(self, name: str, site: Site) -> Upstream:
+        """Parent `name` as `site`'s requests reach it: over TLS, verified for the site's first host."""
+        upstream = self.parents[name]
+        if upstream.address.scheme != "https":
+            return upstream
+        key = (name, site.hosts[0])
+        found = self._site_parents.get(key)
+        if found is None:
+            # One per parent and site (both bounded by the topology), so the same objects,
+            # and the same pooled connections, serve every request of the site.
+            found = self._site_parents[key] = Upstream(name, replace(upstream.address, server_name=site.hosts[0]),
+                                                       True)
+        return found
+
     def candidates(self, key: str, site: Site) -> list[Upstream]:
         """Healthy parents in ring order for `key`, then the origin if going direct is allowed."""
         if not self.parents:
             return [self.origin(site)]
         ordered = self.ring.lookup(key)
-        healthy = [self.parents[name] for name in ordered if self.health.is_up(name)]
+        healthy = [self.parent(name, site) for name in ordered if self.health.is_up(name)]
         if self.policy.go_direct:
             return healthy + [self.origin(site)]
         # Never direct: when every parent is down, try them anyway rather than fail outright.
-        return healthy or [self.parents[name] for name in ordered]
+        return healthy or [self.parent(name, site) for name in ordered]
 
     async def send(self, method: str, key: str, site: Site, raw_target: str, headers: CIMultiDict[str],
                    body: AsyncIterator[bytes] | None = None) -> tuple[UpstreamResponse, Upstream]:
@@ -243,4 +282,16 @@ class UpstreamPool:
         # at the level an operator sees by default, with why (which certificate, which alert).
         level = logging.WARNING if outcome.startswith("tls_") else logging.INFO
         log.log(level, "upstream %s failed: %s%s", upstream.name, outcome, f": {detail}" if detail else "")
+
+
+def _names(topology: Topology, node: Node) -> dict[tuple[str, int], str]:
+    """Parent names by each IP and port they are reached on: traffic (plain or TLS, for every
+    server name and TLS profile) and admin (the health probes); anything else is the origin."""
+    names = {}
+    for name in node.parents:
+        parent = topology.node(name)
+        for address in (parent.listen, parent.listen_tls, parent.admin):
+            if address is not None:
+                names[(address.host, address.port)] = name
+    return names
 

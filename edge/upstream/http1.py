@@ -89,27 +89,30 @@ class Address:
     """Where to connect, and the authority to send as Host when the request has none.
 
     For https, the whole TLS identity is part of the address, and so of the pool's key: a
-    connection verified against one CA bundle or presenting one client certificate is never
-    reused for a request that wants another.
+    connection verified against one CA bundle, presenting one client certificate or verified
+    for one server name is never reused for a request that wants another.
     """
 
     scheme: str
     host: str
     port: int
     tls: TlsProfile | None = None   # https only (SYSTEM_TLS when not given)
+    # https only: the name sent as SNI and verified in the certificate, when it is not `host`
+    # (a parent is reached by its IP address but proves the site's name).
+    server_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.scheme == "https" and self.tls is None:
             object.__setattr__(self, "tls", SYSTEM_TLS)
 
     @classmethod
-    def from_url(cls, url: str, tls: TlsProfile | None = None) -> Address:
+    def from_url(cls, url: str, tls: TlsProfile | None = None, server_name: str | None = None) -> Address:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
         https = parts.scheme == "https"
         return cls(parts.scheme, parts.hostname, parts.port or (443 if https else 80),
-                   tls if https else None)
+                   tls if https else None, server_name if https else None)
 
     @property
     def authority(self) -> str:
@@ -118,7 +121,8 @@ class Address:
         return host if self.port == default else f"{host}:{self.port}"
 
     def __str__(self) -> str:
-        return f"{self.scheme}://{self.authority}"
+        sni = f" (SNI {self.server_name})" if self.server_name else ""
+        return f"{self.scheme}://{self.authority}{sni}"
 
 
 class Http1Client:
@@ -282,7 +286,7 @@ class Http1Client:
     async def _connect(self, address: Address, timeout: float) -> _Connection:
         """Open a connection in the slot `_acquire` reserved; the slot is freed again if it fails."""
         loop = asyncio.get_running_loop()
-        tls = None
+        tls, server_name = None, None
         if address.scheme == "https":
             assert address.tls is not None
             tls = self.tls_contexts.get(address.tls)
@@ -293,11 +297,12 @@ class Http1Client:
             if tls is None:         # a bug (the node loads every profile): never fall back to less
                 self._slot_freed(address)
                 raise UpstreamIOError("tls_certificate_error", f"{address}: TLS settings {address.tls} not loaded")
+            server_name = address.server_name      # None: asyncio sends (and verifies) `host`
         timeout = min(timeout, self.connect_timeout)
         try:
             _, connection = await asyncio.wait_for(loop.create_connection(
                 lambda: _Connection(self, address), address.host, address.port, ssl=tls,
-                local_addr=self._local_addr), timeout)
+                server_hostname=server_name, local_addr=self._local_addr), timeout)
         except BaseException as exc:
             self._slot_freed(address)
             raise _connect_error(exc, address, timeout) from None
