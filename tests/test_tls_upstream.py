@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from edge import config
+from edge import checks, config
 from edge.config import ConfigError
 from edge.http import tls
 from edge.proxy import proxy_status
@@ -170,6 +170,79 @@ def test_a_client_key_that_is_not_the_certificate_s_is_a_config_error_naming_bot
     with pytest.raises(ConfigError) as caught:
         tls.load(topology, topology.node("e"))
     assert caught.value.key == "sites.s.origin_client_cert" and str(missing) in caught.value.problem
+
+
+def test_edge_check_checks_client_certificates_and_the_parent_ca(tmp_path: Path):
+    import datetime
+    ca = trustme.CA()
+    good = write_leaf(ca, tmp_path, "good", "edge.example.net")
+    other = write_leaf(ca, tmp_path, "other", "other.example.net")
+    past = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    expired = write_leaf(ca, tmp_path, "expired", "old.example.net", not_before=past,
+                         not_after=past + datetime.timedelta(days=30))
+    sites = [("good", *good), ("wrongkey", other[0], good[1]), ("old", *expired)]
+    text = "".join(f'[sites.{name}]\nhosts = ["{name}.example.com"]\norigin = "https://127.0.100.11:8443"\n'
+                   f'origin_client_cert = "{cert.name}"\norigin_client_key = "{key.name}"\n'
+                   for name, cert, key in sites)
+    text += '[nodes.e]\nrole = "l1"\nlisten = "127.0.100.1:8080"\nadmin = "127.0.100.1:8091"\n'
+    topology = config.parse(text, str(tmp_path / "t.toml"), tmp_path)
+    found = [(p.key, p.problem) for p in checks.problems(topology)]
+    assert found == [
+        ("sites.wrongkey.origin_client_key",
+         f"{other[0]} is not the certificate of the private key in {good[1]}"),
+        ("sites.old.origin_client_cert", f"{expired[0]} expired on 2020-01-31 00:00:00 UTC"),
+    ], found
+    # The node that would not start is the one reported; the origin needs none of it.
+    assert checks.problems(topology, only="e") and not checks.problems(
+        config.parse(text + '[nodes.o]\nrole = "origin"\nlisten = "127.0.100.2:8080"\nadmin = "127.0.100.2:8091"\n',
+                     "t.toml", tmp_path), only="o")
+
+
+def test_edge_check_reports_a_client_certificate_not_for_client_authentication(tmp_path: Path):
+    cert, key = _server_only_certificate(tmp_path)
+    text = (f'[sites.s]\nhosts = ["www.example.com"]\norigin = "https://127.0.100.11:8443"\n'
+            f'origin_client_cert = "{cert}"\norigin_client_key = "{key}"\n'
+            '[nodes.e]\nrole = "l1"\nlisten = "127.0.100.1:8080"\nadmin = "127.0.100.1:8091"\n')
+    found = checks.problems(config.parse(text, "t.toml", tmp_path))
+    assert [(p.key, p.problem) for p in found] == [
+        ("sites.s.origin_client_cert", f"{cert} is not for client authentication (its extendedKeyUsage "
+                                       "lacks clientAuth): an origin that checks it refuses it")]
+
+
+def _server_only_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate whose extendedKeyUsage allows serverAuth only."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "server-only")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "server-only.pem", directory / "server-only.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_edge_check_reports_an_unreadable_parent_ca(tmp_path: Path):
+    ca = trustme.CA()
+    cert, key = write_leaf(ca, tmp_path, "www", WWW)
+    (tmp_path / "not-pem.pem").write_text("hello\n")
+    text = (SITE.format(origin="http://o", site=f'tls_cert = "{cert}"\ntls_key = "{key}"')
+            + NODES.format(l2='listen_tls = "127.0.100.21:8443"', l1='parent_tls = true\nparent_ca = "{ca}"'))
+    for ca_file, problem in ((tmp_path / "nowhere.pem", "No such file or directory"),
+                             (tmp_path / "not-pem.pem", "no PEM certificate in it")):
+        topology = config.parse(text.replace("{ca}", str(ca_file)), "t.toml", tmp_path)
+        found = [(p.key, p.problem) for p in checks.problems(topology)]
+        assert found == [("nodes.e.parent_ca", f"{ca_file}: {problem}")], found
+        assert checks.problems(topology, only="l2") == []      # the L2 does not read it
 
 
 # --------------------------------------------------------------------------- mutual TLS to an origin
