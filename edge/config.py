@@ -675,11 +675,13 @@ def _check_parent_tls(r: _Reader, path: str, parents: tuple[str, ...], nodes: di
                       sites: tuple[Site, ...]) -> None:
     """parent_tls connects to each parent's listen_tls and verifies the certificate the parent
     serves for the site's first host (its own SNI pick, as for a client): both must exist."""
+    if not parents:
+        return
     for parent in parents:
         if nodes[parent].listen_tls is None:
             raise r.fail(f"{path}.parent_tls", f"parent {parent!r} has no listen_tls to connect to")
     for site in sites:
-        if parents and site.tls_cert is None:
+        if site.tls_cert is None:
             raise r.fail(f"{path}.parent_tls", f"site {site.name!r} has no tls_cert: a parent could not prove "
                                                f"it serves {site.hosts[0]!r} (parents are verified by the "
                                                "certificate of each request's site)")

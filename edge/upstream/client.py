@@ -118,7 +118,7 @@ class UpstreamPool:
         health_urls = {name: f"{topology.node(name).admin.url}/healthz" for name in node.parents}
         self.prober = ActiveProber(self.health, health_urls, self.client,
                                    interval=self.policy.probe_interval, timeout=min(self.policy.timeout, 2.0))
-        self._origins: dict[tuple[str, TlsProfile | None], Upstream] = {}
+        self._origins: dict[tuple, Upstream] = {}
         metrics.watch_upstreams(self.connection_stats)
 
     def reload(self, topology: Topology, node: Node,
@@ -197,11 +197,12 @@ class UpstreamPool:
             log.warning("parent %s marked down after %d consecutive failures", name, self.policy.fall)
 
     def origin(self, site: Site) -> Upstream:
-        profile = origin_profile(site)
-        key = (site.origin, profile)
+        # Keyed by the site's fields themselves: this runs on every miss, the profile only once.
+        key = (site.origin, site.origin_ca, site.origin_client_cert, site.origin_client_key)
         upstream = self._origins.get(key)
         if upstream is None:
-            upstream = self._origins[key] = Upstream("origin", Address.from_url(site.origin, profile), False)
+            upstream = self._origins[key] = Upstream("origin", Address.from_url(site.origin, origin_profile(site)),
+                                                     False)
         return upstream
 
     def parent(self, name: str, site: Site) -> Upstream:
