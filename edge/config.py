@@ -75,6 +75,8 @@ class Site:
     tls_key: Path | None = None     # its PEM private key
     https_redirect: bool = False    # plain-HTTP requests get a 308 to https:// (on nodes with listen_tls)
     origin_ca: Path | None = None   # CA bundle an https:// origin is verified against; None: the system's
+    origin_client_cert: Path | None = None   # PEM chain presented to an https:// origin (mutual TLS)
+    origin_client_key: Path | None = None    # its PEM private key
 
     @property
     def allow_field(self) -> str:
@@ -138,6 +140,8 @@ class Node:
     parents: tuple[str, ...] = ()   # L1 only: names of L2 nodes, in no particular order
     parent_weights: tuple[tuple[str, float], ...] = ()
     parent_policy: ParentPolicy = ParentPolicy()
+    parent_tls: bool = False        # L1 only: reach parents on their listen_tls, verifying the site's certificate
+    parent_ca: Path | None = None   # CA bundle parents are verified against with parent_tls; None: the system's
     memory_size: int = 64 * 2**20
     memory_object_max: int = 1 * 2**20   # bigger objects skip the memory tier
     disk_size: int = 1 * 2**30
@@ -441,7 +445,7 @@ def _sites(r: _Reader, table: dict, cdn_zone: str, base_dir: Path) -> tuple[Site
         r.unknown(body, {"hosts", "origin", "cdn_name", "default", "stale_if_unreachable", "aliases",
                          "ignore_query", "ignore_query_params", "set_cookie", "default_ttl", "max_ttl",
                          "stale_while_revalidate", "stale_if_error", "allowed_methods", "tls_cert", "tls_key",
-                         "https_redirect", "origin_ca"}, path)
+                         "https_redirect", "origin_ca", "origin_client_cert", "origin_client_key"}, path)
         hosts_value = body.get("hosts")
         if not isinstance(hosts_value, list) or not hosts_value:
             raise r.fail(f"{path}.hosts", "expected a non-empty list of host names")
@@ -493,10 +497,18 @@ def _sites(r: _Reader, table: dict, cdn_zone: str, base_dir: Path) -> tuple[Site
         origin_ca = file("origin_ca")
         if origin_ca is not None and parts.scheme != "https":
             raise r.fail(f"{path}.origin_ca", f"only an https:// origin is verified against a CA (origin is {origin!r})")
+        client_cert, client_key = file("origin_client_cert"), file("origin_client_key")
+        if (client_cert is None) != (client_key is None):
+            missing = "origin_client_key" if client_key is None else "origin_client_cert"
+            raise r.fail(f"{path}.{missing}", "origin_client_cert and origin_client_key go together: "
+                                              "one is set, this one is missing")
+        if client_cert is not None and parts.scheme != "https":
+            raise r.fail(f"{path}.origin_client_cert", "a client certificate is presented only to an https:// "
+                                                       f"origin (origin is {origin!r})")
         out.append(Site(name, hosts, origin.rstrip("/"), cdn_name, default, stale_if_unreachable, aliases,
                         ignore_query, tuple(params), set_cookie, site_defaults,
                         _allowed_methods(r, body, f"{path}.allowed_methods"),
-                        tls_cert, tls_key, https_redirect, origin_ca))
+                        tls_cert, tls_key, https_redirect, origin_ca, client_cert, client_key))
     if len(defaults) > 1:
         raise r.fail(f"sites.{defaults[1]}.default", f"only one site may be the default (also {defaults[0]!r})")
     return tuple(out)
@@ -534,7 +546,8 @@ _NODE_KEYS = {"role", "listen", "admin", "region", "lat", "lon", "parents", "par
               "content_dir", "content_cache_control", "max_inflight", "parent_fall",
               "parent_rise", "parent_probe_interval", "parent_timeout", "go_direct",
               "upstream_deadline", "upstream_max_conns", "upstream_queue", "access_log", "access_log_format",
-              "admin_allow", "listen_tls", "http2", "h2c", *FrontLimits.__dataclass_fields__}
+              "admin_allow", "listen_tls", "http2", "h2c", "parent_tls", "parent_ca",
+              *FrontLimits.__dataclass_fields__}
 
 
 def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path,
@@ -604,6 +617,12 @@ def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path,
             return value if value.is_absolute() else base_dir / value
 
         content_dir = directory("content_dir")
+        parent_tls = r.bool(body, "parent_tls", f"{path}.parent_tls", False)
+        if parent_tls and role != "l1":
+            raise r.fail(f"{path}.parent_tls", f"only an l1 node has parents (this one is {role})")
+        parent_ca = directory("parent_ca")
+        if parent_ca is not None and not parent_tls:
+            raise r.fail(f"{path}.parent_ca", "parents are verified against a CA only with parent_tls = true")
         limits = _limits(r, body, path)
         access_log = r.str(body, "access_log", f"{path}.access_log", "-")
         if access_log not in ("-", "off") and not Path(access_log).is_absolute():
@@ -619,6 +638,7 @@ def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path,
             http2=r.bool(body, "http2", f"{path}.http2", True), h2c=h2c,
             lat=None if lat is None else float(lat), lon=None if lon is None else float(lon),
             parents=(), parent_weights=tuple(weights), parent_policy=policy,
+            parent_tls=parent_tls, parent_ca=parent_ca,
             memory_size=r.size(body, "memory_size", f"{path}.memory_size", Node.memory_size),
             memory_object_max=r.size(body, "memory_object_max", f"{path}.memory_object_max", Node.memory_object_max),
             disk_size=r.size(body, "disk_size", f"{path}.disk_size", Node.disk_size),
@@ -652,9 +672,27 @@ def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path,
             for parent, _ in node.parent_weights:
                 if parent not in parents:
                     raise r.fail(f"{path}.parent_weights.{parent}", "not one of this node's parents")
+            if node.parent_tls:
+                _check_parent_tls(r, path, parents, {n.name: n for n, _ in out}, sites)
             node = replace(node, parents=parents)
         nodes.append(node)
     return tuple(nodes)
+
+
+def _check_parent_tls(r: _Reader, path: str, parents: tuple[str, ...], nodes: dict[str, Node],
+                      sites: tuple[Site, ...]) -> None:
+    """parent_tls connects to each parent's listen_tls and verifies the certificate the parent
+    serves for the site's first host (its own SNI pick, as for a client): both must exist."""
+    if not parents:
+        return
+    for parent in parents:
+        if nodes[parent].listen_tls is None:
+            raise r.fail(f"{path}.parent_tls", f"parent {parent!r} has no listen_tls to connect to")
+    for site in sites:
+        if site.tls_cert is None:
+            raise r.fail(f"{path}.parent_tls", f"site {site.name!r} has no tls_cert: a parent could not prove "
+                                               f"it serves {site.hosts[0]!r} (parents are verified by the "
+                                               "certificate of each request's site)")
 
 
 def _limits(r: _Reader, body: dict, path: str) -> FrontLimits:

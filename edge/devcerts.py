@@ -42,6 +42,12 @@ def wanted(topology: Topology) -> list[Site]:
     return out
 
 
+def makes(topology: Topology, path: Path) -> bool:
+    """Is `path` a file `edge up` is about to make (the throw-away CA, when missing and wanted)?
+    A node may name the CA (a parent_ca) before it exists, as a site names its certificate."""
+    return path.resolve() == ca_path(topology).resolve() and not path.exists() and bool(wanted(topology))
+
+
 def ensure(topology: Topology, now: datetime.datetime | None = None) -> list[Site]:
     """Make the certificates :func:`wanted` lists; returns those sites."""
     sites = wanted(topology)

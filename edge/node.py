@@ -92,7 +92,7 @@ async def _reload_cache_node(topology: Topology, cache_node: CacheNode, front: F
         raise
     # One step, no await: every request sees the old topology or the new one.
     cache_node.reload(topology, node)
-    cache_node.upstreams.reload(topology, node, tls_setup.origin_ca)
+    cache_node.upstreams.reload(topology, node, tls_setup.upstream)
     _apply_tls(front, topology, node, tls_setup)
     old_log = front.reload(node.limits, access_log)
     await old_log.close()       # writes what it still holds
@@ -146,7 +146,7 @@ async def _cache_node(topology: Topology, node: Node, stack: AsyncExitStack,
     stack.push_async_callback(store.close)
     metrics.watch_store(store.tiers)
 
-    upstreams = UpstreamPool(topology, node, metrics, origin_ca=tls_setup.origin_ca)
+    upstreams = UpstreamPool(topology, node, metrics, tls_contexts=tls_setup.upstream)
     await upstreams.start()
     stack.push_async_callback(upstreams.close)
     cache_node = CacheNode(topology, node, store, upstreams, metrics,

@@ -832,7 +832,7 @@ class CacheNode:
         entry = self._cache_status(ex, fwd=fwd, detail=exc.error)
         log.warning("%s %s: upstream failed: %s", ex.request.method, ex.raw_target, exc)
         reply = error_reply(status, f"upstream unavailable: {exc.error}", [
-            ("Proxy-Status", f'{self.node.name}; error={exc.error}; details="{_sf_escape(exc.detail)}"'),
+            ("Proxy-Status", proxy_status(self.node.name, exc)),
             ("Cache-Status", entry), ("X-Cache", ex.cache_status), ("Via", self.via),
         ], cache_status=ex.cache_status)
         reply.upstream = ex.upstream
@@ -840,6 +840,14 @@ class CacheNode:
 
     def _error(self, status: int, text: str) -> Reply:
         return error_reply(status, text, [("Via", self.via)])
+
+
+def proxy_status(name: str, exc: UpstreamError) -> str:
+    """The RFC 9209 Proxy-Status member for a failed fetch: the error type, its extra parameters
+    (a TLS alert's alert-id and alert-message), and the details."""
+    params = "".join(f'; {key}={value}' if isinstance(value, int) else f'; {key}="{_sf_escape(value)}"'
+                     for key, value in exc.params)
+    return f'{name}; error={exc.error}{params}; details="{_sf_escape(exc.detail)}"'
 
 
 def https_location(host: str, port: int, target: str) -> str:

@@ -384,6 +384,12 @@ def test_edge_up_serves_the_default_topology_over_https(tmp_path: Path):
             result = subprocess.run(line.split(), capture_output=True, text=True, timeout=20)
             assert result.returncode == 0 and result.stdout.startswith("HTTP/2 200"), (result, output)
         assert "l1-east; hit" in result.stdout, result.stdout
+        # The L1 fetched it from its L2 over TLS (parent_tls, verified against edge up's CA).
+        with urllib.request.urlopen("http://127.0.99.31:8091/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+        assert re.search(r'edge_upstream_requests_total\{outcome="2xx",upstream="l2-[ab]"\} 1\.0', metrics), metrics
+        assert re.search(r'edge_upstream_connections\{address="https://127\.0\.99\.2[12]:8443 '
+                         r'\(SNI www\.example\.com\)",state="idle",upstream="l2-[ab]"\} 1\.0', metrics), metrics
         assert "BEGIN" not in subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
                                              cwd=str(REPO)).stdout    # nothing made inside the repository
     finally:

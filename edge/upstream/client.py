@@ -10,6 +10,14 @@ upstream could not be reached (`connection_refused`,
 `destination_unavailable`, ...).  That parent is healthy: one dead origin
 must not take every parent out of service for every site.
 
+With `parent_tls`, a parent is reached on its `listen_tls` and must prove the
+request's site: SNI is the site's first host name and the parent's certificate
+is verified for it (against `parent_ca`, or the system's store), as a client of
+that site would verify it.  So there is one pool of connections per parent and
+site.  A parent whose certificate does not verify has failed like one that
+refuses the connection: the next candidate is tried, the metric counts the
+error type, and the log says why.
+
 Every attempt of one request shares one deadline (`upstream_deadline`, like
 nginx's `proxy_next_upstream_timeout`): the next candidate is tried only
 while time remains.  A parent is given the whole remaining time for its
@@ -23,15 +31,15 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 from multidict import CIMultiDict
 
 from edge.config import Node, Site, Topology
+from edge.http.tls import origin_profile, parent_profile
 from edge.metrics import NodeMetrics
 from edge.upstream.health import ActiveProber, ParentHealth
-from edge.upstream.http1 import Address, Http1Client, UpstreamIOError, UpstreamResponse
+from edge.upstream.http1 import Address, Http1Client, TlsProfile, UpstreamIOError, UpstreamResponse
 from edge.upstream.ring import HashRing
 
 log = logging.getLogger("edge.upstream")
@@ -53,11 +61,12 @@ class Upstream:
 
 
 class UpstreamError(Exception):
-    """No candidate answered; `error` is an RFC 9209 Proxy-Status error type."""
+    """No candidate answered; `error` is an RFC 9209 Proxy-Status error type, `params` its
+    extra parameters (such as a TLS alert's alert-id)."""
 
-    def __init__(self, error: str, detail: str, tried: list[str]):
+    def __init__(self, error: str, detail: str, tried: list[str], params: tuple[tuple[str, int | str], ...] = ()):
         super().__init__(f"{error}: {detail} (tried {', '.join(tried) or 'nothing'})")
-        self.error, self.detail, self.tried = error, detail, tried
+        self.error, self.detail, self.tried, self.params = error, detail, tried, params
 
 
 def proxy_status_error(headers: Mapping[str, str], name: str) -> str | None:
@@ -71,19 +80,34 @@ def proxy_status_error(headers: Mapping[str, str], name: str) -> str | None:
     return None
 
 
+def parent_upstreams(topology: Topology, node: Node) -> dict[str, Upstream]:
+    """`node`'s parents by name: on their listen address, or with parent_tls on their listen_tls
+    (the server name to verify is added per site, by `UpstreamPool.parent`)."""
+    profile = parent_profile(node)
+    out = {}
+    for name in node.parents:
+        parent = topology.node(name)
+        if profile is None:
+            address = Address.from_url(parent.listen.url)
+        else:
+            assert parent.listen_tls is not None      # config checks it
+            address = Address("https", parent.listen_tls.host, parent.listen_tls.port, profile)
+        out[name] = Upstream(name, address, True)
+    return out
+
+
 class UpstreamPool:
     def __init__(self, topology: Topology, node: Node, metrics: NodeMetrics, hash_ring: HashRing | None = None,
-                 origin_ca: Mapping[Path, ssl.SSLContext] | None = None):
+                 tls_contexts: Mapping[TlsProfile, ssl.SSLContext] | None = None):
         self.node, self.metrics = node, metrics
         self.policy = node.parent_policy
-        self.parents = {
-            name: Upstream(name, Address.from_url(topology.node(name).listen.url), True) for name in node.parents
-        }
-        self._names = {upstream.address: name for name, upstream in self.parents.items()}
+        self.parents = parent_upstreams(topology, node)
+        self._site_parents: dict[tuple[str, str], Upstream] = {}
+        self._names = _names(topology, node)
         self.client = Http1Client(connect_timeout=self.policy.timeout, read_timeout=self.policy.timeout,
                                   source_ip=node.listen.host, max_conns=self.policy.max_conns,
                                   queue=self.policy.queue, on_excess=self._excess)
-        self.client.ca_contexts = dict(origin_ca or {})
+        self.client.tls_contexts = dict(tls_contexts or {})
         weights = {name: 1.0 for name in node.parents}
         weights.update(dict(node.parent_weights))
         self.ring = hash_ring if hash_ring is not None else HashRing(weights)
@@ -94,10 +118,11 @@ class UpstreamPool:
         health_urls = {name: f"{topology.node(name).admin.url}/healthz" for name in node.parents}
         self.prober = ActiveProber(self.health, health_urls, self.client,
                                    interval=self.policy.probe_interval, timeout=min(self.policy.timeout, 2.0))
-        self._origins: dict[tuple[str, Path | None], Upstream] = {}
+        self._origins: dict[tuple, Upstream] = {}
         metrics.watch_upstreams(self.connection_stats)
 
-    def reload(self, topology: Topology, node: Node, origin_ca: Mapping[Path, ssl.SSLContext] | None = None) -> None:
+    def reload(self, topology: Topology, node: Node,
+               tls_contexts: Mapping[TlsProfile, ssl.SSLContext] | None = None) -> None:
         """Take a reloaded topology's parents, weights and settings, all at once (no await).
 
         Parents that stay keep their health and their pooled connections; new
@@ -105,9 +130,7 @@ class UpstreamPool:
         candidates and the health state they started with.
         """
         policy = node.parent_policy
-        parents = {
-            name: Upstream(name, Address.from_url(topology.node(name).listen.url), True) for name in node.parents
-        }
+        parents = parent_upstreams(topology, node)
         weights = {name: 1.0 for name in node.parents}
         weights.update(dict(node.parent_weights))
         ring = HashRing(weights)
@@ -124,10 +147,12 @@ class UpstreamPool:
         client = self.client
         client.connect_timeout = client.read_timeout = policy.timeout
         client.max_conns, client.queue = policy.max_conns, policy.queue
-        # New connections verify with the reloaded bundles; pooled ones were verified already.
-        client.ca_contexts = dict(origin_ca or {})
+        # New connections verify with the reloaded bundles (and present the reloaded client
+        # certificates); pooled ones were verified already.
+        client.tls_contexts = dict(tls_contexts or {})
         self.node, self.policy, self.parents, self.ring, self.health = node, policy, parents, ring, health
-        self._names = {upstream.address: name for name, upstream in parents.items()}
+        self._site_parents = {}
+        self._names = _names(topology, node)
         self.prober.retarget(health, health_urls, interval=policy.probe_interval, timeout=min(policy.timeout, 2.0))
 
     async def start(self) -> None:
@@ -139,14 +164,25 @@ class UpstreamPool:
         await self.prober.close()
         await self.client.close()
 
+    def _name(self, address: Address) -> str:
+        return self._names.get((address.host, address.port), "origin")
+
     def _excess(self, address: Address) -> None:
         """An upstream sent bytes beyond a response (RFC 9112 6.3); its connection was closed."""
-        self.metrics.upstream_excess.labels(self._names.get(address, "origin")).inc()
+        self.metrics.upstream_excess.labels(self._name(address)).inc()
 
     def connection_stats(self) -> list[tuple[str, str, int, int, int]]:
-        """Per upstream address: name, address, connections in use, idle, requests queued."""
-        return [(self._names.get(address, "origin"), str(address), active, idle, queued)
-                for address, active, idle, queued in self.client.stats()]
+        """Per upstream address: name, address, connections in use, idle, requests queued.
+
+        Pools that differ only in what the address's text does not show (a CA bundle, a
+        client certificate) are added up: one series per name and address."""
+        rows: dict[tuple[str, str], list[int]] = {}
+        for address, active, idle, queued in self.client.stats():
+            row = rows.setdefault((self._name(address), str(address)), [0, 0, 0])
+            row[0] += active
+            row[1] += idle
+            row[2] += queued
+        return [(name, text, *row) for (name, text), row in rows.items()]
 
     def unreachable(self, response: UpstreamResponse, upstream: Upstream) -> bool:
         """Did this parent answer that it could not reach its own upstream at all?"""
@@ -161,28 +197,44 @@ class UpstreamPool:
             log.warning("parent %s marked down after %d consecutive failures", name, self.policy.fall)
 
     def origin(self, site: Site) -> Upstream:
-        key = (site.origin, site.origin_ca)
+        # Keyed by the site's fields themselves: this runs on every miss, the profile only once.
+        key = (site.origin, site.origin_ca, site.origin_client_cert, site.origin_client_key)
         upstream = self._origins.get(key)
         if upstream is None:
-            upstream = self._origins[key] = Upstream("origin", Address.from_url(site.origin, site.origin_ca), False)
+            upstream = self._origins[key] = Upstream("origin", Address.from_url(site.origin, origin_profile(site)),
+                                                     False)
         return upstream
+
+    def parent(self, name: str, site: Site) -> Upstream:
+        """Parent `name` as `site`'s requests reach it: over TLS, verified for the site's first host."""
+        upstream = self.parents[name]
+        if upstream.address.scheme != "https":
+            return upstream
+        key = (name, site.hosts[0])
+        found = self._site_parents.get(key)
+        if found is None:
+            # One per parent and site (both bounded by the topology), so the same objects,
+            # and the same pooled connections, serve every request of the site.
+            found = self._site_parents[key] = Upstream(name, replace(upstream.address, server_name=site.hosts[0]),
+                                                       True)
+        return found
 
     def candidates(self, key: str, site: Site) -> list[Upstream]:
         """Healthy parents in ring order for `key`, then the origin if going direct is allowed."""
         if not self.parents:
             return [self.origin(site)]
         ordered = self.ring.lookup(key)
-        healthy = [self.parents[name] for name in ordered if self.health.is_up(name)]
+        healthy = [self.parent(name, site) for name in ordered if self.health.is_up(name)]
         if self.policy.go_direct:
             return healthy + [self.origin(site)]
         # Never direct: when every parent is down, try them anyway rather than fail outright.
-        return healthy or [self.parents[name] for name in ordered]
+        return healthy or [self.parent(name, site) for name in ordered]
 
     async def send(self, method: str, key: str, site: Site, raw_target: str, headers: CIMultiDict[str],
                    body: AsyncIterator[bytes] | None = None) -> tuple[UpstreamResponse, Upstream]:
         """Send the request to the first candidate that answers; the caller releases the response."""
         tried: list[str] = []
-        last_error = ("destination_unavailable", "no upstream configured")
+        last_error: tuple[str, str, tuple] = ("destination_unavailable", "no upstream configured", ())
         # This request's view, kept across a reload that happens while it waits.
         candidates, health = self.candidates(key, site), self.health
         loop = asyncio.get_running_loop()
@@ -191,7 +243,7 @@ class UpstreamPool:
             left = deadline - loop.time()
             if left <= 0:
                 last_error = ("http_response_timeout", f"no answer within the {self.policy.deadline:g}s "
-                                                       f"upstream deadline")
+                                                       f"upstream deadline", ())
                 break
             tried.append(upstream.name)
             started = time.monotonic()
@@ -200,19 +252,19 @@ class UpstreamPool:
                     upstream.address, method, raw_target, headers.items(), body,
                     read_timeout=left if upstream.is_parent else self.policy.timeout, deadline=deadline)
             except UpstreamIOError as exc:
-                last_error = (exc.error, exc.detail)
+                last_error = (exc.error, exc.detail, exc.params)
                 if exc.error == "connection_limit_reached":
                     # Our own limit, not the upstream's failure: answer 503 now, try nothing else.
                     self.metrics.upstream_requests.labels(upstream.name, exc.error).inc()
                     break
-                self._failed(upstream, exc.error, health)
+                self._failed(upstream, exc.error, health, exc.detail)
                 if exc.body_started:
                     break   # the body is gone; it cannot be replayed to the next candidate
                 continue
             self.metrics.upstream_duration.labels(upstream.name).observe(time.monotonic() - started)
             if upstream.is_parent and proxy_status_error(response.headers, upstream.name) in PARENT_OWN_ERRORS:
                 # The parent failed in itself (not its upstream): the next one may do better.
-                last_error = ("destination_unavailable", f"{upstream.name} answered {response.status}")
+                last_error = ("destination_unavailable", f"{upstream.name} answered {response.status}", ())
                 self._failed(upstream, f"status_{response.status}", health)
                 if index < len(candidates) - 1 and not response.body_started:
                     response.release()
@@ -221,11 +273,26 @@ class UpstreamPool:
                 health.success(upstream.name)
             self.metrics.upstream_requests.labels(upstream.name, f"{response.status // 100}xx").inc()
             return response, upstream
-        raise UpstreamError(last_error[0], last_error[1], tried)
+        raise UpstreamError(last_error[0], last_error[1], tried, last_error[2])
 
-    def _failed(self, upstream: Upstream, outcome: str, health: ParentHealth) -> None:
+    def _failed(self, upstream: Upstream, outcome: str, health: ParentHealth, detail: str = "") -> None:
         self.metrics.upstream_requests.labels(upstream.name, outcome).inc()
         if upstream.is_parent:
             health.failure(upstream.name)
-        log.info("upstream %s failed: %s", upstream.name, outcome)
+        # A TLS failure is a misconfiguration or an impostor, never a passing fault: say it
+        # at the level an operator sees by default, with why (which certificate, which alert).
+        level = logging.WARNING if outcome.startswith("tls_") else logging.INFO
+        log.log(level, "upstream %s failed: %s%s", upstream.name, outcome, f": {detail}" if detail else "")
+
+
+def _names(topology: Topology, node: Node) -> dict[tuple[str, int], str]:
+    """Parent names by each IP and port they are reached on: traffic (plain or TLS, for every
+    server name and TLS profile) and admin (the health probes); anything else is the origin."""
+    names = {}
+    for name in node.parents:
+        parent = topology.node(name)
+        for address in (parent.listen, parent.listen_tls, parent.admin):
+            if address is not None:
+                names[(address.host, address.port)] = name
+    return names
 

@@ -17,7 +17,10 @@ before any byte of the response (the keep-alive race) is sent once more on a
 new connection, if it is idempotent and none of its body was sent.
 
 Errors are :class:`UpstreamIOError` carrying an RFC 9209 Proxy-Status error
-type.  Every wait is bounded: connecting (`connect_timeout`), the response
+type.  A TLS failure is never passed over: a certificate that does not verify
+is `tls_certificate_error`, an alert from the upstream (say, it wants a client
+certificate we do not have) `tls_alert_received` with the alert's id and name,
+anything else in TLS `tls_protocol_error`.  Every wait is bounded: connecting (`connect_timeout`), the response
 head (`read_timeout`), each body read (`read_timeout`), each write.  The
 response head is bounded in size; a response body is buffered up to 256 KiB,
 then reading from the socket pauses until the consumer takes it.
@@ -29,11 +32,11 @@ import asyncio
 import logging
 import socket
 import ssl
-from pathlib import Path
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httptools
@@ -55,11 +58,12 @@ TIMEOUT_ERRORS = frozenset({"connection_timeout", "http_response_timeout", "conn
 
 
 class UpstreamIOError(Exception):
-    """A request upstream failed; `error` is an RFC 9209 Proxy-Status error type."""
+    """A request upstream failed; `error` is an RFC 9209 Proxy-Status error type, `params`
+    the extra parameters RFC 9209 defines for it (as (name, value) pairs, in order)."""
 
-    def __init__(self, error: str, detail: str):
+    def __init__(self, error: str, detail: str, params: tuple[tuple[str, int | str], ...] = ()):
         super().__init__(f"{error}: {detail}")
-        self.error, self.detail = error, detail
+        self.error, self.detail, self.params = error, detail, params
         self.body_started = False         # some of the request body was taken: it cannot be sent again
 
 
@@ -68,23 +72,47 @@ class _Stale(UpstreamIOError):
 
 
 @dataclass(frozen=True)
+class TlsProfile:
+    """How a TLS connection upstream is verified, and which certificate it presents: one
+    client SSLContext each (loaded off the loop by edge.http.tls.load)."""
+
+    ca: Path | None = None          # the CA bundle the peer is verified against; None: the system's
+    cert: Path | None = None        # our client certificate chain (mutual TLS), with its key
+    key: Path | None = None
+
+
+SYSTEM_TLS = TlsProfile()
+
+
+@dataclass(frozen=True)
 class Address:
-    """Where to connect, and the authority to send as Host when the request has none."""
+    """Where to connect, and the authority to send as Host when the request has none.
+
+    For https, the whole TLS identity is part of the address, and so of the pool's key: a
+    connection verified against one CA bundle, presenting one client certificate or verified
+    for one server name is never reused for a request that wants another.
+    """
 
     scheme: str
     host: str
     port: int
-    # https only: the CA bundle the peer is verified against (None: the system's).  Part of
-    # the identity, so connections verified against one bundle are never reused for another.
-    ca: Path | None = None
+    tls: TlsProfile | None = None   # https only (SYSTEM_TLS when not given)
+    # https only: the name sent as SNI and verified in the certificate, when it is not `host`
+    # (a parent is reached by its IP address but proves the site's name).
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme == "https" and self.tls is None:
+            object.__setattr__(self, "tls", SYSTEM_TLS)
 
     @classmethod
-    def from_url(cls, url: str, ca: Path | None = None) -> Address:
+    def from_url(cls, url: str, tls: TlsProfile | None = None, server_name: str | None = None) -> Address:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
-        return cls(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
-                   ca if parts.scheme == "https" else None)
+        https = parts.scheme == "https"
+        return cls(parts.scheme, parts.hostname, parts.port or (443 if https else 80),
+                   tls if https else None, server_name if https else None)
 
     @property
     def authority(self) -> str:
@@ -93,7 +121,8 @@ class Address:
         return host if self.port == default else f"{host}:{self.port}"
 
     def __str__(self) -> str:
-        return f"{self.scheme}://{self.authority}"
+        sni = f" (SNI {self.server_name})" if self.server_name else ""
+        return f"{self.scheme}://{self.authority}{sni}"
 
 
 class Http1Client:
@@ -117,10 +146,9 @@ class Http1Client:
         self._on_excess = on_excess
         self._idle: dict[Address, list[_Connection]] = {}
         self._open: set[_Connection] = set()
-        self._tls: ssl.SSLContext | None = None
-        # CA bundle -> a context verifying against it, loaded off the loop (edge.http.tls.load)
-        # and replaced on reload.
-        self.ca_contexts: dict[Path, ssl.SSLContext] = {}
+        # TLS profile -> its client context, loaded off the loop (edge.http.tls.load) and
+        # replaced on reload.
+        self.tls_contexts: dict[TlsProfile, ssl.SSLContext] = {}
 
     async def request(self, address: Address, method: str, target: str, fields: Iterable[tuple[str, str]],
                       body: AsyncIterator[bytes] | None = None, *,
@@ -258,22 +286,23 @@ class Http1Client:
     async def _connect(self, address: Address, timeout: float) -> _Connection:
         """Open a connection in the slot `_acquire` reserved; the slot is freed again if it fails."""
         loop = asyncio.get_running_loop()
-        tls = None
-        if address.scheme == "https" and address.ca is not None:
-            tls = self.ca_contexts.get(address.ca)
-            if tls is None:         # a bug (the pool loads every site's bundle): never fall back to less
+        tls, server_name = None, None
+        if address.scheme == "https":
+            assert address.tls is not None
+            tls = self.tls_contexts.get(address.tls)
+            if tls is None and address.tls == SYSTEM_TLS:
+                # A client used on its own (not by a node, which loads every context it needs
+                # off the loop): the system's CA store, verification and host-name check on.
+                tls = self.tls_contexts[SYSTEM_TLS] = ssl.create_default_context()
+            if tls is None:         # a bug (the node loads every profile): never fall back to less
                 self._slot_freed(address)
-                raise UpstreamIOError("tls_certificate_error", f"{address}: CA bundle {address.ca} not loaded")
-        elif address.scheme == "https":
-            if self._tls is None:
-                # The system's CA store (verification and host-name check on), loaded once.
-                self._tls = ssl.create_default_context()
-            tls = self._tls
+                raise UpstreamIOError("tls_certificate_error", f"{address}: TLS settings {address.tls} not loaded")
+            server_name = address.server_name      # None: asyncio sends (and verifies) `host`
         timeout = min(timeout, self.connect_timeout)
         try:
             _, connection = await asyncio.wait_for(loop.create_connection(
                 lambda: _Connection(self, address), address.host, address.port, ssl=tls,
-                local_addr=self._local_addr), timeout)
+                server_hostname=server_name, local_addr=self._local_addr), timeout)
         except BaseException as exc:
             self._slot_freed(address)
             raise _connect_error(exc, address, timeout) from None
@@ -289,14 +318,73 @@ def _connect_error(exc: BaseException, address: Address, timeout: float) -> Base
         return UpstreamIOError("connection_refused", f"{address}: {exc.strerror or exc}")
     if isinstance(exc, socket.gaierror):
         return UpstreamIOError("dns_error", f"{address.host}: {exc.strerror or exc}")
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        # RFC 9209 2.3.15: the upstream's certificate did not verify (never accepted anyway).
-        return UpstreamIOError("tls_certificate_error", f"{address}: {exc.verify_message or exc.reason}")
     if isinstance(exc, ssl.SSLError):
-        return UpstreamIOError("tls_protocol_error", f"{address}: {exc}")
+        return tls_error(exc, address)
     if isinstance(exc, OSError):
         return UpstreamIOError("destination_unavailable", f"{address}: {exc.strerror or exc}")
     return exc
+
+
+# OpenSSL's reason for a fatal alert received from the peer -> the alert's id and its name
+# in the IANA TLS Alerts registry (RFC 8446 6.2 and RFC 9209 2.3.15 alert-id/alert-message).
+_ALERTS = {
+    "SSLV3_ALERT_UNEXPECTED_MESSAGE": (10, "unexpected_message"),
+    "SSLV3_ALERT_BAD_RECORD_MAC": (20, "bad_record_mac"),
+    "TLSV1_ALERT_DECRYPTION_FAILED": (21, "decryption_failed_RESERVED"),
+    "TLSV1_ALERT_RECORD_OVERFLOW": (22, "record_overflow"),
+    "SSLV3_ALERT_DECOMPRESSION_FAILURE": (30, "decompression_failure_RESERVED"),
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": (40, "handshake_failure"),
+    "SSLV3_ALERT_NO_CERTIFICATE": (41, "no_certificate_RESERVED"),
+    "SSLV3_ALERT_BAD_CERTIFICATE": (42, "bad_certificate"),
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": (43, "unsupported_certificate"),
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": (44, "certificate_revoked"),
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": (45, "certificate_expired"),
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": (46, "certificate_unknown"),
+    "SSLV3_ALERT_ILLEGAL_PARAMETER": (47, "illegal_parameter"),
+    "TLSV1_ALERT_UNKNOWN_CA": (48, "unknown_ca"),
+    "TLSV1_ALERT_ACCESS_DENIED": (49, "access_denied"),
+    "TLSV1_ALERT_DECODE_ERROR": (50, "decode_error"),
+    "TLSV1_ALERT_DECRYPT_ERROR": (51, "decrypt_error"),
+    "TLSV1_ALERT_EXPORT_RESTRICTION": (60, "export_restriction_RESERVED"),
+    "TLSV1_ALERT_PROTOCOL_VERSION": (70, "protocol_version"),
+    "TLSV1_ALERT_INSUFFICIENT_SECURITY": (71, "insufficient_security"),
+    "TLSV1_ALERT_INTERNAL_ERROR": (80, "internal_error"),
+    "TLSV1_ALERT_INAPPROPRIATE_FALLBACK": (86, "inappropriate_fallback"),
+    "TLSV1_ALERT_USER_CANCELLED": (90, "user_canceled"),
+    "TLSV1_ALERT_NO_RENEGOTIATION": (100, "no_renegotiation"),
+    "TLSV13_ALERT_MISSING_EXTENSION": (109, "missing_extension"),
+    "TLSV1_UNSUPPORTED_EXTENSION": (110, "unsupported_extension"),
+    "TLSV1_CERTIFICATE_UNOBTAINABLE": (111, "certificate_unobtainable_RESERVED"),
+    "TLSV1_UNRECOGNIZED_NAME": (112, "unrecognized_name"),
+    "TLSV1_BAD_CERTIFICATE_STATUS_RESPONSE": (113, "bad_certificate_status_response"),
+    "TLSV1_BAD_CERTIFICATE_HASH_VALUE": (114, "bad_certificate_hash_value_RESERVED"),
+    "TLSV1_ALERT_UNKNOWN_PSK_IDENTITY": (115, "unknown_psk_identity"),
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": (116, "certificate_required"),
+    "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": (120, "no_application_protocol"),
+}
+
+
+def tls_error(exc: ssl.SSLError, address: Address | str) -> UpstreamIOError:
+    """What a TLS failure with an upstream means, as an RFC 9209 error type (2.3.13 to 2.3.15).
+
+    An alert the upstream sent is told apart from a failure found here: with TLS 1.3 a
+    server checks our client certificate only after the handshake has completed on our
+    side, so its refusal arrives as an alert on the first read, not on connect.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        # The upstream's certificate did not verify (and is never accepted anyway).
+        return UpstreamIOError("tls_certificate_error", f"{address}: {exc.verify_message or exc.reason}")
+    reason = exc.reason or ""
+    alert = _ALERTS.get(reason)
+    if alert is not None:
+        alert_id, name = alert
+        return UpstreamIOError("tls_alert_received", f"{address}: the upstream sent TLS alert {name} ({alert_id})",
+                               (("alert-id", alert_id), ("alert-message", name)))
+    if "_ALERT_" in reason:         # an alert OpenSSL knows and this table does not: no id to give
+        name = reason.split("_ALERT_", 1)[1].lower()
+        return UpstreamIOError("tls_alert_received", f"{address}: the upstream sent TLS alert {name}",
+                               (("alert-message", name),))
+    return UpstreamIOError("tls_protocol_error", f"{address}: {exc}")
 
 
 class _SentBody:
@@ -532,7 +620,9 @@ class UpstreamResponse:
             self._complete()
             return
         reason = f": {exc}" if exc else ""
-        if not self._head.done():
+        if not self._head.done() and isinstance(exc, ssl.SSLError):
+            self._fail(tls_error(exc, self._connection.address))
+        elif not self._head.done():
             self._fail(UpstreamIOError("connection_terminated", f"closed before a response{reason}"))
         else:
             self._fail(UpstreamIOError("http_response_incomplete",
