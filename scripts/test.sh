@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Install everything the tests need, from scratch, and run them.
 #   Debian packages: curl and dig (dnsutils) drive the nodes as an operator
-#   would; prometheus checks the metrics exposition (promtool) and evaluates
-#   the dashboard's and the alerts' queries (a real server); chromium loads
-#   the DNS scheduler's status page headless.
+#   would; iproute2 (ip) makes the hosts of tests/test_multihost.py (network
+#   namespaces, as root; elsewhere that test is skipped); prometheus checks the
+#   metrics exposition (promtool) and evaluates the dashboard's and the
+#   alerts' queries (a real server); chromium loads the DNS scheduler's status
+#   page headless.
 #   Python: a virtualenv in .venv with the package and its test extras;
 #   ruff (pyflakes rules) first, then pytest.
 set -euo pipefail
@@ -12,6 +14,7 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v dig >/dev/null 2>&1 || missing+=(dnsutils)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing+=(iproute2)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if ((${#missing[@]})); then
