@@ -261,11 +261,24 @@ def test_each_region_is_answered_its_nearest_l1_then_the_next(cdn: Cdn) -> None:
     assert cdn.dig("west", "+tcp")[1:] == [cdn.address(n) for n in NEAREST["west"]]
 
 
-def test_admin_listeners_let_in_only_the_monitoring_and_operators_networks(cdn: Cdn) -> None:
+def test_admin_listeners_let_in_monitoring_operators_and_the_scheduler(cdn: Cdn) -> None:
     assert cdn.admin_get("l1-nyc", "/metrics", host="ops")[0] == 200
     assert cdn.admin_get("l1-nyc", "/metrics", host="client-central")[0] == 200     # the operators' /25
     assert cdn.admin_get("l1-nyc", "/metrics", host="client-east")[0] == 403
     assert cdn.admin_get("l1-nyc", "/healthz", host="client-east")[0] == 200        # always open
+    # The scheduler's status page reads every node's /metrics from the scheduler's host.
+    errors: dict[str, str | None] = {}
+
+    def every_node_scraped() -> bool:
+        status, body = cdn.admin_get("dns", "/api/overview")
+        assert status == 200, body
+        errors.update({node["name"]: node["metrics_error"] for node in json.loads(body)["nodes"]})
+        return not any(errors.values())
+
+    try:
+        until(every_node_scraped, 10, "the status page to have every node's metrics")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {errors}") from None
 
 
 WARM = [f"/gen/multihost/warm-{i}.js" for i in range(8)]
