@@ -5,8 +5,8 @@ DNS scheduler) runs as `edge run NODE --config FILE` inside a network
 namespace of its own, with the address the file gives it; a client
 namespace per region asks the scheduler with `dig` and fetches with `curl`
 through the edge it was answered; an "ops" namespace has the address of the
-example's monitoring host, the only one (with the operators' network) its
-admin listeners let in.  The hosts are wired by veth pairs to a bridge in a
+example's monitoring host, which its admin listeners let in (as they do the
+operators' network and the scheduler, and nobody else).  The hosts are wired by veth pairs to a bridge in a
 "switch" namespace (tests/netns.py), so the subnet exists only there.
 
 The topology is the example file itself with two kinds of change: its
