@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
@@ -31,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("node", metavar="NODE", nargs="?",
                      help="node name from the topology, or 'dns' for the scheduler")
     run.add_argument("--node", dest="node_option", metavar="NODE", help="the same, as an option")
+    run.add_argument("--listen-host", metavar="HOST", type=_listen_host,
+                     help="bind every listener on HOST (e.g. 0.0.0.0 in a container) at the topology's ports; "
+                          "the topology's addresses stay what others use to reach this node")
     up = with_config(sub.add_parser("up", help="start every node of the topology and wait; SIGHUP reloads, "
                                                "Ctrl-C stops all"))
     for p in (run, up):
@@ -55,6 +59,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _listen_host(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an IP address such as 0.0.0.0 or ::, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -68,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             topology, sha256, mtime = reload.read(args.config)
             return _run(topology, args.node, reload.Reloader(args.config, args.node, topology, sha256, mtime),
-                        args.watch)
+                        args.watch, args.listen_host)
         topology = config.load(args.config)
         if args.command == "up":
             from edge import launcher
@@ -104,7 +115,8 @@ def _check(topology: config.Topology) -> int:
     return 0
 
 
-def _run(topology: config.Topology, name: str, reloader: reload.Reloader, watch: bool) -> int:
+def _run(topology: config.Topology, name: str, reloader: reload.Reloader, watch: bool,
+         listen_host: str | None = None) -> int:
     """Run one node until SIGTERM or SIGINT, reloading on SIGHUP (and, with `watch`, when the
     file changes); a bind failure is one clear line, exit 1."""
     if name == "dns":
@@ -112,12 +124,12 @@ def _run(topology: config.Topology, name: str, reloader: reload.Reloader, watch:
             raise config.ConfigError(topology.source, "dns", "no [dns] table: this topology has no scheduler")
         from edge.scheduler.service import serve
         target = "dns"
-        serve_fn = lambda stop: serve(topology, stop, reloader)  # noqa: E731
+        serve_fn = lambda stop: serve(topology, stop, reloader, listen_host)  # noqa: E731
     else:
         node = topology.node(name)
         from edge import node as node_runner
         target = node.name
-        serve_fn = lambda stop: node_runner.serve(topology, node, stop, reloader)  # noqa: E731
+        serve_fn = lambda stop: node_runner.serve(topology, node, stop, reloader, listen_host)  # noqa: E731
     if watch and reloader.path is None:
         log.warning("--watch: nothing to watch with the built-in topology; give --config FILE")
 
