@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import re
 import signal
 import sys
 from pathlib import Path
@@ -45,8 +46,35 @@ def _parser() -> argparse.ArgumentParser:
                                             help="print a Prometheus scrape config for the topology"))
     prometheus.add_argument("--interval", metavar="SECONDS", type=_seconds, default=15.0,
                             help="scrape and evaluation interval (default: 15)")
+    k8s = with_config(sub.add_parser("k8s", help="print Kubernetes manifests for the topology (multi-document YAML)"))
+    k8s.add_argument("--namespace", default="edge", type=_dns_label, help="namespace of every object (default: edge)")
+    k8s.add_argument("--image", default=f"edge-cdn:{__version__}",
+                     help=f"container image, built from deploy/Dockerfile (default: edge-cdn:{__version__})")
+    k8s.add_argument("--l1", choices=["deployment", "daemonset"], default="deployment",
+                     help="L1s as Deployments behind LoadBalancer Services (default), or as DaemonSets on the "
+                          "host network of the machine labelled edge-cdn/node=NAME")
+    k8s.add_argument("--storage-class", metavar="NAME", help="of the L2s' cache volumes (default: the cluster's)")
+    k8s.add_argument("--object-size", metavar="SIZE", type=_size, default="32KiB",
+                     help="average object on disk, for the disk index's RAM and the volume's slack (default: 32KiB)")
+    k8s.add_argument("--cluster-domain", default="cluster.local", metavar="DOMAIN",
+                     help="the cluster's DNS domain, in the Services' names (default: cluster.local)")
+    k8s.add_argument("--output", metavar="DIR", type=Path,
+                     help="write one file per object and topology.toml there instead of printing")
     _ops_parsers(sub, with_config)
     return parser
+
+
+def _dns_label(text: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", text):
+        raise argparse.ArgumentTypeError(f"expected a DNS label (lower-case letters, digits, '-'), got {text!r}")
+    return text
+
+
+def _size(text: str) -> int:
+    size = config.parse_size(text)
+    if not size:
+        raise argparse.ArgumentTypeError(f"expected a size such as 32KiB or 1MiB, got {text!r}")
+    return size
 
 
 def _seconds(text: str) -> float:
@@ -80,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             topology, sha256, mtime = reload.read(args.config)
             return _run(topology, args.node, reload.Reloader(args.config, args.node, topology, sha256, mtime),
                         args.watch, args.listen_host)
+        if args.command == "k8s":
+            return _k8s(args)
         topology = config.load(args.config)
         if args.command == "up":
             from edge import launcher
@@ -112,6 +142,36 @@ def _check(topology: config.Topology) -> int:
         print(f"{node.name:12} {node.role:7} traffic {node.listen}  admin {node.admin}")
     if topology.dns:
         print(f"{'dns':12} {'dns':7} dns     {topology.dns.listen}  admin {topology.dns.admin}")
+    return 0
+
+
+def _k8s(args: argparse.Namespace) -> int:
+    """`edge k8s`: the manifests on stdout (or one file each in --output DIR); what the operator
+    must create first (the Secret of the topology's files, a claim) on stderr."""
+    import os
+    from edge import k8s
+    if args.config is None:
+        text, source, base_dir = config.default_text(), config.DEFAULT_TOPOLOGY, Path.cwd()
+    else:
+        try:
+            text = args.config.read_text()
+        except OSError as exc:
+            raise config.ConfigError(str(args.config), "(file)", exc.strerror or str(exc)) from None
+        source, base_dir = str(args.config), args.config.parent
+    options = k8s.Options(namespace=args.namespace, image=args.image, l1=args.l1, storage_class=args.storage_class,
+                          object_size=args.object_size, cluster_domain=args.cluster_domain)
+    manifests = k8s.render(text, source, base_dir, options)
+    if args.output is None:
+        sys.stdout.write(k8s.to_yaml(manifests))
+    else:
+        written = k8s.write_directory(manifests, args.output)
+        print(f"edge k8s: wrote {len(written)} files to {args.output}", file=sys.stderr)
+    for need in manifests.needs:
+        print(f"edge k8s: needs {need}", file=sys.stderr)
+    if manifests.secret_files:
+        files = " ".join(f"--from-file={key}={os.path.relpath(here)}" for key, here, _ in manifests.secret_files)
+        print(f"edge k8s: kubectl create secret generic {k8s.PREFIX}files -n {args.namespace} {files}",
+              file=sys.stderr)
     return 0
 
 

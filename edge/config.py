@@ -384,11 +384,15 @@ class _Reader:
         return name
 
 
+def default_text() -> str:
+    """The built-in topology's text (deploy/local.toml, shipped as edge/default_topology.toml)."""
+    return resources.files("edge").joinpath("default_topology.toml").read_text()
+
+
 def load(path: str | Path | None = None) -> Topology:
     """Load a topology file; with no path, the built-in default (deploy/local.toml)."""
     if path is None:
-        text = resources.files("edge").joinpath("default_topology.toml").read_text()
-        return parse(text, DEFAULT_TOPOLOGY, base_dir=Path.cwd())
+        return parse(default_text(), DEFAULT_TOPOLOGY, base_dir=Path.cwd())
     path = Path(path)
     try:
         text = path.read_text()
