@@ -67,6 +67,8 @@ ORIGIN_MEMORY = 128 * MiB       # the test origin holds nothing
 CPU = {"l1": "500m", "l2": "500m", "origin": "100m", "dns": "250m"}   # one event loop each; no CPU limit
 DEFAULT_OBJECT_SIZE = 32 * 2**10
 L1_KINDS = ("deployment", "daemonset")
+# Namespaces others use too: never relabelled (a Pod Security level) by `kubectl apply`.
+SHARED_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
 # Kubernetes' own name rules: an RFC 1035 label for Services (the strictest of the objects
 # made from a node's name), label values, Secret keys.
@@ -299,7 +301,9 @@ def render(text: str, source: str, base_dir: Path, options: Options = Options())
     # As the pods read it; a mistake found from here on is still the operator's file's.
     k8s_topology = config.parse(k8s_text, CONFIG_FILE, Path(CONFIG_DIR))
     members = _members(k8s_topology, names, options, source)
-    documents: list[dict[str, Any]] = [_namespace(options), _config_map(k8s_text, options)]
+    documents: list[dict[str, Any]] = [_config_map(k8s_text, options)]
+    if options.namespace not in SHARED_NAMESPACES:
+        documents.insert(0, _namespace(options))
     for member in members:
         if not member.host_network:
             documents.append(_headless_service(member, options))

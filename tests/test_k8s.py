@@ -94,12 +94,21 @@ def test_the_validation_would_catch_a_mistake():
         kubernetes_validate.validate(service, KUBERNETES_VERSIONS[0], strict=True)
 
 
+def test_a_shared_namespace_is_used_but_never_relabelled():
+    m = render(MULTI_HOST, namespace="default")
+    assert [d["kind"] for d in m.documents if d["kind"] == "Namespace"] == []
+    assert {d["metadata"]["namespace"] for d in m.documents} == {"default"}
+    assert 'listen = "edge-l2-east.default.svc.cluster.local:8080"' in m.topology_text
+
+
 def test_names_labels_selectors_and_ports_hold_together(manifests):
     """What the schemas do not check: names are DNS labels, selectors find their pods, a
     Service's target ports exist on them, the namespace is the same everywhere."""
     names = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
     label_value = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-    namespace = manifests.documents[0]["metadata"]["name"]
+    namespace = manifests.documents[1]["metadata"]["namespace"]
+    first = manifests.documents[0]
+    assert (first["kind"], first["metadata"]["name"]) == ("Namespace", namespace)
     pods = {}
     for doc in manifests.documents:
         meta = doc["metadata"]
@@ -277,7 +286,7 @@ def test_the_config_map_holds_a_topology_config_parse_accepts(manifests):
     topology = config.parse(text, "/etc/edge/topology.toml", Path("/etc/edge"))     # as the pods read it
     assert topology == manifests.topology
     assert topology.state_dir == Path("/var/lib/edge")
-    namespace = manifests.documents[0]["metadata"]["name"]
+    namespace = manifests.documents[1]["metadata"]["namespace"]
     daemonsets = any(d["kind"] == "DaemonSet" for d in manifests.documents)
     for node in topology.nodes:
         name = f"edge-{node.name}.{namespace}.svc.cluster.local"
@@ -540,3 +549,43 @@ def test_a_parent_reached_by_name_and_a_config_map_swap_reloading_every_node(tmp
             node.stop()
     l2_log = nodes[1].log.read_text()
     assert "serving traffic on localhost:18141, admin on localhost:18142 (bound on 127.0.0.1)" in l2_log
+
+
+# --------------------------------------------------------------------------- what goes with the manifests
+
+
+def test_the_dockerfile_builds_what_the_manifests_run():
+    """Not built here (no registry): what it copies exists, and its user is the pods' user."""
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (REPO / source).exists(), line
+    assert f"--uid {k8s.UID} " in dockerfile and f"USER {k8s.UID}:{k8s.UID}" in dockerfile
+    assert 'ENTRYPOINT ["edge"]' in dockerfile
+    allowed = [line[1:] for line in (REPO / "deploy" / "Dockerfile.dockerignore").read_text().splitlines()
+               if line.startswith("!")]
+    assert sorted(allowed) == ["README.md", "edge", "origin", "pyproject.toml"]
+
+
+def test_the_in_cluster_scrape_config_matches_the_pods():
+    """deploy/prometheus/kubernetes.yml keeps and labels pods by what `edge k8s` puts on them
+    (Debian's promtool is built without Kubernetes discovery, so the names are checked here)."""
+    scrape = yaml.safe_load((REPO / "deploy" / "prometheus" / "kubernetes.yml").read_text())
+    (job,) = scrape["scrape_configs"]
+    relabel = {tuple(r["source_labels"]): r for r in job["relabel_configs"]}
+    workload = find(render(), "StatefulSet", "edge-l2-a")
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    annotations = workload["spec"]["template"]["metadata"]["annotations"]
+
+    def meta(prefix: str, key: str) -> str:
+        return prefix + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+    assert relabel[(meta("__meta_kubernetes_pod_annotation_", "prometheus.io/scrape"),)]["regex"] == \
+        annotations["prometheus.io/scrape"]
+    assert relabel[(meta("__meta_kubernetes_pod_label_", "app.kubernetes.io/name"),)]["regex"] == \
+        labels["app.kubernetes.io/name"]
+    assert relabel[("__meta_kubernetes_pod_container_port_name",)]["regex"] == "admin"
+    assert relabel[(meta("__meta_kubernetes_pod_label_", k8s.NODE_LABEL),)]["target_label"] == "node"
+    assert relabel[(meta("__meta_kubernetes_pod_label_", "app.kubernetes.io/component"),)]["target_label"] == "role"
+    assert job["kubernetes_sd_configs"][0]["namespaces"]["names"] == [k8s.Options().namespace]
