@@ -22,8 +22,8 @@ What maps to what (README "Kubernetes" says why):
   Every node has a headless Service (its DNS name).
 * Resources come from the cache sizes (:func:`cache_resources`).
 
-Rendering is pure (no I/O but reading nothing: the caller passes the
-file's text); the output is deterministic, objects in a fixed order.
+Rendering is pure (the caller reads the file and passes its text); the
+output is deterministic, objects in a fixed order.
 """
 
 from __future__ import annotations
@@ -289,6 +289,8 @@ def render(text: str, source: str, base_dir: Path, options: Options = Options())
     Raises ConfigError for the file's own mistakes and for what Kubernetes
     cannot take (names, ports, file names), naming the key.
     """
+    if options.l1 not in L1_KINDS:
+        raise ValueError(f"l1 must be one of {', '.join(L1_KINDS)}, got {options.l1!r}")
     topology = config.parse(text, source, base_dir)
     names = object_names(topology)
     k8s_text, secret_files, changes = kubernetes_topology(text, topology, names, options)
@@ -368,8 +370,11 @@ def _members(topology: Topology, names: dict[str, str], options: Options, source
         # In a pod every listener binds 0.0.0.0: two on one port would collide.
         seen: dict[tuple[int, str], str] = {}
         for name, port, protocol in member.ports:
+            key = "admin" if name == "admin" else ("listen_tls" if name == "https" else "listen")
+            if port == 0:
+                raise ConfigError(source, f"{member.key}.{key}", "port 0 (any free port) cannot be a "
+                                                                 "container's port: give the port to serve on")
             if (port, protocol) in seen:
-                key = "admin" if name == "admin" else ("listen_tls" if name == "https" else "listen")
                 raise ConfigError(source, f"{member.key}.{key}",
                                   f"port {port} is also its {seen[(port, protocol)]} port: in a pod every "
                                   "listener binds the pod's address, so each needs its own port")

@@ -341,6 +341,15 @@ def test_only_what_needs_a_restart_changes_a_pod_template(tmp_path):
     restarted = render(changed)
     differ = [a["metadata"]["name"] for a, b in zip(workloads(base), workloads(restarted)) if a != b]
     assert differ == ["edge-l1-chi"]
+    # admin_allow changes nothing else in the pod: the restart-config hash alone replaces it.
+    changed.write_text(text.replace('[nodes.l1-sfo]\nrole = "l1"', '[nodes.l1-sfo]\nrole = "l1"\n'
+                                    'admin_allow = ["10.0.0.0/8"]'))
+    restarted = render(changed)
+    differ = [(a["metadata"]["name"], b["spec"]["template"]["metadata"]["annotations"]["edge-cdn/restart-config"])
+              for a, b in zip(workloads(base), workloads(restarted)) if a != b]
+    assert [name for name, _ in differ] == ["edge-l1-sfo"]
+    assert differ[0][1] != find(base, "Deployment", "edge-l1-sfo")["spec"]["template"]["metadata"][
+        "annotations"]["edge-cdn/restart-config"]
 
 
 # --------------------------------------------------------------------------- mistakes Kubernetes cannot take
@@ -377,6 +386,8 @@ admin = "127.0.1.1:8091"
      f"nodes.{'l' * 50}", "longer than 45 characters"),
     (lambda t: t.replace('admin = "127.0.1.1:8091"', 'admin = "127.0.1.2:8080"'),
      "nodes.l1.admin", "port 8080 is also its http port"),
+    (lambda t: t.replace('admin = "127.0.2.1:8091"', 'admin = "127.0.2.1:0"'),
+     "nodes.l2-a.admin", "port 0 (any free port) cannot be a container's port"),
     (lambda t: t.replace('origin = "http://127.0.0.10:8080"', 'origin = "https://127.0.0.10:8080"\n'
                          'origin_ca = "a/ca.pem"\n[sites.other]\nhosts = ["other.example.com"]\n'
                          'origin = "https://127.0.0.10:8080"\norigin_ca = "b/ca.pem"'),
