@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     k8s.add_argument("--storage-class", metavar="NAME", help="of the L2s' cache volumes (default: the cluster's)")
     k8s.add_argument("--object-size", metavar="SIZE", type=_size, default="32KiB",
                      help="average object on disk, for the disk index's RAM and the volume's slack (default: 32KiB)")
-    k8s.add_argument("--cluster-domain", default="cluster.local", metavar="DOMAIN",
+    k8s.add_argument("--cluster-domain", default="cluster.local", metavar="DOMAIN", type=_dns_name,
                      help="the cluster's DNS domain, in the Services' names (default: cluster.local)")
     k8s.add_argument("--output", metavar="DIR", type=Path,
                      help="write one file per object and topology.toml there instead of printing")
@@ -68,6 +68,12 @@ def _dns_label(text: str) -> str:
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", text):
         raise argparse.ArgumentTypeError(f"expected a DNS label (lower-case letters, digits, '-'), got {text!r}")
     return text
+
+
+def _dns_name(text: str) -> str:
+    if not all(re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", label) for label in text.rstrip(".").split(".")):
+        raise argparse.ArgumentTypeError(f"expected a DNS name such as cluster.local, got {text!r}")
+    return text.rstrip(".")
 
 
 def _size(text: str) -> int:

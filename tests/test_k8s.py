@@ -437,6 +437,19 @@ def test_edge_k8s_on_a_bad_file_exits_2_with_the_usual_line(tmp_path):
         2, f"edge: config error: {tmp_path / 'none.toml'}: (file): No such file or directory")
 
 
+@pytest.mark.parametrize(("args", "problem"), [
+    (["--namespace", "Edge"], "argument --namespace: expected a DNS label"),
+    (["--cluster-domain", "my_cluster"], "argument --cluster-domain: expected a DNS name"),
+    (["--object-size", "big"], "argument --object-size: expected a size"),
+    (["--l1", "statefulset"], "argument --l1: invalid choice"),
+])
+def test_edge_k8s_options_are_checked_before_anything_is_rendered(args, problem, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["k8s", *args])
+    out, err = capsys.readouterr()
+    assert (exit.value.code, out) == (2, "") and problem in err
+
+
 def test_edge_k8s_output_writes_a_file_per_object_and_removes_only_its_own_stale_ones(tmp_path, capsys):
     out = tmp_path / "manifests"
     out.mkdir()
