@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
+import re
 import signal
 import sys
 from pathlib import Path
@@ -31,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("node", metavar="NODE", nargs="?",
                      help="node name from the topology, or 'dns' for the scheduler")
     run.add_argument("--node", dest="node_option", metavar="NODE", help="the same, as an option")
+    run.add_argument("--listen-host", metavar="HOST", type=_listen_host,
+                     help="bind every listener on HOST (e.g. 0.0.0.0 in a container) at the topology's ports; "
+                          "the topology's addresses stay what others use to reach this node")
     up = with_config(sub.add_parser("up", help="start every node of the topology and wait; SIGHUP reloads, "
                                                "Ctrl-C stops all"))
     for p in (run, up):
@@ -41,8 +46,41 @@ def _parser() -> argparse.ArgumentParser:
                                             help="print a Prometheus scrape config for the topology"))
     prometheus.add_argument("--interval", metavar="SECONDS", type=_seconds, default=15.0,
                             help="scrape and evaluation interval (default: 15)")
+    k8s = with_config(sub.add_parser("k8s", help="print Kubernetes manifests for the topology (multi-document YAML)"))
+    k8s.add_argument("--namespace", default="edge", type=_dns_label, help="namespace of every object (default: edge)")
+    k8s.add_argument("--image", default=f"edge-cdn:{__version__}",
+                     help=f"container image, built from deploy/Dockerfile (default: edge-cdn:{__version__})")
+    k8s.add_argument("--l1", choices=["deployment", "daemonset"], default="deployment",
+                     help="L1s as Deployments behind LoadBalancer Services (default), or as DaemonSets on the "
+                          "host network of the machine labelled edge-cdn/node=NAME")
+    k8s.add_argument("--storage-class", metavar="NAME", help="of the L2s' cache volumes (default: the cluster's)")
+    k8s.add_argument("--object-size", metavar="SIZE", type=_size, default="32KiB",
+                     help="average object on disk, for the disk index's RAM and the volume's slack (default: 32KiB)")
+    k8s.add_argument("--cluster-domain", default="cluster.local", metavar="DOMAIN", type=_dns_name,
+                     help="the cluster's DNS domain, in the Services' names (default: cluster.local)")
+    k8s.add_argument("--output", metavar="DIR", type=Path,
+                     help="write one file per object and topology.toml there instead of printing")
     _ops_parsers(sub, with_config)
     return parser
+
+
+def _dns_label(text: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", text):
+        raise argparse.ArgumentTypeError(f"expected a DNS label (lower-case letters, digits, '-'), got {text!r}")
+    return text
+
+
+def _dns_name(text: str) -> str:
+    if not all(re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", label) for label in text.rstrip(".").split(".")):
+        raise argparse.ArgumentTypeError(f"expected a DNS name such as cluster.local, got {text!r}")
+    return text.rstrip(".")
+
+
+def _size(text: str) -> int:
+    size = config.parse_size(text)
+    if not size:
+        raise argparse.ArgumentTypeError(f"expected a size such as 32KiB or 1MiB, got {text!r}")
+    return size
 
 
 def _seconds(text: str) -> float:
@@ -53,6 +91,13 @@ def _seconds(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
     return value
+
+
+def _listen_host(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an IP address such as 0.0.0.0 or ::, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             topology, sha256, mtime = reload.read(args.config)
             return _run(topology, args.node, reload.Reloader(args.config, args.node, topology, sha256, mtime),
-                        args.watch)
+                        args.watch, args.listen_host)
+        if args.command == "k8s":
+            return _k8s(args)
         topology = config.load(args.config)
         if args.command == "up":
             from edge import launcher
@@ -104,7 +151,38 @@ def _check(topology: config.Topology) -> int:
     return 0
 
 
-def _run(topology: config.Topology, name: str, reloader: reload.Reloader, watch: bool) -> int:
+def _k8s(args: argparse.Namespace) -> int:
+    """`edge k8s`: the manifests on stdout (or one file each in --output DIR); what the operator
+    must create first (the Secret of the topology's files, a claim) on stderr."""
+    import os
+    from edge import k8s
+    if args.config is None:
+        text, source, base_dir = config.default_text(), config.DEFAULT_TOPOLOGY, Path.cwd()
+    else:
+        try:
+            text = args.config.read_text()
+        except OSError as exc:
+            raise config.ConfigError(str(args.config), "(file)", exc.strerror or str(exc)) from None
+        source, base_dir = str(args.config), args.config.parent
+    options = k8s.Options(namespace=args.namespace, image=args.image, l1=args.l1, storage_class=args.storage_class,
+                          object_size=args.object_size, cluster_domain=args.cluster_domain)
+    manifests = k8s.render(text, source, base_dir, options)
+    if args.output is None:
+        sys.stdout.write(k8s.to_yaml(manifests))
+    else:
+        written = k8s.write_directory(manifests, args.output)
+        print(f"edge k8s: wrote {len(written)} files to {args.output}", file=sys.stderr)
+    for need in manifests.needs:
+        print(f"edge k8s: needs {need}", file=sys.stderr)
+    if manifests.secret_files:
+        files = " ".join(f"--from-file={key}={os.path.relpath(here)}" for key, here, _ in manifests.secret_files)
+        print(f"edge k8s: kubectl create secret generic {k8s.PREFIX}files -n {args.namespace} {files}",
+              file=sys.stderr)
+    return 0
+
+
+def _run(topology: config.Topology, name: str, reloader: reload.Reloader, watch: bool,
+         listen_host: str | None = None) -> int:
     """Run one node until SIGTERM or SIGINT, reloading on SIGHUP (and, with `watch`, when the
     file changes); a bind failure is one clear line, exit 1."""
     if name == "dns":
@@ -112,12 +190,12 @@ def _run(topology: config.Topology, name: str, reloader: reload.Reloader, watch:
             raise config.ConfigError(topology.source, "dns", "no [dns] table: this topology has no scheduler")
         from edge.scheduler.service import serve
         target = "dns"
-        serve_fn = lambda stop: serve(topology, stop, reloader)  # noqa: E731
+        serve_fn = lambda stop: serve(topology, stop, reloader, listen_host)  # noqa: E731
     else:
         node = topology.node(name)
         from edge import node as node_runner
         target = node.name
-        serve_fn = lambda stop: node_runner.serve(topology, node, stop, reloader)  # noqa: E731
+        serve_fn = lambda stop: node_runner.serve(topology, node, stop, reloader, listen_host)  # noqa: E731
     if watch and reloader.path is None:
         log.warning("--watch: nothing to watch with the built-in topology; give --config FILE")
 

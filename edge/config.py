@@ -256,6 +256,17 @@ _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+def parse_size(value: Any) -> int | None:
+    """Bytes from a size as the topology writes it (`64MiB`, `1GB`, `1048576`); None if it is none."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if not match:
+        return None
+    unit = (match.group(2) or "").lower().removesuffix("b")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
 class _Reader:
     """Reads typed values out of the parsed TOML, naming the key on failure."""
 
@@ -313,25 +324,34 @@ class _Reader:
     def size(self, data: dict, key: str, path: str, default: int) -> int:
         if key not in data:
             return default
-        value = data[key]
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-        match = _SIZE.match(value) if isinstance(value, str) else None
-        if not match:
-            raise self.fail(path, f"expected a size such as 64MiB or 1048576, got {value!r}")
-        unit = (match.group(2) or "").lower().removesuffix("b")
-        return int(float(match.group(1)) * _UNITS[unit])
+        size = parse_size(data[key])
+        if size is None:
+            raise self.fail(path, f"expected a size such as 64MiB or 1048576, got {data[key]!r}")
+        return size
 
-    def address(self, data: dict, key: str, path: str) -> Address:
+    def address(self, data: dict, key: str, path: str, ip_only: str = "") -> Address:
+        """`HOST:PORT`, HOST an IP address or a host name (`[v6]:port` for IPv6).
+
+        A name lets other nodes reach a node whose address is not known in
+        advance (a Kubernetes Service's DNS name); that node binds its own
+        sockets with `edge run --listen-host`.  `ip_only` says why this key
+        must be an address instead.
+        """
         text = self.str(data, key, path)
         host, sep, port = text.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise self.fail(path, f"expected HOST:PORT, got {text!r}")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        bracketed = host.startswith("[") and host.endswith("]")
+        host = host[1:-1] if bracketed else host
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            raise self.fail(path, f"expected an IP address, got {host!r}") from None
+            if ip_only:
+                raise self.fail(path, f"expected an IP address ({ip_only}), got {host!r}") from None
+            name = host.lower().rstrip(".")
+            if bracketed or not name or len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
+                raise self.fail(path, f"expected an IP address or a host name, got {host!r}") from None
+            host = name
         return Address(host, int(port))
 
     def networks(self, value: Any, path: str) -> tuple[Network, ...]:
@@ -364,11 +384,15 @@ class _Reader:
         return name
 
 
+def default_text() -> str:
+    """The built-in topology's text (deploy/local.toml, shipped as edge/default_topology.toml)."""
+    return resources.files("edge").joinpath("default_topology.toml").read_text()
+
+
 def load(path: str | Path | None = None) -> Topology:
     """Load a topology file; with no path, the built-in default (deploy/local.toml)."""
     if path is None:
-        text = resources.files("edge").joinpath("default_topology.toml").read_text()
-        return parse(text, DEFAULT_TOPOLOGY, base_dir=Path.cwd())
+        return parse(default_text(), DEFAULT_TOPOLOGY, base_dir=Path.cwd())
     path = Path(path)
     try:
         text = path.read_text()
@@ -769,7 +793,7 @@ def _dns(r: _Reader, table: dict, sites: tuple[Site, ...], regions: set[str],
         raise r.fail("dns.tcp_max_per_network", f"{tcp_per_network} is more than dns.tcp_max_connections "
                                                 f"({tcp_max}): one network could take every connection")
     return Dns(
-        listen=r.address(table, "listen", "dns.listen"),
+        listen=r.address(table, "listen", "dns.listen", ip_only="the NS record's glue carries it"),
         admin=r.address(table, "admin", "dns.admin"),
         customer_zones=zones, cdn_zone=cdn_zone,
         ttl=r.number(table, "ttl", "dns.ttl", 30, 0, integer=True),

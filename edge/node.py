@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from edge import admin, cache_admin
 from edge.http import tls
-from edge.config import Node, Topology
+from edge.config import Address, Node, Topology
 from edge.http.accesslog import AccessLog
 from edge.http.server import Front
 from edge.metrics import NodeMetrics, process_metrics
@@ -39,13 +39,21 @@ from edge.upstream.client import UpstreamPool
 log = logging.getLogger("edge.node")
 
 
-async def serve(topology: Topology, node: Node, stop: asyncio.Event, reloader: Reloader | None = None) -> None:
+async def serve(topology: Topology, node: Node, stop: asyncio.Event, reloader: Reloader | None = None,
+                listen_host: str | None = None) -> None:
+    """Run `node` until `stop` is set.  `listen_host` (`edge run --listen-host`) binds every listener
+    on that host, at the topology's ports, instead of the topology's addresses: those stay what
+    other nodes use to reach this one (in Kubernetes, a Service's name or a load balancer's IP)."""
+    def bind(address: Address) -> tuple[str, int]:
+        return (listen_host or address.host, address.port)
+
     async with AsyncExitStack() as stack:
         if node.role == "origin":
             traffic, admin_app = _origin_apps(node, reloader)
-            await _listen(stack, traffic, node.listen.host, node.listen.port)
-            await _listen(stack, admin_app, node.admin.host, node.admin.port)
-            log.info("%s (%s) serving traffic on %s, admin on %s", node.name, node.role, node.listen, node.admin)
+            await _listen(stack, traffic, *bind(node.listen))
+            await _listen(stack, admin_app, *bind(node.admin))
+            log.info("%s (%s) serving traffic on %s, admin on %s%s", node.name, node.role, node.listen, node.admin,
+                     f" (bound on {listen_host})" if listen_host else "")
             if reloader is not None:
                 # Everything an origin has needs a restart (edge.reload.RESTART_NODE_KEYS): a
                 # reload only checks that, so the origin runs the generation the others do.
@@ -55,22 +63,23 @@ async def serve(topology: Topology, node: Node, stop: asyncio.Event, reloader: R
             return
         # Certificates and CA bundles: read at start (a ConfigError names the file), swapped on reload.
         tls_setup = await asyncio.to_thread(tls.load, topology, node)
-        cache_node = await _cache_node(topology, node, stack, tls_setup)
+        cache_node = await _cache_node(topology, node, stack, tls_setup, listen_host)
         access_log = AccessLog(node.access_log, node.access_log_format)
         await access_log.start()        # an OSError names the file: the command line prints it
         front = Front(cache_node, node.limits, access_log,
                       count_refusal=lambda reason: cache_node.metrics.refused.labels(reason).inc())
         stack.push_async_callback(lambda: front.access_log.close())    # the log of the last reload
-        await _listen(stack, _cache_admin_app(cache_node, front, reloader), node.admin.host, node.admin.port)
+        await _listen(stack, _cache_admin_app(cache_node, front, reloader), *bind(node.admin))
         _apply_tls(front, topology, node, tls_setup)
-        await front.start(node.listen.host, node.listen.port)
+        await front.start(*bind(node.listen))
         if node.listen_tls is not None:
-            await front.start(node.listen_tls.host, node.listen_tls.port, tls=True)
+            await front.start(*bind(node.listen_tls), tls=True)
             log.info("%s serving HTTPS on %s (default certificate: site %s)", node.name, node.listen_tls,
                      tls_setup.default_site)
         if reloader is not None:
             reloader.attach(lambda new: _reload_cache_node(new, cache_node, front), cache_node.metrics.registry)
-        log.info("%s (%s) serving traffic on %s, admin on %s", node.name, node.role, node.listen, node.admin)
+        log.info("%s (%s) serving traffic on %s, admin on %s%s", node.name, node.role, node.listen, node.admin,
+                 f" (bound on {listen_host})" if listen_host else "")
         await stop.wait()
         log.info("%s draining (up to %gs for %d requests in flight)", node.name, node.limits.drain_timeout,
                  front.busy)
@@ -136,7 +145,7 @@ def _config_sha256(reloader: Reloader | None) -> dict:
 
 
 async def _cache_node(topology: Topology, node: Node, stack: AsyncExitStack,
-                      tls_setup: tls.TlsSetup) -> CacheNode:
+                      tls_setup: tls.TlsSetup, listen_host: str | None = None) -> CacheNode:
     registry = CollectorRegistry()
     metrics = NodeMetrics(registry)
     memory = MemoryStore(node.memory_size, min(node.memory_object_max, node.memory_size))
@@ -146,7 +155,7 @@ async def _cache_node(topology: Topology, node: Node, stack: AsyncExitStack,
     stack.push_async_callback(store.close)
     metrics.watch_store(store.tiers)
 
-    upstreams = UpstreamPool(topology, node, metrics, tls_contexts=tls_setup.upstream)
+    upstreams = UpstreamPool(topology, node, metrics, tls_contexts=tls_setup.upstream, listen_host=listen_host)
     await upstreams.start()
     stack.push_async_callback(upstreams.close)
     cache_node = CacheNode(topology, node, store, upstreams, metrics,

@@ -136,6 +136,7 @@ class NodeProcess:
     traffic: str
     proc: subprocess.Popen | None = None
     log: Path | None = None
+    args: tuple[str, ...] = ()      # more `edge run` options (--watch, --listen-host HOST)
 
     def start(self, deadline: float = 20.0) -> NodeProcess:
         host, port = self.traffic.rsplit(":", 1)
@@ -145,7 +146,7 @@ class NodeProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edge", "run", self.name, "--config", str(self.config),
-                 "--log-level", "INFO"],
+                 "--log-level", "INFO", *self.args],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
         end = time.monotonic() + deadline
         while time.monotonic() < end:

@@ -69,7 +69,13 @@ def test_minimal_topology_defaults():
     [
         ('role = "l1"', 'role = "edge"', "nodes.l1.role", "expected one of origin, l2, l1"),
         ('listen = "127.0.1.1:8080"', 'listen = "127.0.1.1"', "nodes.l1.listen", "expected HOST:PORT"),
-        ('listen = "127.0.1.1:8080"', 'listen = "localhost:80"', "nodes.l1.listen", "expected an IP address"),
+        ('listen = "127.0.1.1:8080"', 'listen = "bad_host!:80"', "nodes.l1.listen",
+         "expected an IP address or a host name, got 'bad_host!'"),
+        ('listen = "127.0.1.1:8080"', 'listen = "[edge.example]:80"', "nodes.l1.listen",
+         "expected an IP address or a host name"),
+        ('[nodes.origin]', '[dns]\nlisten = "dns.example.net:53"\nadmin = "127.0.5.1:8091"\nzones = ["example.com"]\n'
+                           'cdn_zone = "cdn.example.net"\n[nodes.origin]',
+         "dns.listen", "expected an IP address (the NS record's glue carries it), got 'dns.example.net'"),
         ('admin = "127.0.1.1:8091"', 'admin = "127.0.2.1:8091"', "nodes.l1.admin", "already used by nodes.l2-a.admin"),
         ('role = "l1"', 'role = "l1"\nparents = ["l2-z"]', "nodes.l1.parents", "'l2-z' is not an l2 node"),
         ('role = "l1"', 'role = "l1"\nmemory_size = "lots"', "nodes.l1.memory_size", "expected a size"),
@@ -142,6 +148,16 @@ def test_mistakes_name_file_key_and_problem(replace, by, key, problem):
     assert (err.value.source, err.value.key) == ("topo.toml", key)
     assert problem in err.value.problem
     assert str(err.value).startswith(f"topo.toml: {key}: ")
+
+
+def test_node_addresses_may_be_host_names():
+    """Other nodes reach a node by name where its address is not known in advance (a Kubernetes
+    Service); the process itself binds with `edge run --listen-host`."""
+    text = (MINIMAL.replace('listen = "127.0.2.1:8080"', 'listen = "Edge-L2-A.edge.svc.cluster.local.:8080"')
+            .replace('admin = "127.0.2.1:8091"', 'admin = "edge-l2-a.edge.svc.cluster.local:8091"'))
+    l2 = config.parse(text, "t.toml", Path(".")).node("l2-a")
+    assert (str(l2.listen), l2.admin.url) == ("edge-l2-a.edge.svc.cluster.local:8080",
+                                              "http://edge-l2-a.edge.svc.cluster.local:8091")
 
 
 def test_front_limits_and_access_log_defaults_and_settings():
@@ -263,6 +279,9 @@ def test_check_finds_nothing_wrong_with_a_good_topology(tmp_path):
     # The scheduler hands an L1's address to clients: a wildcard is refused by `edge run dns`.
     (lambda t, d: t.replace('listen = "127.0.1.1:8080"', 'listen = "0.0.0.0:8080"') + DNS_TABLE,
      "nodes.l1.listen", "must be a specific address, not 0.0.0.0"),
+    # ... and answers addresses, never names.
+    (lambda t, d: t.replace('listen = "127.0.1.1:8080"', 'listen = "edge.example.net:8080"') + DNS_TABLE,
+     "nodes.l1.listen", "it must be an IP address, not the name 'edge.example.net'"),
     (lambda t, d: t.replace('role = "l1"', f'role = "l1"\ncache_dir = "{d / "a-file"}"'),
      "nodes.l1.cache_dir", "a-file' is a file, not a directory"),
     (lambda t, d: t.replace('role = "l1"', f'role = "l1"\ncache_dir = "{d / "a-file" / "cache"}"'),

@@ -244,7 +244,13 @@ class Answerer:
     def _edges(topology: Topology) -> tuple[Edge, ...]:
         edges = []
         for node in topology.by_role("l1"):
-            address = ipaddress.ip_address(node.listen.host)
+            try:
+                address = ipaddress.ip_address(node.listen.host)
+            except ValueError:
+                # Answers carry addresses; a name could only be a CNAME the client resolves elsewhere.
+                raise ConfigError(topology.source, f"nodes.{node.name}.listen",
+                                  "the DNS scheduler hands this address to clients: "
+                                  f"it must be an IP address, not the name {node.listen.host!r}") from None
             if address.is_unspecified:
                 raise ConfigError(topology.source, f"nodes.{node.name}.listen",
                                   "the DNS scheduler hands this address to clients: "

@@ -49,9 +49,12 @@ class Scheduler:
     :attr:`generation`) and counts every answer sent (:meth:`count`).
     """
 
-    def __init__(self, topology: Topology, reloader: Reloader | None = None):
+    def __init__(self, topology: Topology, reloader: Reloader | None = None, listen_host: str | None = None):
         self.topology = topology
         self.reloader = reloader
+        # `edge run --listen-host`: bind there (at the topology's ports) instead of dns.listen and
+        # dns.admin, which stay what clients and the other nodes use (a load balancer's IP, a name).
+        self.listen_host = listen_host
         self.answerer = Answerer(topology)
         # Part of the answer cache's key with the health generation: answers cached
         # from an older topology are never sent again (a new site's name was NXDOMAIN before).
@@ -180,7 +183,7 @@ class Scheduler:
 
         Raises OSError, with nothing left open, if any bind fails.
         """
-        await self.server.start(self.dns.listen.host, self.dns.listen.port)
+        await self.server.start(self.listen_host or self.dns.listen.host, self.dns.listen.port)
         try:
             page = await asyncio.to_thread(overview_routes, self.overview)    # reads the page's files
             app = make_admin_app(self.registry, self.health_report,
@@ -189,7 +192,7 @@ class Scheduler:
                                  allow=self.dns.admin_allow)
             self._admin = web.AppRunner(app, access_log=None)
             await self._admin.setup()
-            site = web.TCPSite(self._admin, self.dns.admin.host, self.dns.admin.port)
+            site = web.TCPSite(self._admin, self.listen_host or self.dns.admin.host, self.dns.admin.port)
             await site.start()
             self.admin_address = self._admin.addresses[0][:2]
         except BaseException:
@@ -219,9 +222,10 @@ def _bad_request(message: str) -> web.Response:
     return web.json_response({"error": message}, status=400)
 
 
-async def serve(topology: Topology, stop: asyncio.Event, reloader: Reloader | None = None) -> None:
+async def serve(topology: Topology, stop: asyncio.Event, reloader: Reloader | None = None,
+                listen_host: str | None = None) -> None:
     """Run the scheduler of `topology` until `stop` is set (``edge run dns``)."""
-    scheduler = Scheduler(topology, reloader)
+    scheduler = Scheduler(topology, reloader, listen_host)
     await scheduler.start()
     if reloader is not None:
         async def apply(new: Topology) -> None:

@@ -27,6 +27,7 @@ head, since it bounds its own fetch; the origin gets `parent_timeout` of it.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import ssl
 import time
@@ -98,14 +99,17 @@ def parent_upstreams(topology: Topology, node: Node) -> dict[str, Upstream]:
 
 class UpstreamPool:
     def __init__(self, topology: Topology, node: Node, metrics: NodeMetrics, hash_ring: HashRing | None = None,
-                 tls_contexts: Mapping[TlsProfile, ssl.SSLContext] | None = None):
+                 tls_contexts: Mapping[TlsProfile, ssl.SSLContext] | None = None, listen_host: str | None = None):
+        """`listen_host`: where the node's sockets are bound when not on its topology address
+        (`edge run --listen-host`); outgoing connections leave from there too."""
         self.node, self.metrics = node, metrics
         self.policy = node.parent_policy
         self.parents = parent_upstreams(topology, node)
         self._site_parents: dict[tuple[str, str], Upstream] = {}
         self._names = _names(topology, node)
         self.client = Http1Client(connect_timeout=self.policy.timeout, read_timeout=self.policy.timeout,
-                                  source_ip=node.listen.host, max_conns=self.policy.max_conns,
+                                  source_ip=_source_ip(listen_host or node.listen.host),
+                                  max_conns=self.policy.max_conns,
                                   queue=self.policy.queue, on_excess=self._excess)
         self.client.tls_contexts = dict(tls_contexts or {})
         weights = {name: 1.0 for name in node.parents}
@@ -283,6 +287,17 @@ class UpstreamPool:
         # at the level an operator sees by default, with why (which certificate, which alert).
         level = logging.WARNING if outcome.startswith("tls_") else logging.INFO
         log.log(level, "upstream %s failed: %s%s", upstream.name, outcome, f": {detail}" if detail else "")
+
+
+def _source_ip(host: str) -> str | None:
+    """The address outgoing connections leave from: the node's own, when it is one.  A host name
+    (a Kubernetes Service's, say) names the node for others, not an address of this machine
+    to bind; the kernel then picks, as it does for a wildcard."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return host
 
 
 def _names(topology: Topology, node: Node) -> dict[tuple[str, int], str]:
