@@ -389,6 +389,9 @@ def test_the_two_nginx_configs_differ_only_in_name_address_and_access_log(tmp_pa
     assert "    access_log off;" in quiet
     assert f"    access_log {tmp_path}/nginx-access.log combined buffer=64k flush=1s;" in logging_
     assert any(line.strip().startswith("listen 127.0.64.3:8080") for line in logging_)
+    # The HTTPS server: quiet in nginx-l1 (measured), logging TLS details in nginx-l1-logs (the resumption check).
+    assert "        access_log off;" in quiet
+    assert f"        access_log {tmp_path}/{peers.NGINX_TLS_ACCESS_LOG_FILE} tls;" in logging_
 
 
 # --------------------------------------------------------------------------- profile folding
@@ -853,3 +856,37 @@ def test_dns_ceiling_answers_any_name_with_its_id_and_question(tmp_path: Path):
             assert response is not None and response.flags & dns.flags.AA
             assert [(r.name.to_text(), r.rdtype, [x.address for x in r]) for r in response.answer] == [
                 (name + ".", dns.rdatatype.A, ["127.0.62.1"])]
+
+
+# --------------------------------------------------------------------------- HTTPS: h2load, ab, the tls scenario
+
+def test_tls_certificate_is_made_for_the_site_and_served_by_both(tmp_path: Path):
+    import ssl
+    import tomllib
+
+    from cryptography import x509
+    from edge import config
+    rendered = peers.render_all(tmp_path)
+    topology = config.load(rendered["topology"])
+    site = topology.site_for_host(layout.SITE_HOST)
+    assert site.tls_cert == tmp_path / peers.TLS_CERT and site.tls_key == tmp_path / peers.TLS_KEY
+    assert str(topology.node("l1").listen_tls) == str(layout.L1_TLS)
+    assert [n.name for n in topology.nodes if n.listen_tls] == ["l1"]
+    assert rendered["tls_ca"] == tmp_path / "state" / "tls" / "ca.pem"
+    # The leaf is for the site's host, signed by the run's CA, and its key matches.
+    context = ssl.create_default_context(cafile=str(rendered["tls_ca"]))
+    assert [c["subject"] for c in context.get_ca_certs()]
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(site.tls_cert, site.tls_key)
+    leaf = x509.load_pem_x509_certificate(site.tls_cert.read_bytes())
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == [layout.SITE_HOST]
+    assert (site.tls_key.stat().st_mode & 0o777) == 0o600
+    # nginx serves the same files, on its HTTP/1.1 and HTTP/2 ports, TLS 1.2 and 1.3 only.
+    nginx = rendered["nginx_l1"].read_text()
+    assert f"ssl_certificate {site.tls_cert};" in nginx and f"ssl_certificate_key {site.tls_key};" in nginx
+    assert f"listen {layout.NGINX_L1_TLS} ssl backlog=4096;" in nginx
+    assert f"listen {layout.NGINX_L1_H2} ssl http2 backlog=4096;" in nginx
+    assert "ssl_protocols TLSv1.2 TLSv1.3;" in nginx
+    # Only the tls scenario's L1 listens for TLS: the hit scenario's logs-on L1 and the others do not.
+    nodes = tomllib.loads(rendered["topology"].read_text())["nodes"]
+    assert [name for name, node in nodes.items() if "listen_tls" in node] == ["l1"]
