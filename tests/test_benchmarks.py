@@ -185,6 +185,7 @@ def test_wrk_command_is_one_thread_keepalive_with_host():
     assert argv[:4] == ["wrk", "-t1", "-c50", "-d10s"]
     assert ["-H", "Host: bench.example.com"] == argv[argv.index("-H"):argv.index("-H") + 2]
     assert "--latency" in argv and argv[-1] == "http://127.0.64.1:8080/x"
+    assert argv.count("-H") == 1
 
 
 # --------------------------------------------------------------------------- /proc/stat
