@@ -188,6 +188,12 @@ def test_wrk_command_is_one_thread_keepalive_with_host():
     assert argv.count("-H") == 1
 
 
+def test_wrk_command_adds_more_headers_after_host():
+    argv = wrk.command("https://127.0.62.1:8443/x", "/tmp/s.lua", "bench.example.com", duration_s=3,
+                       headers=("Connection: close",))
+    assert argv[-5:] == ["-H", "Host: bench.example.com", "-H", "Connection: close", "https://127.0.62.1:8443/x"]
+
+
 # --------------------------------------------------------------------------- /proc/stat
 
 STAT_BEFORE = """cpu  1000 0 500 8000 100 0 0 50 0 0
@@ -523,7 +529,7 @@ def test_every_target_is_listed_and_unmeasured_ones_say_why():
     from benchmarks import targets
     from benchmarks.context import FULL, QUICK
     keys = [g.key for g in targets.goals(QUICK)]
-    assert len(keys) == len(set(keys)) == 8 + 8       # 2 sizes x 2 log settings x (req/s, p99) + 8 others
+    assert len(keys) == len(set(keys)) == 8 + 10      # 2 sizes x 2 log settings x (req/s, p99) + 10 others
     table = targets.table(QUICK, [targets.Verdict("miss", "0.60 x", True)], ran={"miss", "hit"})
     rows = {row[0]: row for row in table.rows}
     assert rows["Miss chain L1 -> L2 -> origin: req/s"][3] == "met"
@@ -536,7 +542,7 @@ def test_every_target_is_listed_and_unmeasured_ones_say_why():
     collapse_goal = next(g for g in targets.goals(QUICK) if g.key == "collapse")
     assert collapse_goal.goal == "1 origin request, last response <= 220 ms"
     assert targets.summary(QUICK, [targets.Verdict("miss", "x", True), targets.Verdict("dns", "x", False)]) == \
-        "Targets: 1 met, 1 below, 14 not measured (of 16; see the table Targets)"
+        "Targets: 1 met, 1 below, 16 not measured (of 18; see the table Targets)"
     memory_goal = next(g for g in targets.goals(FULL) if g.key == "memory-rss")
     assert memory_goal.scenario == "memory" and "300,000 unique 1 KiB URLs" in memory_goal.what
     assert "50,000" in next(g for g in targets.goals(QUICK) if g.key == "memory-rss").what
@@ -1088,6 +1094,67 @@ def test_ab_command_bounds_the_run_in_time_then_count():
     assert "-k" not in argv and "-r" in argv         # no keep-alive; receive errors are counted, not fatal
 
 
+def test_tls_resumption_is_counted_from_nginxs_log_lines():
+    from benchmarks.scenarios import tls
+    lines = [". TLSv1.3 TLS_AES_256_GCM_SHA384 bench.example.com 200 1 1",
+             "r TLSv1.3 TLS_AES_256_GCM_SHA384 127.0.64.3 200 2 1",
+             "r TLSv1.3 TLS_AES_256_GCM_SHA384 127.0.64.3 200 3 1", ""]
+    assert tls.count_resumed(lines) == (2, 1)
+    assert tls.count_resumed([]) == (0, 0)
+
+
+def _tls_runs(figures: dict) -> list:
+    """figures: (kind, target) -> (req/s, p99 ms[, client busy]) or a reason it was not measured."""
+    from benchmarks.scenarios import tls
+    out = []
+    for (kind, target), values in figures.items():
+        if isinstance(values, str):
+            out.append(tls.TlsRuns(target, kind=kind, not_measured=values))
+        else:
+            out.append(tls.TlsRuns(target, loads=[_load(*values)], kind=kind))
+    return out
+
+
+def test_tls_targets_and_the_h2_row_until_the_l1_speaks_h2():
+    from benchmarks import targets
+    from benchmarks.context import QUICK
+    from benchmarks.scenarios import tls
+    why = "the L1 did not negotiate h2: no protocol negotiated"
+    runs = _tls_runs({(tls.KEEPALIVE, tls.OURS): (21_000, 5.0), (tls.KEEPALIVE, tls.NGINX): (20_000, 6.0, 0.95),
+                      (tls.FULL, tls.OURS): (600, 80.0), (tls.FULL, tls.NGINX): (1_500, 40.0, 0.98),
+                      (tls.RESUMED, tls.OURS): (800, 60.0), (tls.RESUMED, tls.NGINX): (1_600, 30.0),
+                      (tls.H2, tls.OURS): why, (tls.H2, tls.NGINX): (80_000, 15.0)})
+    verdicts = {v.key: v for v in tls.verdicts(runs)}
+    assert verdicts["tls-hit-rps"].met and verdicts["tls-hit-rps"].measured == "1.05 x"
+    assert "upper bound" in verdicts["tls-hit-rps"].note
+    assert not verdicts["h2-hit-rps"].judged and verdicts["h2-hit-rps"].note == why
+    table = targets.table(QUICK, list(verdicts.values()), ran={"tls"})
+    rows = {row[0]: row for row in table.rows}
+    assert rows["HTTP/2 warm hit 1 KiB (h2load): edge L1 req/s"][2:] == ["-", "not measured", why]
+    assert rows["HTTPS/1.1 warm hit 1 KiB, keep-alive: edge L1 req/s"][3] == "met"
+    assert rows["HTTPS/1.1 warm hit 1 KiB, keep-alive: edge L1 req/s"][1] == ">= 1.00 x nginx (HTTPS), one CPU each"
+    assert rows["HTTP/2 warm hit 1 KiB (h2load): edge L1 req/s"][1] == ">= 0.50 x nginx (HTTP/2), one CPU each"
+    assert targets.summary(QUICK, list(verdicts.values())) == \
+        "Targets: 1 met, 0 below, 17 not measured (of 18; see the table Targets)"
+    assert tls.summary(runs) == ("TLS handshakes, a new connection per request (no goal): full 0.40 x nginx "
+                                 "(600 vs 1,500/s) (nginx client-limited: upper bound); resumed 0.50 x nginx "
+                                 "(800 vs 1,600/s)")
+    report_rows = {(row[0], row[2]): row for row in tls.table(runs, []).rows}
+    assert report_rows[(tls.H2, tls.OURS.label)][-1] == f"not measured: {why}"
+    assert report_rows[(tls.H2, tls.NGINX.label)][4] == "1.00"
+    assert report_rows[(tls.FULL, tls.OURS.label)][4] == "0.40"
+    assert report_rows[(tls.KEEPALIVE, tls.NGINX.label)][-1] == "client-limited"
+
+
+def test_tls_h2_target_is_judged_once_the_l1_speaks_h2():
+    from benchmarks.scenarios import tls
+    runs = _tls_runs({(tls.H2, tls.OURS): (30_000, 9.0), (tls.H2, tls.NGINX): (80_000, 15.0)})
+    (verdict,) = tls.verdicts(runs)
+    assert verdict.key == "h2-hit-rps" and verdict.judged and not verdict.met and verdict.measured == "0.38 x"
+    row = next(r for r in tls.table(runs, []).rows if r[2] == tls.OURS.label)
+    assert "below target (>= 0.5 x nginx)" in row[-1]
+
+
 def test_tls_certificate_is_made_for_the_site_and_served_by_both(tmp_path: Path):
     import ssl
     import tomllib
@@ -1118,3 +1185,21 @@ def test_tls_certificate_is_made_for_the_site_and_served_by_both(tmp_path: Path)
     # Only the tls scenario's L1 listens for TLS: the hit scenario's logs-on L1 and the others do not.
     nodes = tomllib.loads(rendered["topology"].read_text())["nodes"]
     assert [name for name, node in nodes.items() if "listen_tls" in node] == ["l1"]
+
+
+def test_tls_targets_have_unique_labels_and_their_own_groups():
+    from benchmarks import run
+    from benchmarks.procs import Started
+    from benchmarks.scenarios import tls
+
+    class _Process:
+        def __init__(self, pid):
+            self.pid = pid
+    started = {name: Started(name, [], _Process(pid), Path("/dev/null"))
+               for name, pid in (("l1", 11), ("nginx_l1", 22), ("l2", 33))}
+    groups = run.server_groups(started)
+    assert groups[tls.OURS.label] == {11} and groups[tls.NGINX.label] == {22}
+    assert len({tls.OURS.label, tls.NGINX.label, tls.PROBE.label}) == 3
+    assert tls.OURS.https_url("/x") == "https://127.0.62.1:8443/x"
+    assert tls.NGINX.https_url("/x", tls.NGINX.h2) == "https://127.0.64.1:8444/x"
+    assert "tls" in run.SCENARIOS
