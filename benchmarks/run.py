@@ -14,6 +14,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         summary=summary + [f"Honesty checks failed: {len(bench.problems)}"] + [f"PROBLEM: {p}" for p in bench.problems],
         tables=tables,
         environment=environment(settings.mode, steal, commit),
-        commands=["python -m benchmarks" + (" --quick" if args.quick else "")]
+        commands=[shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)])]
                  + processes.commands + bench.commands))
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)
