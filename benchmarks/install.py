@@ -31,6 +31,8 @@ TOOLS = (
     Tool("varnishd", "varnish", ("varnishd", "-V")),
     Tool("traffic_server", "trafficserver", ("traffic_server", "-V")),
     Tool("wrk", "wrk", ("wrk", "-v")),
+    Tool("h2load", "nghttp2-client", ("h2load", "--version")),
+    Tool("ab", "apache2-utils", ("ab", "-V")),
     Tool("dnsperf", "dnsperf", ("dnsperf", "-h")),
     Tool("knotd", "knot", ("knotd", "-V")),
     Tool("taskset", "util-linux", ("taskset", "--version")),

@@ -34,6 +34,10 @@ class Endpoint:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def https_url(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
 
 ORIGIN = Endpoint("127.0.60.1", 8080)
 ORIGIN_ADMIN = Endpoint("127.0.60.1", 8091)
@@ -46,11 +50,16 @@ L1_WEST = Endpoint("127.0.62.2", 8080)          # a second edge, so DNS has a ch
 L1_WEST_ADMIN = Endpoint("127.0.62.2", 8091)
 L1_LOGS = Endpoint("127.0.62.3", 8080)          # the L1 of the hit scenario's "logs on" rows
 L1_LOGS_ADMIN = Endpoint("127.0.62.3", 8091)
+L1_TLS = Endpoint("127.0.62.1", 8443)           # the L1's HTTPS listener (listen_tls)
 DNS = Endpoint("127.0.63.1", 8053)
 DNS_ADMIN = Endpoint("127.0.63.1", 8091)
 NGINX_L1 = Endpoint("127.0.64.1", 8080)
 NGINX_L2 = Endpoint("127.0.64.2", 8080)
 NGINX_L1_LOGS = Endpoint("127.0.64.3", 8080)    # nginx.conf again, with a buffered access log
+NGINX_L1_TLS = Endpoint("127.0.64.1", 8443)     # nginx-l1's HTTPS server, HTTP/1.1 only
+NGINX_L1_H2 = Endpoint("127.0.64.1", 8444)      # the same server on a port with http2
+NGINX_L1_LOGS_TLS = Endpoint("127.0.64.3", 8443)  # nginx-l1-logs renders them too (unused)
+NGINX_L1_LOGS_H2 = Endpoint("127.0.64.3", 8444)
 VARNISH = Endpoint("127.0.65.1", 8080)
 ATS = Endpoint("127.0.66.1", 8080)
 KNOT = Endpoint("127.0.67.1", 8053)

@@ -6,7 +6,9 @@ placeholder must be known, so a typo fails loudly instead of producing a
 config that silently listens somewhere else.
 
 ``nginx.conf`` is rendered twice (the "logs off" and "logs on" nginx of the
-hit scenario), differing only in name, address and the ``access_log`` line.
+hit scenario), differing only in name, addresses and the ``access_log`` line.
+The certificate our L1 and nginx serve over HTTPS is made here too, in the
+run directory, by the product's own code for ``edge up``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ PEERS_DIR = BENCH_DIR / "peers"
 TOPOLOGY_TEMPLATE = BENCH_DIR / "topology.toml"
 MEMORY_TOPOLOGY_TEMPLATE = BENCH_DIR / "topology-memory.toml"
 MEM_ORIGIN_DIR = "mem-origin"      # the memory scenario's origin: fast-origin.conf with its own paths
+# bench.example.com's certificate and key (our L1's listen_tls and nginx's HTTPS
+# server), inside the topology's state_dir so that edge/devcerts.py makes them.
+TLS_CERT = "state/tls/bench.pem"
+TLS_KEY = "state/tls/bench.key"
 
 _PLACEHOLDER = re.compile(r"\{\{([a-z_0-9]+)\}\}")
 
@@ -42,15 +48,22 @@ def fill(text: str, values: dict[str, str], source: str = "<template>") -> str:
 NGINX_ACCESS_LOG_FILE = "nginx-access.log"     # in the run directory
 # How an operator runs nginx: the combined format, buffered, flushed every second.
 NGINX_ACCESS_LOG_PARAMS = "combined buffer=64k flush=1s"
+# nginx-l1-logs's HTTPS server: one line per request, unbuffered, in nginx.conf's
+# "tls" format (whether the TLS session was resumed first).
+NGINX_TLS_ACCESS_LOG_FILE = "nginx-tls-access.log"
 
 
 def nginx_variants(run_dir: Path) -> dict[str, dict[str, str]]:
     """The two renderings of nginx.conf: role -> the placeholders that differ."""
     return {
         "nginx_l1": {"nginx_name": "nginx-l1", "nginx_listen": str(layout.NGINX_L1),
-                     "nginx_access_log": "off"},
+                     "nginx_listen_tls": str(layout.NGINX_L1_TLS), "nginx_listen_h2": str(layout.NGINX_L1_H2),
+                     "nginx_access_log": "off", "nginx_tls_access_log": "off"},
         "nginx_l1_logs": {"nginx_name": "nginx-l1-logs", "nginx_listen": str(layout.NGINX_L1_LOGS),
-                          "nginx_access_log": f"{run_dir / NGINX_ACCESS_LOG_FILE} {NGINX_ACCESS_LOG_PARAMS}"},
+                          "nginx_listen_tls": str(layout.NGINX_L1_LOGS_TLS),
+                          "nginx_listen_h2": str(layout.NGINX_L1_LOGS_H2),
+                          "nginx_access_log": f"{run_dir / NGINX_ACCESS_LOG_FILE} {NGINX_ACCESS_LOG_PARAMS}",
+                          "nginx_tls_access_log": f"{run_dir / NGINX_TLS_ACCESS_LOG_FILE} tls"},
     }
 
 
@@ -70,6 +83,8 @@ def values(run_dir: Path) -> dict[str, str]:
         "ats_port": str(layout.ATS.port),
         "knot_host": layout.KNOT.host,
         "knot_port": str(layout.KNOT.port),
+        "tls_cert": str(run_dir / TLS_CERT),
+        "tls_key": str(run_dir / TLS_KEY),
     }
 
 
@@ -80,10 +95,27 @@ def render(template: Path, destination: Path, run_dir: Path, extra: dict[str, st
     return destination
 
 
+def make_certificates(topology_path: Path) -> Path:
+    """The site certificates the topology names, signed by a throw-away CA; returns the CA's file.
+
+    The product's own ``edge up`` code (edge/devcerts.py) makes them: every
+    site whose ``tls_cert`` and ``tls_key`` are missing files inside the
+    topology's state_dir.  A fresh run directory must get bench.example.com's.
+    """
+    from edge import config, devcerts
+    topology = config.load(topology_path)
+    made = [site.name for site in devcerts.ensure(topology)]
+    if made != ["bench"]:
+        raise RuntimeError(f"expected a certificate for site bench in {topology.state_dir}, made {made}")
+    return devcerts.ca_path(topology)
+
+
 def render_all(run_dir: Path) -> dict[str, Path]:
     """Write every config into ``run_dir``; returns them by role."""
+    topology = render(TOPOLOGY_TEMPLATE, run_dir / "topology.toml", run_dir)
     out = {
-        "topology": render(TOPOLOGY_TEMPLATE, run_dir / "topology.toml", run_dir),
+        "topology": topology,
+        "tls_ca": make_certificates(topology),
         **{role: render(PEERS_DIR / "nginx.conf", run_dir / f"{extra['nginx_name']}.conf", run_dir, extra)
            for role, extra in nginx_variants(run_dir).items()},
         "nginx_l2": render(PEERS_DIR / "nginx-l2.conf", run_dir / "nginx-l2.conf", run_dir),

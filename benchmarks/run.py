@@ -14,6 +14,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -24,10 +25,10 @@ from pathlib import Path
 from benchmarks import cpu, install, layout, peers, procs, report, servers, targets
 from benchmarks.context import FULL, QUICK, Bench
 from benchmarks.procs import Processes, Started
-from benchmarks.scenarios import collapse, dns, hit, hitratio, large, memory, miss
+from benchmarks.scenarios import collapse, dns, hit, hitratio, large, memory, miss, tls
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("hit", "collapse", "miss", "large", "hitratio", "dns", "memory")
+SCENARIOS = ("hit", "collapse", "miss", "large", "hitratio", "dns", "memory", "tls")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         summary=summary + [f"Honesty checks failed: {len(bench.problems)}"] + [f"PROBLEM: {p}" for p in bench.problems],
         tables=tables,
         environment=environment(settings.mode, steal, commit),
-        commands=["python -m benchmarks" + (" --quick" if args.quick else "")]
+        commands=[shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)])]
                  + processes.commands + bench.commands))
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -130,9 +131,9 @@ def start_servers(bench: Bench, chosen: list[str]) -> dict[str, Started]:
     p, c, run_dir = bench.processes, bench.configs, bench.run_dir
     topology = c["topology"]
     started: dict[str, Started] = {}
-    uses_origin = need & {"hit", "collapse", "large"}
-    uses_edge = need & {"hit", "collapse", "miss", "large", "dns"}
-    uses_nginx = need & {"hit", "collapse", "miss", "large"}
+    uses_origin = need & {"hit", "collapse", "large", "tls"}
+    uses_edge = need & {"hit", "collapse", "miss", "large", "dns", "tls"}
+    uses_nginx = need & {"hit", "collapse", "miss", "large", "tls"}
     bench.log("starting servers")
     if uses_origin:
         started["origin"] = servers.start_edge_node(p, topology, "origin", layout.ORIGIN_ADMIN)
@@ -151,13 +152,15 @@ def start_servers(bench: Bench, chosen: list[str]) -> dict[str, Started]:
         started["nginx_l1"] = servers.start_nginx(p, "nginx-l1", c["nginx_l1"], run_dir, *ready)
     if need & {"hit", "collapse"}:
         started["varnish"] = servers.start_varnish(p, c["varnish"], run_dir)
+    if need & {"hit", "tls"}:
+        # The hit scenario's logs-on nginx; its HTTPS server logs the tls scenario's resumption check.
+        started["nginx_l1_logs"] = servers.start_nginx(p, "nginx-l1-logs", c["nginx_l1_logs"], run_dir,
+                                                       f"{layout.NGINX_L1_LOGS.url}/gen/ready?size=1",
+                                                       layout.SITE_HOST)
     if "hit" in need:
         # The "logs on" pair: our L1 at its default log settings, nginx with a buffered access log.
         started["l1_logs"] = servers.start_edge_node(p, topology, servers.L1_LOGS_NODE, layout.L1_LOGS_ADMIN,
                                                      log_level=None)
-        started["nginx_l1_logs"] = servers.start_nginx(p, "nginx-l1-logs", c["nginx_l1_logs"], run_dir,
-                                                       f"{layout.NGINX_L1_LOGS.url}/gen/ready?size=1",
-                                                       layout.SITE_HOST)
         started["ats"] = servers.start_ats(p, c["ats_runroot"])
         started["ceiling"] = servers.start_ceiling(p)
         started["ceiling_httptools"] = servers.start_ceiling_httptools(p)
@@ -193,6 +196,8 @@ def server_groups(started: dict[str, Started]) -> dict[str, set[int]]:
         dns.SCHEDULER.label: groups("dns"),
         dns.KNOT.label: groups("knot"),
         dns.CEILING.label: groups("ceiling_dns"),
+        tls.OURS.label: groups("l1"),
+        tls.NGINX.label: groups("nginx_l1"),
     }
 
 
@@ -211,6 +216,12 @@ def smoke(bench: Bench, started: dict[str, Started]) -> None:
     if "l1_mem" in started:
         answered = procs.http_ok(f"{layout.MEM_L1.url}/gen/m-smoke", layout.MEM_SITE_HOST, timeout_s=10)
         bench.log(f"smoke memory L1 ({layout.MEM_SITE_HOST}): {'ok' if answered else 'FAILED'}")
+    for target, needs in ((tls.OURS, "l1"), (tls.NGINX, "nginx_l1")):
+        if needs in started:
+            path = "/gen/smoke-tls?size=1024&cc=max-age=60"
+            status, _ = tls.https_get(target.endpoint, target.host, path, bench.configs["tls_ca"], timeout_s=10)
+            bench.log(f"smoke {target.label} ({target.host}, certificate verified): "
+                      f"{'ok' if 200 <= status < 300 else f'FAILED ({status})'}")
     if "dns" in started:
         bench.log("smoke DNS: " + "; ".join(dns.check_nearest(bench)))
         knot = dns.answer_addresses(layout.KNOT, layout.SITE_CDN_NAME, layout.DNS_CLIENT_EAST)
@@ -260,6 +271,11 @@ def run_scenarios(bench: Bench, chosen: list[str], started: dict[str, Started]) 
         result = memory.measure(bench, started["l1_mem"])
         tables.append(memory.table(result))
         verdicts.append(memory.verdict(result))
+    if "tls" in chosen:
+        runs, resumption = tls.measure(bench, [tls.OURS, tls.NGINX])
+        tables.append(tls.table(runs, resumption))
+        verdicts += tls.verdicts(runs)
+        summary.append(tls.summary(runs))
     summary.insert(0, targets.summary(s, verdicts))
     tables.insert(0, targets.table(s, verdicts, set(chosen)))
     return tables, summary

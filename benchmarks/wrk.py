@@ -78,12 +78,19 @@ def lua_script(unique_prefix: str | None = None, unique_suffix: str = "") -> str
 
 
 def command(url: str, script_path: str, host: str | None, threads: int = 1,
-            connections: int = 50, duration_s: float = 10.0, timeout_s: float = 5.0) -> list[str]:
-    """The wrk argv (without CPU pinning); HTTP/1.1 keep-alive is wrk's default."""
+            connections: int = 50, duration_s: float = 10.0, timeout_s: float = 5.0,
+            headers: tuple[str, ...] = ()) -> list[str]:
+    """The wrk argv (without CPU pinning); HTTP/1.1 keep-alive is wrk's default.
+
+    ``headers`` are more request header lines, e.g. ``Connection: close`` (wrk
+    then opens a new connection for every request).
+    """
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s",
             f"--timeout={timeout_s:g}s", "--latency", "-s", script_path]
     if host:
         argv += ["-H", f"Host: {host}"]
+    for header in headers:
+        argv += ["-H", header]
     argv.append(url)
     return argv
 

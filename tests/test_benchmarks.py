@@ -185,6 +185,13 @@ def test_wrk_command_is_one_thread_keepalive_with_host():
     assert argv[:4] == ["wrk", "-t1", "-c50", "-d10s"]
     assert ["-H", "Host: bench.example.com"] == argv[argv.index("-H"):argv.index("-H") + 2]
     assert "--latency" in argv and argv[-1] == "http://127.0.64.1:8080/x"
+    assert argv.count("-H") == 1
+
+
+def test_wrk_command_adds_more_headers_after_host():
+    argv = wrk.command("https://127.0.62.1:8443/x", "/tmp/s.lua", "bench.example.com", duration_s=3,
+                       headers=("Connection: close",))
+    assert argv[-5:] == ["-H", "Host: bench.example.com", "-H", "Connection: close", "https://127.0.62.1:8443/x"]
 
 
 # --------------------------------------------------------------------------- /proc/stat
@@ -389,6 +396,9 @@ def test_the_two_nginx_configs_differ_only_in_name_address_and_access_log(tmp_pa
     assert "    access_log off;" in quiet
     assert f"    access_log {tmp_path}/nginx-access.log combined buffer=64k flush=1s;" in logging_
     assert any(line.strip().startswith("listen 127.0.64.3:8080") for line in logging_)
+    # The HTTPS server: quiet in nginx-l1 (measured), logging TLS details in nginx-l1-logs (the resumption check).
+    assert "        access_log off;" in quiet
+    assert f"        access_log {tmp_path}/{peers.NGINX_TLS_ACCESS_LOG_FILE} tls;" in logging_
 
 
 # --------------------------------------------------------------------------- profile folding
@@ -519,7 +529,7 @@ def test_every_target_is_listed_and_unmeasured_ones_say_why():
     from benchmarks import targets
     from benchmarks.context import FULL, QUICK
     keys = [g.key for g in targets.goals(QUICK)]
-    assert len(keys) == len(set(keys)) == 8 + 8       # 2 sizes x 2 log settings x (req/s, p99) + 8 others
+    assert len(keys) == len(set(keys)) == 8 + 10      # 2 sizes x 2 log settings x (req/s, p99) + 10 others
     table = targets.table(QUICK, [targets.Verdict("miss", "0.60 x", True)], ran={"miss", "hit"})
     rows = {row[0]: row for row in table.rows}
     assert rows["Miss chain L1 -> L2 -> origin: req/s"][3] == "met"
@@ -532,7 +542,7 @@ def test_every_target_is_listed_and_unmeasured_ones_say_why():
     collapse_goal = next(g for g in targets.goals(QUICK) if g.key == "collapse")
     assert collapse_goal.goal == "1 origin request, last response <= 220 ms"
     assert targets.summary(QUICK, [targets.Verdict("miss", "x", True), targets.Verdict("dns", "x", False)]) == \
-        "Targets: 1 met, 1 below, 14 not measured (of 16; see the table Targets)"
+        "Targets: 1 met, 1 below, 16 not measured (of 18; see the table Targets)"
     memory_goal = next(g for g in targets.goals(FULL) if g.key == "memory-rss")
     assert memory_goal.scenario == "memory" and "300,000 unique 1 KiB URLs" in memory_goal.what
     assert "50,000" in next(g for g in targets.goals(QUICK) if g.key == "memory-rss").what
@@ -853,3 +863,343 @@ def test_dns_ceiling_answers_any_name_with_its_id_and_question(tmp_path: Path):
             assert response is not None and response.flags & dns.flags.AA
             assert [(r.name.to_text(), r.rdtype, [x.address for x in r]) for r in response.answer] == [
                 (name + ".", dns.rdatatype.A, ["127.0.62.1"])]
+
+
+# --------------------------------------------------------------------------- HTTPS: h2load, ab, the tls scenario
+
+H2LOAD_NGINX = """starting benchmark...
+spawning thread #0: 10 total client(s). Timing-based test with 0s of warm-up time and 3s of main duration for measurements.
+Warm-up started for thread #0.
+progress: 10% of clients started
+progress: 100% of clients started
+TLS Protocol: TLSv1.3
+Cipher: TLS_AES_128_GCM_SHA256
+Server Temp Key: X25519 253 bits
+Application protocol: h2
+Warm-up phase is over for thread #0.
+Main benchmark duration is started for thread #0.
+Main benchmark duration is over for thread #0. Stopping all clients.
+Stopped all clients for thread #0
+
+finished in 2.00s, 81201.50 req/s, 94.40MB/s
+requests: 162403 total, 162503 started, 162403 done, 162403 succeeded, 0 failed, 0 errored, 0 timeout
+status codes: 162403 2xx, 0 3xx, 0 4xx, 0 5xx
+traffic: 188.80MB (197969747) total, 27.41MB (28745331) headers (space savings 27.16%), 158.60MB (166300672) data
+                     min         max         mean         sd        +/- sd
+time for request:       29us     70.02ms      1.45ms      1.82ms    93.95%
+time for connect:        0us         0us         0us         0us     0.00%
+time to 1st byte:        0us         0us         0us         0us     0.00%
+req/s           :    6550.24     6684.51     6628.22       40.79    60.00%
+"""
+
+# Our L1 before HTTP/2: ALPN offers http/1.1 only, h2load offered h2 only.
+H2LOAD_NO_PROTOCOL = """starting benchmark...
+spawning thread #0: 1 total client(s). 1 total requests
+TLS Protocol: TLSv1.3
+Cipher: TLS_AES_256_GCM_SHA384
+Server Temp Key: X25519 253 bits
+No protocol negotiated. Fallback behaviour may be activated
+No supported protocol was negotiated. Supported protocols were:
+h2
+
+finished in 4.01s, 0.00 req/s, 0B/s
+requests: 1 total, 0 started, 0 done, 0 succeeded, 1 failed, 1 errored, 0 timeout
+status codes: 0 2xx, 0 3xx, 0 4xx, 0 5xx
+traffic: 0B (0) total, 0B (0) headers (space savings 0.00%), 0B (0) data
+"""
+
+H2LOAD_REFUSED = """starting benchmark...
+spawning thread #0: 1 total client(s). 10 total requests
+
+finished in 442us, 0.00 req/s, 0B/s
+requests: 10 total, 0 started, 0 done, 0 succeeded, 10 failed, 10 errored, 0 timeout
+status codes: 0 2xx, 0 3xx, 0 4xx, 0 5xx
+traffic: 0B (0) total, 0B (0) headers (space savings 0.00%), 0B (0) data
+"""
+
+H2LOAD_404 = """TLS Protocol: TLSv1.3
+Cipher: TLS_AES_128_GCM_SHA256
+Server Temp Key: X25519 253 bits
+Application protocol: h2
+
+finished in 9.54s, 10.48 req/s, 1.25KB/s
+requests: 100 total, 100 started, 100 done, 0 succeeded, 100 failed, 0 errored, 0 timeout
+status codes: 0 2xx, 0 3xx, 100 4xx, 0 5xx
+traffic: 11.90KB (12189) total, 9.07KB (9291) headers (space savings 38.03%), 1000B (1000) data
+"""
+
+# A server that offers http/1.1 only, asked by an h2load that still offers http/1.1 (its default list).
+H2LOAD_FELL_BACK = H2LOAD_404.replace("Application protocol: h2", "Application protocol: http/1.1").replace(
+    "0 succeeded, 100 failed", "100 succeeded, 0 failed").replace("0 2xx, 0 3xx, 100 4xx", "100 2xx, 0 3xx, 0 4xx")
+
+
+@pytest.mark.parametrize("output, rps, done, socket_errors, not_2xx, per_response, tls, refusal", [
+    (H2LOAD_NGINX, 81201.5, 162403, 0, 0, 1024.0, "TLSv1.3 TLS_AES_128_GCM_SHA256", None),
+    (H2LOAD_NO_PROTOCOL, 0.0, 0, 1, 0, 0.0, "TLSv1.3 TLS_AES_256_GCM_SHA384",
+     'no protocol negotiated (h2load: "No protocol negotiated")'),
+    (H2LOAD_REFUSED, 0.0, 0, 10, 0, 0.0, "", "every request failed (10 errored; no connection?)"),
+    (H2LOAD_404, 10.48, 100, 0, 100, 10.0, "TLSv1.3 TLS_AES_128_GCM_SHA256", None),
+    (H2LOAD_FELL_BACK, 10.48, 100, 0, 0, 10.0, "TLSv1.3 TLS_AES_128_GCM_SHA256", "ALPN chose http/1.1, not h2"),
+])
+def test_h2load_output_is_parsed(output, rps, done, socket_errors, not_2xx, per_response, tls, refusal):
+    from benchmarks import h2load
+    result = h2load.parse(output)
+    assert result.rps == pytest.approx(rps)
+    assert (result.requests, result.socket_errors, result.errors_status) == (done, socket_errors, not_2xx)
+    assert result.bytes_per_response == pytest.approx(per_response)
+    assert result.tls == tls
+    assert result.refusal() == refusal
+    assert result.p99_ms == 0.0 and result.log is None         # no --log-file given
+
+
+def test_a_timed_h2load_run_ends_with_streams_in_flight_and_that_is_not_an_error():
+    from benchmarks import h2load
+    result = h2load.parse(H2LOAD_NGINX)
+    assert result.started - result.done == 100 and result.socket_errors == 0
+    assert result.application_protocol == "h2" and result.temp_key == "X25519 253 bits"
+
+
+def test_h2load_output_without_its_summary_is_an_error():
+    from benchmarks import h2load
+    with pytest.raises(h2load.H2loadParseError):
+        h2load.parse("h2load: unrecognized option '--bogus'\n")
+
+
+@pytest.mark.parametrize("log, statuses, non_2xx, p50, p99, worst", [
+    ("", {}, 0, 0.0, 0.0, 0.0),
+    ("1796184018015553\t200\t4942\n", {200: 1}, 0, 4.942, 4.942, 4.942),
+    ("".join(f"17961840180{i:05d}\t200\t{(i + 1) * 1000}\n" for i in range(100)), {200: 100}, 0, 50.0, 99.0, 100.0),
+    ("1\t200\t1000\n2\t-1\t5000\n3\t404\t2000\n4\t200\t3000\n", {200: 2, -1: 1, 404: 1}, 2, 2.0, 5.0, 5.0),
+])
+def test_h2load_request_log_gives_statuses_and_percentiles(log, statuses, non_2xx, p50, p99, worst):
+    from benchmarks import h2load
+    parsed = h2load.parse_log(log)
+    assert dict(parsed.statuses) == statuses and parsed.non_2xx == non_2xx
+    assert (parsed.p50_ms, parsed.p99_ms, parsed.max_ms) == pytest.approx((p50, p99, worst))
+    result = h2load.parse(H2LOAD_NGINX, log)
+    assert result.p99_ms == pytest.approx(p99)
+
+
+def test_h2load_log_lines_it_does_not_understand_are_an_error():
+    from benchmarks import h2load
+    with pytest.raises(h2load.H2loadParseError):
+        h2load.parse_log("1\tOK\t1000\n")
+
+
+def test_h2load_command_offers_h2_only_and_connects_to_the_address():
+    from benchmarks import h2load
+    argv = h2load.command("https://bench.example.com:8444/x", "127.0.64.1:8444", 10, 10, duration_s=2.5,
+                          log_file="/tmp/h.log")
+    assert argv[0] == "h2load" and argv[-1] == "https://bench.example.com:8444/x"
+    assert {"--threads=1", "--clients=10", "--max-concurrent-streams=10", "--npn-list=h2",
+            "--connect-to=127.0.64.1:8444", "--duration=2500ms", "--log-file=/tmp/h.log"} <= set(argv)
+    counted = h2load.command("https://b/x", "127.0.62.1:8443", 1, 1, requests=1)
+    assert "--requests=1" in counted and not any(a.startswith("--duration") for a in counted)
+    with pytest.raises(ValueError):
+        h2load.command("https://b/x", "127.0.62.1:8443", 1, 1)
+    with pytest.raises(ValueError):
+        h2load.command("https://b/x", "127.0.62.1:8443", 1, 1, duration_s=1, requests=1)
+
+
+AB_OUTPUT = """This is ApacheBench, Version 2.3 <$Revision$>
+Copyright 1996 Adam Twiss, Zeus Technology Ltd, http://www.zeustech.net/
+Licensed to The Apache Software Foundation, http://www.apache.org/
+
+Benchmarking 127.0.62.1 (be patient).....done
+
+
+Server Software:        edge-origin
+Server Hostname:        127.0.62.1
+Server Port:            8443
+SSL/TLS Protocol:       TLSv1.3,TLS_AES_256_GCM_SHA384,256,256
+Server Temp Key:        X25519 253 bits
+TLS Server Name:        bench.example.com
+
+Document Path:          /gen/tls-1024?size=1024&cc=max-age=86400
+Document Length:        1024 bytes
+
+Concurrency Level:      50
+Time taken for tests:   2.000 seconds
+Complete requests:      2594
+Failed requests:        0
+Total transferred:      3950662 bytes
+HTML transferred:       2656256 bytes
+Requests per second:    1296.98 [#/sec] (mean)
+Time per request:       38.551 [ms] (mean)
+Time per request:       0.771 [ms] (mean, across all concurrent requests)
+Transfer rate:          1929.01 [Kbytes/sec] received
+
+Connection Times (ms)
+              min  mean[+/-sd] median   max
+Connect:        4   36   5.0     36      62
+Processing:     1    2   1.4      2      25
+Waiting:        1    2   0.8      2      24
+Total:         11   38   4.8     38      64
+
+Percentage of the requests served within a certain time (ms)
+  50%     38
+  66%     38
+  75%     39
+  80%     39
+  90%     41
+  95%     42
+  98%     54
+  99%     62
+ 100%     64 (longest request)
+"""
+
+AB_CSV = "Percentage served,Time in ms\n0,10.991\n1,22.043\n50,37.512\n98,53.596\n99,61.883\n100,63.658\n"
+
+AB_FAILURES = AB_OUTPUT.replace("Failed requests:        0\n", "Failed requests:        7\n"
+                                "   (Connect: 1, Receive: 2, Length: 3, Exceptions: 1)\n"
+                                "Non-2xx responses:      5\n")
+
+
+@pytest.mark.parametrize("output, csv, failed, breakdown, non_2xx, p50, p99", [
+    (AB_OUTPUT, None, 0, (0, 0, 0, 0), 0, 38.0, 62.0),
+    (AB_OUTPUT, AB_CSV, 0, (0, 0, 0, 0), 0, 37.512, 61.883),
+    (AB_FAILURES, None, 7, (1, 2, 3, 1), 5, 38.0, 62.0),
+])
+def test_ab_output_is_parsed(output, csv, failed, breakdown, non_2xx, p50, p99):
+    from benchmarks import ab
+    result = ab.parse(output, csv)
+    assert result.requests == result.complete == 2594
+    assert result.rps == pytest.approx(1296.98) and result.time_taken_s == pytest.approx(2.0)
+    assert (result.socket_errors, result.errors_status) == (failed, non_2xx)
+    assert (result.failed_connect, result.failed_receive, result.failed_length, result.failed_exceptions) == breakdown
+    assert (result.p50_ms, result.p99_ms) == pytest.approx((p50, p99))
+    assert result.document_length == 1024
+    assert result.tls == "TLSv1.3 TLS_AES_256_GCM_SHA384" and result.server_name == "bench.example.com"
+    assert result.server_temp_key == "X25519 253 bits"
+
+
+def test_ab_over_plain_http_has_no_tls_and_garbage_is_an_error():
+    from benchmarks import ab
+    plain = "\n".join(line for line in AB_OUTPUT.splitlines()
+                      if not line.startswith(("SSL/TLS", "Server Temp Key", "TLS Server Name")))
+    assert ab.parse(plain).tls == "" and ab.parse(plain).server_name == ""
+    with pytest.raises(ab.AbParseError):
+        ab.parse("ab: invalid URL\nUsage: ab [options] [http[s]://]hostname[:port]/path\n")
+
+
+def test_ab_command_bounds_the_run_in_time_then_count():
+    from benchmarks import ab
+    argv = ab.command("https://127.0.62.1:8443/x", "bench.example.com", 50, 3.0, 60_000, "/tmp/p.csv")
+    assert argv[0] == "ab" and argv[-1] == "https://127.0.62.1:8443/x"
+    # -n after -t: ab reads its options in order, and -t alone means -n 50000.
+    assert argv.index("-t") < argv.index("-n") and argv[argv.index("-t") + 1] == "3"
+    assert argv[argv.index("-n") + 1] == "60000" and argv[argv.index("-c") + 1] == "50"
+    assert ["-H", "Host: bench.example.com"] == argv[argv.index("-H"):argv.index("-H") + 2]
+    assert ["-e", "/tmp/p.csv"] == argv[argv.index("-e"):argv.index("-e") + 2]
+    assert "-k" not in argv and "-r" in argv         # no keep-alive; receive errors are counted, not fatal
+
+
+def test_tls_resumption_is_counted_from_nginxs_log_lines():
+    from benchmarks.scenarios import tls
+    lines = [". TLSv1.3 TLS_AES_256_GCM_SHA384 bench.example.com 200 1 1",
+             "r TLSv1.3 TLS_AES_256_GCM_SHA384 127.0.64.3 200 2 1",
+             "r TLSv1.3 TLS_AES_256_GCM_SHA384 127.0.64.3 200 3 1", ""]
+    assert tls.count_resumed(lines) == (2, 1)
+    assert tls.count_resumed([]) == (0, 0)
+
+
+def _tls_runs(figures: dict) -> list:
+    """figures: (kind, target) -> (req/s, p99 ms[, client busy]) or a reason it was not measured."""
+    from benchmarks.scenarios import tls
+    out = []
+    for (kind, target), values in figures.items():
+        if isinstance(values, str):
+            out.append(tls.TlsRuns(target, kind=kind, not_measured=values))
+        else:
+            out.append(tls.TlsRuns(target, loads=[_load(*values)], kind=kind))
+    return out
+
+
+def test_tls_targets_and_the_h2_row_until_the_l1_speaks_h2():
+    from benchmarks import targets
+    from benchmarks.context import QUICK
+    from benchmarks.scenarios import tls
+    why = "the L1 did not negotiate h2: no protocol negotiated"
+    runs = _tls_runs({(tls.KEEPALIVE, tls.OURS): (21_000, 5.0), (tls.KEEPALIVE, tls.NGINX): (20_000, 6.0, 0.95),
+                      (tls.FULL, tls.OURS): (600, 80.0), (tls.FULL, tls.NGINX): (1_500, 40.0, 0.98),
+                      (tls.RESUMED, tls.OURS): (800, 60.0), (tls.RESUMED, tls.NGINX): (1_600, 30.0),
+                      (tls.H2, tls.OURS): why, (tls.H2, tls.NGINX): (80_000, 15.0)})
+    verdicts = {v.key: v for v in tls.verdicts(runs)}
+    assert verdicts["tls-hit-rps"].met and verdicts["tls-hit-rps"].measured == "1.05 x"
+    assert "upper bound" in verdicts["tls-hit-rps"].note
+    assert not verdicts["h2-hit-rps"].judged and verdicts["h2-hit-rps"].note == why
+    table = targets.table(QUICK, list(verdicts.values()), ran={"tls"})
+    rows = {row[0]: row for row in table.rows}
+    assert rows["HTTP/2 warm hit 1 KiB (h2load): edge L1 req/s"][2:] == ["-", "not measured", why]
+    assert rows["HTTPS/1.1 warm hit 1 KiB, keep-alive: edge L1 req/s"][3] == "met"
+    assert rows["HTTPS/1.1 warm hit 1 KiB, keep-alive: edge L1 req/s"][1] == ">= 1.00 x nginx (HTTPS), one CPU each"
+    assert rows["HTTP/2 warm hit 1 KiB (h2load): edge L1 req/s"][1] == ">= 0.50 x nginx (HTTP/2), one CPU each"
+    assert targets.summary(QUICK, list(verdicts.values())) == \
+        "Targets: 1 met, 0 below, 17 not measured (of 18; see the table Targets)"
+    assert tls.summary(runs) == ("TLS handshakes, a new connection per request (no goal): full 0.40 x nginx "
+                                 "(600 vs 1,500/s) (nginx client-limited: upper bound); resumed 0.50 x nginx "
+                                 "(800 vs 1,600/s)")
+    report_rows = {(row[0], row[2]): row for row in tls.table(runs, []).rows}
+    assert report_rows[(tls.H2, tls.OURS.label)][-1] == f"not measured: {why}"
+    assert report_rows[(tls.H2, tls.NGINX.label)][4] == "1.00"
+    assert report_rows[(tls.FULL, tls.OURS.label)][4] == "0.40"
+    assert report_rows[(tls.KEEPALIVE, tls.NGINX.label)][-1] == "client-limited"
+
+
+def test_tls_h2_target_is_judged_once_the_l1_speaks_h2():
+    from benchmarks.scenarios import tls
+    runs = _tls_runs({(tls.H2, tls.OURS): (30_000, 9.0), (tls.H2, tls.NGINX): (80_000, 15.0)})
+    (verdict,) = tls.verdicts(runs)
+    assert verdict.key == "h2-hit-rps" and verdict.judged and not verdict.met and verdict.measured == "0.38 x"
+    row = next(r for r in tls.table(runs, []).rows if r[2] == tls.OURS.label)
+    assert "below target (>= 0.5 x nginx)" in row[-1]
+
+
+def test_tls_certificate_is_made_for_the_site_and_served_by_both(tmp_path: Path):
+    import ssl
+    import tomllib
+
+    from cryptography import x509
+    from edge import config
+    rendered = peers.render_all(tmp_path)
+    topology = config.load(rendered["topology"])
+    site = topology.site_for_host(layout.SITE_HOST)
+    assert site.tls_cert == tmp_path / peers.TLS_CERT and site.tls_key == tmp_path / peers.TLS_KEY
+    assert str(topology.node("l1").listen_tls) == str(layout.L1_TLS)
+    assert [n.name for n in topology.nodes if n.listen_tls] == ["l1"]
+    assert rendered["tls_ca"] == tmp_path / "state" / "tls" / "ca.pem"
+    # The leaf is for the site's host, signed by the run's CA, and its key matches.
+    context = ssl.create_default_context(cafile=str(rendered["tls_ca"]))
+    assert [c["subject"] for c in context.get_ca_certs()]
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(site.tls_cert, site.tls_key)
+    leaf = x509.load_pem_x509_certificate(site.tls_cert.read_bytes())
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == [layout.SITE_HOST]
+    assert (site.tls_key.stat().st_mode & 0o777) == 0o600
+    # nginx serves the same files, on its HTTP/1.1 and HTTP/2 ports, TLS 1.2 and 1.3 only.
+    nginx = rendered["nginx_l1"].read_text()
+    assert f"ssl_certificate {site.tls_cert};" in nginx and f"ssl_certificate_key {site.tls_key};" in nginx
+    assert f"listen {layout.NGINX_L1_TLS} ssl backlog=4096;" in nginx
+    assert f"listen {layout.NGINX_L1_H2} ssl http2 backlog=4096;" in nginx
+    assert "ssl_protocols TLSv1.2 TLSv1.3;" in nginx
+    # Only the tls scenario's L1 listens for TLS: the hit scenario's logs-on L1 and the others do not.
+    nodes = tomllib.loads(rendered["topology"].read_text())["nodes"]
+    assert [name for name, node in nodes.items() if "listen_tls" in node] == ["l1"]
+
+
+def test_tls_targets_have_unique_labels_and_their_own_groups():
+    from benchmarks import run
+    from benchmarks.procs import Started
+    from benchmarks.scenarios import tls
+
+    class _Process:
+        def __init__(self, pid):
+            self.pid = pid
+    started = {name: Started(name, [], _Process(pid), Path("/dev/null"))
+               for name, pid in (("l1", 11), ("nginx_l1", 22), ("l2", 33))}
+    groups = run.server_groups(started)
+    assert groups[tls.OURS.label] == {11} and groups[tls.NGINX.label] == {22}
+    assert len({tls.OURS.label, tls.NGINX.label, tls.PROBE.label}) == 3
+    assert tls.OURS.https_url("/x") == "https://127.0.62.1:8443/x"
+    assert tls.NGINX.https_url("/x", tls.NGINX.h2) == "https://127.0.64.1:8444/x"
+    assert "tls" in run.SCENARIOS
