@@ -31,6 +31,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("node", metavar="NODE", nargs="?",
                      help="node name from the topology, or 'dns' for the scheduler")
     run.add_argument("--node", dest="node_option", metavar="NODE", help="the same, as an option")
+    run.add_argument("--workers", type=_workers, metavar="N",
+                     help="worker processes for a cache node, instead of its `workers` key (default: that key, "
+                          "else the CPUs this process may use)")
+    # Set by a node's main process on the workers it starts (edge.workers); not for operators.
+    run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--run-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--run-token", default=None, help=argparse.SUPPRESS)
     up = with_config(sub.add_parser("up", help="start every node of the topology and wait; SIGHUP reloads, "
                                                "Ctrl-C stops all"))
     for p in (run, up):
@@ -43,6 +50,17 @@ def _parser() -> argparse.ArgumentParser:
                             help="scrape and evaluation interval (default: 15)")
     _ops_parsers(sub, with_config)
     return parser
+
+
+def _workers(text: str) -> int:
+    from edge.config import MAX_WORKERS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_WORKERS} processes, got {text!r}")
+    return value
 
 
 def _seconds(text: str) -> float:
@@ -62,13 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         if (args.node is None) == (args.node_option is None):
             parser.error("run: give the node name once, as NODE or --node NODE")
         args.node = args.node or args.node_option
+    worker = getattr(args, "worker", None)
+    # A worker's lines say which worker wrote them: they share the node's stderr.
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+                        format="%(asctime)s %(name)s" + (f"[w{worker}]" if worker is not None else "")
+                        + " %(levelname)s %(message)s")
     try:
         if args.command == "run":
             topology, sha256, mtime = reload.read(args.config)
             return _run(topology, args.node, reload.Reloader(args.config, args.node, topology, sha256, mtime),
-                        args.watch)
+                        args.watch, args)
         topology = config.load(args.config)
         if args.command == "up":
             from edge import launcher
@@ -104,9 +125,11 @@ def _check(topology: config.Topology) -> int:
     return 0
 
 
-def _run(topology: config.Topology, name: str, reloader: reload.Reloader, watch: bool) -> int:
+def _run(topology: config.Topology, name: str, reloader: reload.Reloader, watch: bool,
+         args: argparse.Namespace | None = None) -> int:
     """Run one node until SIGTERM or SIGINT, reloading on SIGHUP (and, with `watch`, when the
-    file changes); a bind failure is one clear line, exit 1."""
+    file changes); a bind failure is one clear line, exit 1.  A cache node of several workers
+    runs as their supervisor (edge.workers); each worker is this same command with --worker."""
     if name == "dns":
         if topology.dns is None:
             raise config.ConfigError(topology.source, "dns", "no [dns] table: this topology has no scheduler")
@@ -116,8 +139,24 @@ def _run(topology: config.Topology, name: str, reloader: reload.Reloader, watch:
     else:
         node = topology.node(name)
         from edge import node as node_runner
+        from edge import workers
         target = node.name
-        serve_fn = lambda stop: node_runner.serve(topology, node, stop, reloader)  # noqa: E731
+        worker = getattr(args, "worker", None)
+        count = workers.count(node, getattr(args, "workers", None)) if node.role != "origin" else 1
+        if worker is not None:
+            if node.role == "origin" or args.run_dir is None or args.run_token is None:
+                raise config.ConfigError(topology.source, f"nodes.{name}",
+                                         "--worker is for a cache node's main process to start its workers")
+            slot = workers.WorkerSlot(worker, args.run_dir, args.run_token)
+            target = f"{node.name} worker {worker}"
+            watch = False               # the main process watches and passes reloads on
+            serve_fn = lambda stop: node_runner.serve(topology, node, stop, reloader, slot)  # noqa: E731
+        elif count > 1:
+            command = workers.worker_command(node.name, reloader.path, args.log_level if args else "INFO")
+            serve_fn = lambda stop: workers.supervise(  # noqa: E731
+                topology, node, stop, reloader, count, command, node_runner.listen)
+        else:
+            serve_fn = lambda stop: node_runner.serve(topology, node, stop, reloader)  # noqa: E731
     if watch and reloader.path is None:
         log.warning("--watch: nothing to watch with the built-in topology; give --config FILE")
 

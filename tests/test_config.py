@@ -133,6 +133,12 @@ def test_minimal_topology_defaults():
         ('role = "l1"', 'role = "l1"\nadmin_allow = ["10.1.2.3/8"]', "nodes.l1.admin_allow",
          "did you mean '10.0.0.0/8'?"),
         ('role = "l1"', 'role = "l1"\nadmin_allow = ["2001:db8::/129"]', "nodes.l1.admin_allow", "not an address"),
+        # workers: cache nodes only, a whole number of processes or "auto"
+        ('role = "l1"', 'role = "l1"\nworkers = 0', "nodes.l1.workers", "expected 1 to 256 processes, got 0"),
+        ('role = "l1"', 'role = "l1"\nworkers = 2.5', "nodes.l1.workers", 'whole number of processes or "auto"'),
+        ('role = "l1"', 'role = "l1"\nworkers = "all"', "nodes.l1.workers", 'whole number of processes or "auto"'),
+        ('role = "l1"', 'role = "l1"\nworkers = true', "nodes.l1.workers", 'whole number of processes or "auto"'),
+        ('role = "origin"', 'role = "origin"\nworkers = 2', "nodes.origin.workers", "only a cache node"),
     ],
 )
 def test_mistakes_name_file_key_and_problem(replace, by, key, problem):
@@ -142,6 +148,13 @@ def test_mistakes_name_file_key_and_problem(replace, by, key, problem):
     assert (err.value.source, err.value.key) == ("topo.toml", key)
     assert problem in err.value.problem
     assert str(err.value).startswith(f"topo.toml: {key}: ")
+
+
+def test_workers_unset_auto_or_a_number():
+    assert config.parse(MINIMAL, "t.toml", Path(".")).node("l1").workers is None     # edge run: CPUs; edge up: 1
+    for value, parsed in (('"auto"', 0), ("1", 1), ("4", 4)):
+        text = MINIMAL.replace('role = "l1"', f'role = "l1"\nworkers = {value}')
+        assert config.parse(text, "t.toml", Path(".")).node("l1").workers == parsed
 
 
 def test_front_limits_and_access_log_defaults_and_settings():
