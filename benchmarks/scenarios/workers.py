@@ -25,8 +25,11 @@ Every run must show zero origin requests, zero socket errors and only 2xx.
 
 from __future__ import annotations
 
+import resource
 import shlex
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +49,7 @@ TWO = Endpoint("127.0.72.3", 8080)
 TWO_ADMIN = Endpoint("127.0.72.3", 8091)
 NGINX_AUTO = Endpoint("127.0.72.4", 8080)
 SIZE = 1024
+NOISY_OTHER = 0.10          # CPU-seconds per second used by processes not in the run: the row is noisy
 
 W1 = HttpTarget("edge, 1 worker on CPU 0", ONE)
 W2 = HttpTarget("edge, 2 workers on CPUs 0-1", TWO)
@@ -81,7 +85,8 @@ class Row:
     layout: str                                 # where server and client ran
     rps: list[float] = field(default_factory=list)
     own: list[float] = field(default_factory=list)       # the server's CPU-seconds per second
-    client: list[float] = field(default_factory=list)    # everything else's (wrk, mostly)
+    client: list[float] = field(default_factory=list)    # wrk's
+    other: list[float] = field(default_factory=list)     # every other process's (other tenants: noise)
     p99: list[float] = field(default_factory=list)
     origin_requests: int = 0
     errors: int = 0
@@ -122,17 +127,25 @@ def start(bench: Bench) -> dict[str, procs.Started]:
 
 
 def _run(bench: Bench, target: HttpTarget, threads: int, cpu: int | None, group: int, path: str,
-         script: Path, duration_s: float) -> tuple[wrk.WrkResult, float, float]:
+         script: Path, duration_s: float) -> tuple[wrk.WrkResult, float, float, float]:
+    """wrk's result, and CPU-seconds per second of the server, of wrk, and of everything else."""
     argv = wrk.command(target.url(path), str(script), target.host, threads=threads,
                        connections=bench.settings.connections * threads, duration_s=duration_s)
     bench.record_command(shlex.join(procs.pinned(argv, cpu)))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
     with CpuWindow({group}) as window:
         completed = procs.run_client(argv, cpu, timeout_s=duration_s + 60)
+    wall = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if completed.returncode != 0:
         raise RuntimeError(f"wrk failed ({completed.returncode}): {completed.stderr.strip()[-500:]}")
+    # wrk (exec'd by taskset: the same child) was reaped by run_client: its own CPU time.
+    client = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / wall
     cpus = len(window.usage) - 1 or 1
     everything = window.of(None).tasks * cpus          # CPU-seconds per second, all processes
-    return wrk.parse(completed.stdout), window.group_share, max(0.0, everything - window.group_share)
+    return (wrk.parse(completed.stdout), window.group_share, client,
+            max(0.0, everything - window.group_share - client))
 
 
 def measure(bench: Bench, started: dict[str, procs.Started]) -> list[Row]:
@@ -143,13 +156,14 @@ def measure(bench: Bench, started: dict[str, procs.Started]) -> list[Row]:
             (NGINX, 2, None, started["nginx"].pid, "nginx and wrk -t2 on CPUs 0-1")]
     rows = {target.label: Row(target, where) for target, *_, where in plan}
     for target, *_ in plan:
-        for _ in range(2):          # the second fetch is a hit
-            if not procs.http_ok(target.url(path), target.host, timeout_s=30):
-                raise RuntimeError(f"{target.label}: warming {path} did not answer 2xx")
-    # w2's second fetch may land on the worker that did not fill: a disk hit there; then a few
-    # more connections so that both workers hold it in memory before the load.
-    for _ in range(20):
-        procs.http_ok(W2.url(path), W2.host, timeout_s=10)
+        if not procs.http_ok(target.url(path), target.host, timeout_s=30):
+            raise RuntimeError(f"{target.label}: warming {path} did not answer 2xx")
+    # The disk copy is written behind the response, and w2's other worker will look there:
+    # wait for it, then a few more connections so that both workers hold it in memory.
+    procs.wait_until(lambda: _disk_objects(TWO_ADMIN) >= 1, "w2's disk copy", 30)
+    for target, *_ in plan:
+        for _ in range(20 if target is W2 else 1):
+            procs.http_ok(target.url(path), target.host, timeout_s=10)
     filled = counter.take()
     if filled != len(plan):
         bench.problem(f"workers: warming {len(plan)} caches made {filled} origin requests")
@@ -160,24 +174,34 @@ def measure(bench: Bench, started: dict[str, procs.Started]) -> list[Row]:
     counter.take()
     for round_index in range(bench.settings.rounds):
         for target, threads, cpu, group, _ in rotated(plan, round_index):
-            result, own, client = _run(bench, target, threads, cpu, group, path, script, bench.settings.duration_s)
+            result, own, client, other = _run(bench, target, threads, cpu, group, path, script,
+                                              bench.settings.duration_s)
             row = rows[target.label]
             origin_requests = counter.take()
             row.rps.append(result.rps)
             row.own.append(own)
             row.client.append(client)
+            row.other.append(other)
             row.p99.append(result.p99_ms)
             row.origin_requests += origin_requests
             row.errors += result.socket_errors + result.errors_status
-            bench.log(f"workers {target.label} round {round_index + 1}: {result.rps:,.0f} req/s, server CPU "
-                      f"{own:.2f}, everything else {client:.2f}, origin requests {origin_requests}")
+            bench.log(f"workers {target.label} round {round_index + 1}: {result.rps:,.0f} req/s, CPU-s/s: server "
+                      f"{own:.2f}, wrk {client:.2f}, other processes {other:.2f}; origin requests {origin_requests}")
             bench.record_run("workers 1 KiB", target.label, round_index + 1, result.rps,
-                             f"p99 {result.p99_ms:.2f} ms", client, own, 0.0, 0.0, origin_requests,
+                             f"p99 {result.p99_ms:.2f} ms", client, own, other, 0.0, origin_requests,
                              result.socket_errors + result.errors_status)
             if origin_requests or result.socket_errors or result.errors_status:
                 bench.problem(f"workers {target.label}: {origin_requests} origin requests, "
                               f"{result.socket_errors} socket errors, {result.errors_status} statuses >= 400")
     return list(rows.values())
+
+
+def _disk_objects(admin: Endpoint) -> float:
+    with urllib.request.urlopen(f"{admin.url}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith('edge_cache_objects{tier="disk"}'):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def scaling(rows: list[Row]) -> tuple[float, float]:
@@ -191,14 +215,20 @@ def scaling(rows: list[Row]) -> tuple[float, float]:
 
 def table(rows: list[Row]) -> report.Table:
     out = report.Table("Workers: 1 KiB hits, one worker on one CPU, two on two, nginx worker_processes auto",
-                       ["server", "where", "req/s", "p99 ms", "server CPU-s/s", "else CPU-s/s (wrk)",
-                        "req per server CPU-s", "origin reqs", "errors"])
+                       ["server", "where", "req/s", "p99 ms", "server CPU-s/s", "wrk CPU-s/s",
+                        "other CPU-s/s (worst)", "req per server CPU-s", "origin reqs", "errors", "note"])
     for row in rows:
+        worst = max(row.other, default=0.0)
         out.add(row.target.label, row.layout, report.rate(row.median_rps), report.ms(report.median(row.p99)),
-                f"{report.median(row.own):.2f}", f"{report.median(row.client):.2f}",
-                report.rate(row.per_cpu_second), row.origin_requests, row.errors)
+                f"{report.median(row.own):.2f}", f"{report.median(row.client):.2f}", f"{worst:.2f}",
+                report.rate(row.per_cpu_second), row.origin_requests, row.errors,
+                "noisy" if worst > NOISY_OTHER else "")
     measured, projected = scaling(rows)
     by = {r.target.label: r for r in rows}
+    out.notes.append("CPU-s/s: CPU seconds per second of wall time (user + system; the kernel's softirq work "
+                     "for loopback traffic is in nobody's column). server: its process group (main process "
+                     "and workers); wrk: its own rusage; other: every other process on the machine (other "
+                     f"tenants), a row whose worst round is above {NOISY_OTHER:.2f} is marked noisy.")
     out.notes.append(f"2 workers on 2 CPUs / 1 worker on 1 CPU: measured {measured:.2f} x (wrk shares the two "
                      f"CPUs with the workers: a lower bound); at the measured requests per server CPU-second, "
                      f"two whole CPUs would give {projected:.2f} x (a projection, not a measurement).")
