@@ -243,7 +243,11 @@ def verdicts(rows: list[Row]) -> list[targets.Verdict]:
             f"CPU-second, two whole CPUs: {projected:.2f} x")
     if not {r.target.label: r for r in rows}[W1.label].median_rps:
         return [targets.Verdict("workers-scaling", "n/a", False, "no one-worker figure")]
-    return [targets.Verdict("workers-scaling", f"{measured:.2f} x", measured >= targets.WORKERS_SCALING, note)]
+    noisy = [r.target.label for r in rows if max(r.other, default=0.0) > NOISY_OTHER]
+    if noisy:
+        note = f"NOISY (other processes used the CPUs during: {', '.join(noisy)}): see every round; " + note
+    return [targets.Verdict("workers-scaling", f"{measured:.2f} x", measured >= targets.WORKERS_SCALING and not noisy,
+                            note)]
 
 
 def summary(rows: list[Row]) -> str:
