@@ -59,6 +59,7 @@ from edge.config import Node, Topology
 from edge.metrics import process_metrics
 from edge.reload import Reloader
 from edge.store import DiskStore
+from edge.store.disk import prepare_directory
 from edge.store.index import SharedIndex, map_size_for
 
 log = logging.getLogger("edge.workers")
@@ -410,6 +411,7 @@ async def supervise(topology: Topology, node: Node, stop: asyncio.Event, reloade
     sup = Supervisor(topology, node, reloader, workers, command)
     token = admin.load_token()
     directory = topology.cache_dir(node)
+    prepare_directory(directory)        # an error names the directory, before the index is made in it
     # One index for the node, made anew and rebuilt here from the files: a restart rebuilds one index.
     disk = DiskStore(directory, node.disk_size, run_token=sup.run_token,
                      index=SharedIndex(directory / INDEX_DIR, map_size_for(node.disk_size), fresh=True))

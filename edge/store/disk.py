@@ -72,6 +72,19 @@ REBUILD_POLL = 0.2          # seconds between a worker's looks at whether the no
 _HEX = frozenset("0123456789abcdef")
 
 
+def prepare_directory(directory: Path) -> None:
+    """Create the cache directory; an OSError naming it if it cannot be made or written.
+
+    Runs once at startup, before any traffic: a plain mkdir is fine here.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise OSError(exc.errno, f"cache directory {directory}: {exc.strerror or exc}", str(directory)) from None
+
+
 def key_hash(key: str) -> str:
     """The file name of a key's entry ("surrogatepass": a key may be any str)."""
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
@@ -97,14 +110,7 @@ class DiskStore:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self.fsync = fsync
-        # Runs once at startup, before any traffic: a plain mkdir is fine here.
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            if not os.access(self.directory, os.W_OK | os.X_OK):
-                raise PermissionError(13, "Permission denied")
-        except OSError as exc:
-            raise OSError(exc.errno, f"cache directory {self.directory}: {exc.strerror or exc}",
-                          str(self.directory)) from None
+        prepare_directory(self.directory)
         self._index = index if index is not None else LocalIndex()
         self._rebuilds = rebuild
         self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
