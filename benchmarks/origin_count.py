@@ -32,13 +32,14 @@ def origin_serves(path_and_query: str, host: str, origin: Endpoint = ORIGIN, tim
 class OriginCounter:
     """Origin requests for one URL between calls to :meth:`take`."""
 
-    def __init__(self, path_and_query: str, host: str):
+    def __init__(self, path_and_query: str, host: str, origin: Endpoint = ORIGIN):
         self.path = path_and_query
         self.host = host
-        self._last = origin_serves(path_and_query, host)
+        self.origin = origin
+        self._last = origin_serves(path_and_query, host, origin)
 
     def take(self) -> int:
         """Requests that reached the origin since the last call (our probes excluded)."""
-        now = origin_serves(self.path, self.host)
+        now = origin_serves(self.path, self.host, self.origin)
         served, self._last = now - self._last - 1, now
         return served

@@ -25,10 +25,10 @@ from pathlib import Path
 from benchmarks import cpu, install, layout, peers, procs, report, servers, targets
 from benchmarks.context import FULL, QUICK, Bench
 from benchmarks.procs import Processes, Started
-from benchmarks.scenarios import collapse, dns, hit, hitratio, large, memory, miss, tls
+from benchmarks.scenarios import collapse, dns, hit, hitratio, large, memory, miss, tls, workers
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("hit", "collapse", "miss", "large", "hitratio", "dns", "memory", "tls")
+SCENARIOS = ("hit", "collapse", "miss", "large", "hitratio", "dns", "memory", "tls", "workers")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -174,6 +174,8 @@ def start_servers(bench: Bench, chosen: list[str]) -> dict[str, Started]:
         started["dns"] = servers.start_dns(p, topology)
         started["knot"] = servers.start_knot(p, c["knot"])
         started["ceiling_dns"] = servers.start_ceiling_dns(p)
+    if "workers" in need:
+        started.update({f"workers_{name}": proc for name, proc in workers.start(bench).items()})
     bench.log(f"started {len(started)} servers: {', '.join(started)}")
     return started
 
@@ -267,6 +269,12 @@ def run_scenarios(bench: Bench, chosen: list[str], started: dict[str, Started]) 
         flood = dns.measure_flood(bench, started["dns"])
         tables.append(dns.flood_table(flood))
         verdicts.append(dns.flood_verdict(flood))
+    if "workers" in chosen:
+        rows = workers.measure(bench, {name.removeprefix("workers_"): proc for name, proc in started.items()
+                                       if name.startswith("workers_")})
+        tables.append(workers.table(rows))
+        verdicts += workers.verdicts(rows)
+        summary.append(workers.summary(rows))
     if "memory" in chosen:
         result = memory.measure(bench, started["l1_mem"])
         tables.append(memory.table(result))

@@ -28,6 +28,7 @@ DNS_FLOOD_S = 20.0              # seconds of flood (random names and client subn
 DNS_FLOOD_SLACK_BYTES = 32 * 2**20   # its peak RSS growth stays below its answer cache's bound plus this
 SLOW_CLIENT_RATE = 10 * 2**20   # bytes/s: curl --limit-rate 10M
 SLOW_CLIENT_S = 4.0             # how long the slow client reads (about 40 MiB)
+WORKERS_SCALING = 1.8           # two workers on two CPUs against one on one (issue 14)
 MEMORY_SLACK_BYTES = 64 * 2**20  # an L1's RSS beyond memory_size and its disk index (issue 10)
 TLS_HIT_RPS_RATIO = 1.0         # HTTPS/1.1 keep-alive 1 KiB hits against nginx's HTTPS (issue 13)
 H2_HIT_RPS_RATIO = 0.5          # HTTP/2 1 KiB hits against nginx's HTTP/2 (issue 13)
@@ -97,6 +98,8 @@ def goals(settings: Settings) -> list[Goal]:
     out.append(Goal("dns-flood", "dns", f"DNS scheduler under a {DNS_FLOOD_S:g} s flood of new names and "
                     "client subnets: peak RSS growth",
                     f"< its answer cache's size + {DNS_FLOOD_SLACK_BYTES // 2**20} MiB"))
+    out.append(Goal("workers-scaling", "workers", "Warm hit 1 KiB: 2 workers on 2 CPUs against 1 worker on 1 CPU",
+                    f">= {WORKERS_SCALING:.1f} x (issue 14)"))
     out.append(Goal("memory-rss", "memory",
                     f"L1 RSS after {settings.memory_urls:,} unique 1 KiB URLs (memory_size 64 MiB)",
                     f"<= memory_size + disk-index RAM + {MEMORY_SLACK_BYTES // 2**20} MiB"))

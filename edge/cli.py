@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--listen-host", metavar="HOST", type=_listen_host,
                      help="bind every listener on HOST (e.g. 0.0.0.0 in a container) at the topology's ports; "
                           "the topology's addresses stay what others use to reach this node")
+    run.add_argument("--workers", type=_workers, metavar="N",
+                     help="worker processes for a cache node, instead of its `workers` key (default: that key, "
+                          "else the CPUs this process may use)")
+    # Set by a node's main process on the workers it starts (edge.workers); not for operators.
+    run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--run-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--run-token", default=None, help=argparse.SUPPRESS)
     up = with_config(sub.add_parser("up", help="start every node of the topology and wait; SIGHUP reloads, "
                                                "Ctrl-C stops all"))
     for p in (run, up):
@@ -83,6 +90,17 @@ def _size(text: str) -> int:
     return size
 
 
+def _workers(text: str) -> int:
+    from edge.config import MAX_WORKERS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_WORKERS} processes, got {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     from edge.launcher import prometheus_duration
     try:
@@ -107,13 +125,16 @@ def main(argv: list[str] | None = None) -> int:
         if (args.node is None) == (args.node_option is None):
             parser.error("run: give the node name once, as NODE or --node NODE")
         args.node = args.node or args.node_option
+    worker = getattr(args, "worker", None)
+    # A worker's lines say which worker wrote them: they share the node's stderr.
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+                        format="%(asctime)s %(name)s" + (f"[w{worker}]" if worker is not None else "")
+                        + " %(levelname)s %(message)s")
     try:
         if args.command == "run":
             topology, sha256, mtime = reload.read(args.config)
             return _run(topology, args.node, reload.Reloader(args.config, args.node, topology, sha256, mtime),
-                        args.watch, args.listen_host)
+                        args.watch, args)
         if args.command == "k8s":
             return _k8s(args)
         topology = config.load(args.config)
@@ -182,9 +203,11 @@ def _k8s(args: argparse.Namespace) -> int:
 
 
 def _run(topology: config.Topology, name: str, reloader: reload.Reloader, watch: bool,
-         listen_host: str | None = None) -> int:
+         args: argparse.Namespace | None = None) -> int:
     """Run one node until SIGTERM or SIGINT, reloading on SIGHUP (and, with `watch`, when the
-    file changes); a bind failure is one clear line, exit 1."""
+    file changes); a bind failure is one clear line, exit 1.  A cache node of several workers
+    runs as their supervisor (edge.workers); each worker is this same command with --worker."""
+    listen_host = getattr(args, "listen_host", None)
     if name == "dns":
         if topology.dns is None:
             raise config.ConfigError(topology.source, "dns", "no [dns] table: this topology has no scheduler")
@@ -194,8 +217,24 @@ def _run(topology: config.Topology, name: str, reloader: reload.Reloader, watch:
     else:
         node = topology.node(name)
         from edge import node as node_runner
+        from edge import workers
         target = node.name
-        serve_fn = lambda stop: node_runner.serve(topology, node, stop, reloader, listen_host)  # noqa: E731
+        worker = getattr(args, "worker", None)
+        count = workers.count(node, getattr(args, "workers", None)) if node.role != "origin" else 1
+        if worker is not None:
+            if node.role == "origin" or args.run_dir is None or args.run_token is None:
+                raise config.ConfigError(topology.source, f"nodes.{name}",
+                                         "--worker is for a cache node's main process to start its workers")
+            slot = workers.WorkerSlot(worker, args.run_dir, args.run_token)
+            target = f"{node.name} worker {worker}"
+            watch = False               # the main process watches and passes reloads on
+            serve_fn = lambda stop: node_runner.serve(topology, node, stop, reloader, listen_host, slot)  # noqa: E731
+        elif count > 1:
+            command = workers.worker_command(node.name, reloader.path, args.log_level if args else "INFO", listen_host)
+            serve_fn = lambda stop: workers.supervise(  # noqa: E731
+                topology, node, stop, reloader, count, command, node_runner.listen, listen_host)
+        else:
+            serve_fn = lambda stop: node_runner.serve(topology, node, stop, reloader, listen_host)  # noqa: E731
     if watch and reloader.path is None:
         log.warning("--watch: nothing to watch with the built-in topology; give --config FILE")
 

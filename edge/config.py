@@ -154,6 +154,9 @@ class Node:
     access_log: str = "-"                 # "-" (stdout), "off", or a file path
     access_log_format: str = "combined"
     admin_allow: tuple[Network, ...] | None = None   # who may read the admin listener; None: anyone
+    # Worker processes of a cache node (edge.workers): None when the file does not say (`edge run`
+    # then takes the CPUs it may use, `edge up` one), 0 for "auto" (the CPUs), else the number.
+    workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -570,8 +573,27 @@ _NODE_KEYS = {"role", "listen", "admin", "region", "lat", "lon", "parents", "par
               "content_dir", "content_cache_control", "max_inflight", "parent_fall",
               "parent_rise", "parent_probe_interval", "parent_timeout", "go_direct",
               "upstream_deadline", "upstream_max_conns", "upstream_queue", "access_log", "access_log_format",
-              "admin_allow", "listen_tls", "http2", "h2c", "parent_tls", "parent_ca",
+              "admin_allow", "listen_tls", "http2", "h2c", "parent_tls", "parent_ca", "workers",
               *FrontLimits.__dataclass_fields__}
+
+
+MAX_WORKERS = 256
+
+
+def _workers(r: _Reader, body: dict, path: str, role: str) -> int | None:
+    """`workers`: a whole number of processes, or "auto" (0: the CPUs the process may use)."""
+    if "workers" not in body:
+        return None
+    if role == "origin":
+        raise r.fail(path, "only a cache node (l1, l2) runs workers")
+    value = body["workers"]
+    if value == "auto":
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise r.fail(path, f'expected a whole number of processes or "auto", got {value!r}')
+    if not 1 <= value <= MAX_WORKERS:
+        raise r.fail(path, f"expected 1 to {MAX_WORKERS} processes, got {value}")
+    return value
 
 
 def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path,
@@ -657,6 +679,7 @@ def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path,
                          f"expected one of {', '.join(ACCESS_LOG_FORMATS)}, got {access_log_format!r}")
         if content_dir is not None and role != "origin":
             raise r.fail(f"{path}.content_dir", "only an origin node serves a content directory")
+        workers = _workers(r, body, f"{path}.workers", role)
         node = Node(
             name=name, role=role, listen=listen, admin=admin, region=region, listen_tls=listen_tls,
             http2=r.bool(body, "http2", f"{path}.http2", True), h2c=h2c,
@@ -673,7 +696,7 @@ def _nodes(r: _Reader, table: dict, regions: set[str], base_dir: Path,
             max_inflight=r.number(body, "max_inflight", f"{path}.max_inflight", 1000, 1, integer=True),
             limits=limits, access_log=access_log, access_log_format=access_log_format,
             admin_allow=r.networks(body["admin_allow"], f"{path}.admin_allow") if "admin_allow" in body
-            else admin_allow,
+            else admin_allow, workers=workers,
         )
         out.append((node, parents_value))
 

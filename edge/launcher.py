@@ -311,6 +311,10 @@ class Launcher:
         command = [sys.executable, "-m", "edge", "run", member.name]
         if self.config_path is not None:
             command += ["--config", str(self.config_path)]
+        if member.role in ("l1", "l2") and self.topology.node(member.name).workers is None:
+            # A whole CDN on one machine: one process per node unless the file asks for
+            # workers (each node taking every CPU would start nodes x CPUs processes).
+            command += ["--workers", "1"]
         return command
 
     async def _spawn(self, member: Member) -> Child:

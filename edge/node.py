@@ -20,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from edge import admin, cache_admin
+from edge import admin, cache_admin, workers
 from edge.http import tls
 from edge.config import Address, Node, Topology
 from edge.http.accesslog import AccessLog
@@ -35,15 +37,18 @@ from edge.proxy import CacheNode
 from edge.reload import Reloader
 from edge.store import DiskStore, MemoryStore, TieredStore
 from edge.upstream.client import UpstreamPool
+from edge.workers import WorkerSlot
 
 log = logging.getLogger("edge.node")
 
 
 async def serve(topology: Topology, node: Node, stop: asyncio.Event, reloader: Reloader | None = None,
-                listen_host: str | None = None) -> None:
+                listen_host: str | None = None, worker: WorkerSlot | None = None) -> None:
     """Run `node` until `stop` is set.  `listen_host` (`edge run --listen-host`) binds every listener
     on that host, at the topology's ports, instead of the topology's addresses: those stay what
-    other nodes use to reach this one (in Kubernetes, a Service's name or a load balancer's IP)."""
+    other nodes use to reach this one (in Kubernetes, a Service's name or a load balancer's IP).
+    As one worker of several (`worker`, see edge.workers): traffic on SO_REUSEPORT listeners, the
+    node's shared disk index, the admin app on the worker's Unix socket."""
     def bind(address: Address) -> tuple[str, int]:
         return (listen_host or address.host, address.port)
 
@@ -63,22 +68,28 @@ async def serve(topology: Topology, node: Node, stop: asyncio.Event, reloader: R
             return
         # Certificates and CA bundles: read at start (a ConfigError names the file), swapped on reload.
         tls_setup = await asyncio.to_thread(tls.load, topology, node)
-        cache_node = await _cache_node(topology, node, stack, tls_setup, listen_host)
+        cache_node = await _cache_node(topology, node, stack, tls_setup, listen_host, worker)
         access_log = AccessLog(node.access_log, node.access_log_format)
         await access_log.start()        # an OSError names the file: the command line prints it
         front = Front(cache_node, node.limits, access_log,
                       count_refusal=lambda reason: cache_node.metrics.refused.labels(reason).inc())
         stack.push_async_callback(lambda: front.access_log.close())    # the log of the last reload
-        await _listen(stack, _cache_admin_app(cache_node, front, reloader), *bind(node.admin))
+        admin_app = _cache_admin_app(cache_node, front, reloader, worker)
+        if worker is None:
+            await _listen(stack, admin_app, *bind(node.admin))
+        else:
+            await _listen_unix(stack, admin_app, worker.socket)
         _apply_tls(front, topology, node, tls_setup)
-        await front.start(*bind(node.listen))
+        shared = worker is not None
+        await front.start(*bind(node.listen), reuse_port=shared)
         if node.listen_tls is not None:
-            await front.start(*bind(node.listen_tls), tls=True)
+            await front.start(*bind(node.listen_tls), tls=True, reuse_port=shared)
             log.info("%s serving HTTPS on %s (default certificate: site %s)", node.name, node.listen_tls,
                      tls_setup.default_site)
         if reloader is not None:
             reloader.attach(lambda new: _reload_cache_node(new, cache_node, front), cache_node.metrics.registry)
-        log.info("%s (%s) serving traffic on %s, admin on %s%s", node.name, node.role, node.listen, node.admin,
+        log.info("%s (%s) serving traffic on %s, admin on %s%s", node.name, node.role, node.listen,
+                 node.admin if worker is None else f"{worker.socket} (worker {worker.index})",
                  f" (bound on {listen_host})" if listen_host else "")
         await stop.wait()
         log.info("%s draining (up to %gs for %d requests in flight)", node.name, node.limits.drain_timeout,
@@ -121,10 +132,28 @@ async def _apply_nothing(topology: Topology) -> None:
 
 
 async def _listen(stack: AsyncExitStack, app: web.Application, host: str, port: int) -> None:
+    stack.push_async_callback(await listen(app, host, port))
+
+
+async def listen(app: web.Application, host: str, port: int) -> Callable[[], Awaitable[None]]:
+    """Serve `app` on host:port; returns its cleanup."""
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, backlog=1024).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner.cleanup
+
+
+async def _listen_unix(stack: AsyncExitStack, app: web.Application, path: Path) -> None:
+    # A worker's admin app, for its node's main process only: the socket lives in a
+    # directory only this user can enter (tempfile.mkdtemp makes it 0700).
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0, access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
-    await web.TCPSite(runner, host, port, backlog=1024).start()
+    await web.UnixSite(runner, str(path)).start()
 
 
 def _origin_apps(node: Node, reloader: Reloader | None) -> tuple[web.Application, web.Application]:
@@ -145,11 +174,13 @@ def _config_sha256(reloader: Reloader | None) -> dict:
 
 
 async def _cache_node(topology: Topology, node: Node, stack: AsyncExitStack,
-                      tls_setup: tls.TlsSetup, listen_host: str | None = None) -> CacheNode:
+                      tls_setup: tls.TlsSetup, listen_host: str | None = None,
+                      worker: WorkerSlot | None = None) -> CacheNode:
     registry = CollectorRegistry()
     metrics = NodeMetrics(registry)
     memory = MemoryStore(node.memory_size, min(node.memory_object_max, node.memory_size))
-    disk = DiskStore(topology.cache_dir(node), node.disk_size)
+    disk = (DiskStore(topology.cache_dir(node), node.disk_size) if worker is None
+            else workers.shared_disk(topology, node, worker))
     store = TieredStore(memory, disk)
     await store.start()
     stack.push_async_callback(store.close)
@@ -159,13 +190,14 @@ async def _cache_node(topology: Topology, node: Node, stack: AsyncExitStack,
     await upstreams.start()
     stack.push_async_callback(upstreams.close)
     cache_node = CacheNode(topology, node, store, upstreams, metrics,
-                           ban_file=topology.cache_dir(node) / "bans.json")
+                           ban_file=topology.cache_dir(node) / (worker.ban_file_name if worker else "bans.json"))
     stack.push_async_callback(cache_node.close)
     await cache_node.start()
     return cache_node
 
 
-def _cache_admin_app(cache_node: CacheNode, front: Front, reloader: Reloader | None) -> web.Application:
+def _cache_admin_app(cache_node: CacheNode, front: Front, reloader: Reloader | None,
+                     worker: WorkerSlot | None = None) -> web.Application:
     # The node's settings and topology are read through cache_node each time: a reload replaces them.
     node = cache_node.node
     started = time.time()
@@ -198,4 +230,6 @@ def _cache_admin_app(cache_node: CacheNode, front: Front, reloader: Reloader | N
 
     token = admin.load_token()      # OSError naming a bad token file: the command line prints it
     routes = [web.get("/status", status), *cache_admin.routes(cache_node, token)]
-    return admin.make_admin_app(cache_node.metrics.registry, health, routes, allow=node.admin_allow)
+    # A worker's app is reached only through its node's main process, which applies the allow list.
+    allow = node.admin_allow if worker is None else None
+    return admin.make_admin_app(cache_node.metrics.registry, health, routes, allow=allow)

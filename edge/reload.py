@@ -38,7 +38,7 @@ log = logging.getLogger("edge.reload")
 # the stores it sized and opened at start, and the admin listener's allow
 # list (built into the listener).  A change to one of these needs a restart.
 RESTART_NODE_KEYS = ("role", "listen", "listen_tls", "admin", "memory_size", "memory_object_max", "disk_size",
-                     "admin_allow", "content_dir", "content_cache_control")
+                     "admin_allow", "content_dir", "content_cache_control", "workers")
 # The transport's own settings (its answer cache, rate limiter and TCP caps) are built once.
 RESTART_DNS_KEYS = ("listen", "admin", "admin_allow", "cache_size", "tcp_idle_timeout", "tcp_max_connections",
                     "tcp_max_per_network", "rrl")

@@ -137,16 +137,20 @@ class NodeProcess:
     proc: subprocess.Popen | None = None
     log: Path | None = None
     args: tuple[str, ...] = ()      # more `edge run` options (--watch, --listen-host HOST)
+    # `--workers 1` unless a test says otherwise (None: what the topology says): a cache node's
+    # default is one worker per CPU, and the suite's expectations are those of one process.
+    workers: int | None = 1
 
     def start(self, deadline: float = 20.0) -> NodeProcess:
         host, port = self.traffic.rsplit(":", 1)
         wait_port_free(host, int(port))
         self.log = self.config.parent / f"{self.name}.log"
         env = dict(os.environ, PYTHONPATH=str(REPO), EDGE_ADMIN_TOKEN="test-token")
+        workers = ["--workers", str(self.workers)] if self.workers is not None and self.name != "dns" else []
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edge", "run", self.name, "--config", str(self.config),
-                 "--log-level", "INFO", *self.args],
+                 "--log-level", "INFO", *workers, *self.args],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
         end = time.monotonic() + deadline
         while time.monotonic() < end:

@@ -529,7 +529,7 @@ def test_every_target_is_listed_and_unmeasured_ones_say_why():
     from benchmarks import targets
     from benchmarks.context import FULL, QUICK
     keys = [g.key for g in targets.goals(QUICK)]
-    assert len(keys) == len(set(keys)) == 8 + 10      # 2 sizes x 2 log settings x (req/s, p99) + 10 others
+    assert len(keys) == len(set(keys)) == 8 + 11      # 2 sizes x 2 log settings x (req/s, p99) + 11 others
     table = targets.table(QUICK, [targets.Verdict("miss", "0.60 x", True)], ran={"miss", "hit"})
     rows = {row[0]: row for row in table.rows}
     assert rows["Miss chain L1 -> L2 -> origin: req/s"][3] == "met"
@@ -542,7 +542,7 @@ def test_every_target_is_listed_and_unmeasured_ones_say_why():
     collapse_goal = next(g for g in targets.goals(QUICK) if g.key == "collapse")
     assert collapse_goal.goal == "1 origin request, last response <= 220 ms"
     assert targets.summary(QUICK, [targets.Verdict("miss", "x", True), targets.Verdict("dns", "x", False)]) == \
-        "Targets: 1 met, 1 below, 16 not measured (of 18; see the table Targets)"
+        "Targets: 1 met, 1 below, 17 not measured (of 19; see the table Targets)"
     memory_goal = next(g for g in targets.goals(FULL) if g.key == "memory-rss")
     assert memory_goal.scenario == "memory" and "300,000 unique 1 KiB URLs" in memory_goal.what
     assert "50,000" in next(g for g in targets.goals(QUICK) if g.key == "memory-rss").what
@@ -1135,7 +1135,7 @@ def test_tls_targets_and_the_h2_row_until_the_l1_speaks_h2():
     assert rows["HTTPS/1.1 warm hit 1 KiB, keep-alive: edge L1 req/s"][1] == ">= 1.00 x nginx (HTTPS), one CPU each"
     assert rows["HTTP/2 warm hit 1 KiB (h2load): edge L1 req/s"][1] == ">= 0.50 x nginx (HTTP/2), one CPU each"
     assert targets.summary(QUICK, list(verdicts.values())) == \
-        "Targets: 1 met, 0 below, 17 not measured (of 18; see the table Targets)"
+        "Targets: 1 met, 0 below, 18 not measured (of 19; see the table Targets)"
     assert tls.summary(runs) == ("TLS handshakes, a new connection per request (no goal): full 0.40 x nginx "
                                  "(600 vs 1,500/s) (nginx client-limited: upper bound); resumed 0.50 x nginx "
                                  "(800 vs 1,600/s)")

@@ -139,6 +139,12 @@ def test_minimal_topology_defaults():
         ('role = "l1"', 'role = "l1"\nadmin_allow = ["10.1.2.3/8"]', "nodes.l1.admin_allow",
          "did you mean '10.0.0.0/8'?"),
         ('role = "l1"', 'role = "l1"\nadmin_allow = ["2001:db8::/129"]', "nodes.l1.admin_allow", "not an address"),
+        # workers: cache nodes only, a whole number of processes or "auto"
+        ('role = "l1"', 'role = "l1"\nworkers = 0', "nodes.l1.workers", "expected 1 to 256 processes, got 0"),
+        ('role = "l1"', 'role = "l1"\nworkers = 2.5', "nodes.l1.workers", 'whole number of processes or "auto"'),
+        ('role = "l1"', 'role = "l1"\nworkers = "all"', "nodes.l1.workers", 'whole number of processes or "auto"'),
+        ('role = "l1"', 'role = "l1"\nworkers = true', "nodes.l1.workers", 'whole number of processes or "auto"'),
+        ('role = "origin"', 'role = "origin"\nworkers = 2', "nodes.origin.workers", "only a cache node"),
     ],
 )
 def test_mistakes_name_file_key_and_problem(replace, by, key, problem):
@@ -158,6 +164,13 @@ def test_node_addresses_may_be_host_names():
     l2 = config.parse(text, "t.toml", Path(".")).node("l2-a")
     assert (str(l2.listen), l2.admin.url) == ("edge-l2-a.edge.svc.cluster.local:8080",
                                               "http://edge-l2-a.edge.svc.cluster.local:8091")
+
+
+def test_workers_unset_auto_or_a_number():
+    assert config.parse(MINIMAL, "t.toml", Path(".")).node("l1").workers is None     # edge run: CPUs; edge up: 1
+    for value, parsed in (('"auto"', 0), ("1", 1), ("4", 4)):
+        text = MINIMAL.replace('role = "l1"', f'role = "l1"\nworkers = {value}')
+        assert config.parse(text, "t.toml", Path(".")).node("l1").workers == parsed
 
 
 def test_front_limits_and_access_log_defaults_and_settings():

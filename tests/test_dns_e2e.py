@@ -120,7 +120,8 @@ class Up:
 
     def run_node(self, name: str) -> subprocess.Popen:
         log = open(self.output.parent / f"{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "edge", "run", name, "--config", str(self.topology)],
+        proc = subprocess.Popen([sys.executable, "-m", "edge", "run", name, "--config", str(self.topology),
+                                 "--workers", "1"],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                                 env=dict(os.environ, PYTHONPATH=str(REPO)))
         log.close()

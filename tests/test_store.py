@@ -19,6 +19,7 @@ import pytest
 import xxhash
 
 from edge.store.disk import BLOCK_SIZE, SMALL_BODY, _BlockSums
+from edge.store.index import SharedIndex, map_size_for
 from edge.store import (ENTRY_BASE, CachedObject, CorruptEntry, DiskStore, MemoryStore, Meta,
                         TieredStore, entry_charge, key_hash)
 
@@ -51,7 +52,9 @@ async def read_all(obj: CachedObject, chunk_size: int = 256 * KiB) -> bytes:
 
 
 def files_under(directory: Path) -> list[str]:
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    """The entries' files (not a shared index's LMDB files and lock file)."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()
+                  and p.relative_to(directory).parts[0] not in ("index.lmdb", "stripes.lock"))
 
 
 def entry_paths(directory: Path, key: str) -> tuple[Path, Path]:
@@ -77,14 +80,22 @@ def body_of(n: int, seed: int) -> bytes:
     return (block * (n // len(block) + 1))[:n]
 
 
-@pytest.fixture
-async def open_disk(tmp_path):
-    """Make DiskStores that are closed after the test, started or not."""
+@pytest.fixture(params=["local", "shared"])
+async def open_disk(tmp_path, request):
+    """Make DiskStores that are closed after the test, started or not.
+
+    Every disk test runs twice: with the one-process index, and with the LMDB
+    index the workers of a node share (made fresh, as a node's start makes it).
+    """
     stores: list[DiskStore] = []
 
     async def make(directory: Path | None = None, max_bytes: int = 64 * MiB, start: bool = True,
                    wait: bool = True) -> DiskStore:
-        store = DiskStore(directory or tmp_path / "cache", max_bytes)
+        directory = directory or tmp_path / "cache"
+        index = None
+        if request.param == "shared":
+            index = SharedIndex(directory / "index.lmdb", map_size_for(max_bytes), fresh=True)
+        store = DiskStore(directory, max_bytes, index=index)
         stores.append(store)
         if start:
             await store.start()
@@ -419,7 +430,7 @@ async def test_disk_rebuild_does_not_resurrect_keys_changed_during_the_scan(tmp_
 
     assert disk.rebuilt.is_set()
     assert sorted(disk.keys()) == ["half-done", "kept", "restored"]
-    assert disk.bytes == sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    assert disk.bytes == sum((directory / name).stat().st_size for name in files_under(directory))
     assert await disk.get("deleted") is None
     assert not any(p.exists() for p in entry_paths(directory, "deleted"))
     assert await read_all(await disk.get("restored")) == new_body
@@ -570,7 +581,7 @@ async def test_disk_concurrent_writers_last_commit_wins_and_readers_never_see_a_
     data = await read_all(final)
     assert data in bodies and hashlib.sha256(data).hexdigest() == digest_of(final.meta)
     assert len(files_under(directory)) == 2 and disk.objects == 1
-    assert disk.bytes == sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    assert disk.bytes == sum((directory / name).stat().st_size for name in files_under(directory))
 
 
 async def test_disk_unusable_directory_raises_oserror_naming_it(tmp_path):
@@ -871,7 +882,7 @@ async def test_disk_tag_index_follows_stores_updates_deletes_evictions_and_resta
     assert await disk.update_meta("b", tagged_meta(body, "p4"))
     assert disk.keys_with_tag("p2") == ["a"] and disk.keys_with_tag("p4") == ["b"]
     assert await disk.delete("a")
-    assert disk.keys_with_tag("p1") == [] and "p1" not in disk._tagged
+    assert disk.keys_with_tag("p1") == [] and "p1" not in getattr(disk._index, "_tagged", {})
     assert await put(disk, "d", body, meta=tagged_meta(body, "p5"))
     assert await put(disk, "e", body, meta=tagged_meta(body, "p5"))     # over budget: "c" is evicted
     assert disk.keys() == ["b", "d", "e"]
@@ -939,3 +950,85 @@ async def test_a_delete_of_one_version_keeps_a_newer_copy(open_disk, kind):
     assert await read_all(await store.get("k")) == new_body
     assert await store.delete("k", only=new)
     assert await store.get("k") is None
+
+
+# ---------------------------------------------------------------------------- shared index (workers)
+
+@pytest.fixture
+async def two_workers(tmp_path):
+    """Two disk stores on one directory and one LMDB index, as two workers of a node have them:
+    the first made the index fresh and rebuilds it (the node's main process does this), the
+    second attaches and waits for it."""
+    directory = tmp_path / "cache"
+    made: list[DiskStore] = []
+
+    async def make(max_bytes: int = 64 * MiB, prefill: dict[str, bytes] | None = None
+                   ) -> tuple[DiskStore, DiskStore]:
+        if prefill:
+            seed = DiskStore(directory, max_bytes)
+            await seed.start()
+            for key, body in prefill.items():
+                assert await put(seed, key, body)
+            await seed.close()
+        # LMDB opens an environment once per process: the two stores share the handle here
+        # (tests/test_workers.py has the real thing, two processes).
+        index = SharedIndex(directory / "index.lmdb", map_size_for(max_bytes), fresh=True)
+        first = DiskStore(directory, max_bytes, index=index, run_token="run1")
+        second = DiskStore(directory, max_bytes, index=index, rebuild=False, run_token="run1")
+        made.extend((first, second))
+        await first.start()
+        await second.start()
+        await asyncio.wait_for(first.rebuilt.wait(), 5)
+        await asyncio.wait_for(second.rebuilt.wait(), 5)
+        return first, second
+
+    yield make
+    for store in made:
+        await store.close()
+
+
+async def test_shared_index_an_object_stored_by_one_worker_is_found_by_the_other(two_workers):
+    a, b = await two_workers()
+    body = body_of(3 * KiB, 1)
+    assert await put(a, "k", body)
+    hit = await b.get("k")
+    assert hit is not None and await read_all(hit) == body
+    assert b.objects == a.objects == 1 and b.bytes == a.bytes > len(body)
+    assert await b.delete("k")
+    assert await a.get("k") is None and a.objects == 0 and a.bytes == 0
+
+
+async def test_shared_index_holds_the_byte_limit_for_the_node_and_evicts_least_recently_used(tmp_path, two_workers):
+    body = body_of(10 * KiB, 2)
+    charge = len(body) + len(make_meta(body).to_json()) + 400       # about: the meta file is a little longer
+    a, b = await two_workers(max_bytes=4 * charge)
+    assert await put(a, "one", body) and await put(b, "two", body) and await put(a, "three", body)
+    assert await b.get("one") is not None                              # "two" is now the oldest
+    assert await put(b, "four", body) and await put(a, "five", body)   # over budget: evict
+    assert a.bytes <= a.max_bytes and a.bytes == b.bytes
+    assert "two" not in a.keys() and sorted(a.keys()) == sorted(b.keys())
+    assert a.evictions == b.evictions >= 1
+    directory = tmp_path / "cache"
+    assert len(files_under(directory)) == 2 * a.objects           # evicted entries' files are gone
+    assert a.bytes == sum((directory / name).stat().st_size for name in files_under(directory))
+
+
+async def test_shared_index_is_rebuilt_once_from_the_files_and_the_other_worker_waits_for_it(two_workers):
+    bodies = {f"k{i}": body_of(KiB, i) for i in range(5)}
+    a, b = await two_workers(prefill=bodies)
+    assert a.index_complete and b.index_complete
+    assert sorted(b.keys()) == sorted(bodies)
+    assert await read_all(await b.get("k3")) == bodies["k3"]
+    assert b.keys_with_tag("nope") == []
+
+
+async def test_shared_index_a_worker_does_not_delete_the_temp_files_of_the_others(tmp_path, two_workers):
+    a, b = await two_workers()
+    writer = b.writer("big", size_hint=None)
+    await writer.write(b"x" * (SMALL_BODY + 1))            # on disk, in a temp file, mid-fill
+    other = DiskStore(tmp_path / "cache", 64 * MiB, run_token="run1")    # another process of the run
+    await other.start()                                     # a rebuild by the same run spares it
+    await asyncio.wait_for(other.rebuilt.wait(), 5)
+    await writer.write(b"y")
+    assert await writer.commit(make_meta(b"x" * (SMALL_BODY + 1) + b"y"))
+    await other.close()

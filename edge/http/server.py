@@ -81,15 +81,20 @@ class Front:
         # (a keep-alive deadline may be up to one sweep late; it is 75 s by default).
         self.now = self.loop.time()
 
-    async def start(self, host: str, port: int, backlog: int = 1024, tls: bool = False) -> None:
+    async def start(self, host: str, port: int, backlog: int = 1024, tls: bool = False,
+                    reuse_port: bool = False) -> None:
         """Bind and listen (an OSError here is a bind failure), then accept in the background.
 
         With `tls`, connections are TLS, with ``tls_context`` as it is at each accept.
+        With `reuse_port`, other workers of the node bind the same address and the
+        kernel spreads new connections over them (edge.workers).
         """
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))
             sock.listen(backlog)
             sock.setblocking(False)

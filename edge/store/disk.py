@@ -41,13 +41,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import fcntl
+import functools
 import itertools
 import json
 import logging
 import os
 import secrets
+import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,7 @@ import aiofiles.threadpool
 import xxhash
 
 from edge.store.base import DEFAULT_CHUNK_SIZE, CachedObject, CorruptEntry, Meta, same_version
+from edge.store.index import LocalIndex, SharedIndex
 
 log = logging.getLogger("edge.store.disk")
 
@@ -65,7 +68,21 @@ FORMAT_VERSION = 2          # 2: block checksums, and a checksum of the meta its
 BLOCK_SIZE = 1024 * 1024    # the unit of body checksums: a read is verified block by block
 TEMP_PREFIX = ".tmp-"
 _LOCK_STRIPES = 256
+REBUILD_POLL = 0.2          # seconds between a worker's looks at whether the node's index is rebuilt
 _HEX = frozenset("0123456789abcdef")
+
+
+def prepare_directory(directory: Path) -> None:
+    """Create the cache directory; an OSError naming it if it cannot be made or written.
+
+    Runs once at startup, before any traffic: a plain mkdir is fine here.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise OSError(exc.errno, f"cache directory {directory}: {exc.strerror or exc}", str(directory)) from None
 
 
 def key_hash(key: str) -> str:
@@ -77,51 +94,37 @@ def _short(key: str) -> str:
     return key if len(key) <= 120 else key[:117] + "..."
 
 
-class _Entry:
-    """What the index knows about an entry: its charge, which version it is, and its tags."""
-
-    __slots__ = ("charge", "version", "tags")
-
-    def __init__(self, charge: int, version: int, tags: tuple[str, ...] = ()):
-        self.charge = charge
-        self.version = version
-        self.tags = tags
-
-
 class DiskStore:
     name = "disk"
 
-    def __init__(self, directory: Path, max_bytes: int, *, fsync: bool = False):
+    def __init__(self, directory: Path, max_bytes: int, *, fsync: bool = False,
+                 index: LocalIndex | SharedIndex | None = None, rebuild: bool = True,
+                 run_token: str | None = None):
+        """`index`: a SharedIndex when several worker processes share this directory (default: a
+        LocalIndex of this process).  `rebuild`: this store scans the directory at start; a
+        worker sharing an index another process rebuilds only waits for it.  `run_token`: what the
+        temp files of every process sharing the directory begin with (so one's scan spares the
+        others'); default: this instance's own."""
         if max_bytes < 0:
             raise ValueError("disk store size must not be negative")
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self.fsync = fsync
-        # Runs once at startup, before any traffic: a plain mkdir is fine here.
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            if not os.access(self.directory, os.W_OK | os.X_OK):
-                raise PermissionError(13, "Permission denied")
-        except OSError as exc:
-            raise OSError(exc.errno, f"cache directory {self.directory}: {exc.strerror or exc}",
-                          str(self.directory)) from None
-        self._index: OrderedDict[str, _Entry] = OrderedDict()
-        # tag -> keys of the entries carrying it: a purge by tag finds its objects
-        # without reading any file (kept in step with the index).
-        self._tagged: dict[str, set[str]] = {}
-        self._bytes = 0
-        self._evictions = 0
-        self._versions = itertools.count(1)
+        prepare_directory(self.directory)
+        self._index = index if index is not None else LocalIndex()
+        self._rebuilds = rebuild
         self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
-        # Temp files carry this instance's token: the rebuild deletes everyone
-        # else's (left by a crash) but never those of a writer running now.
-        self._temp_prefix = f"{TEMP_PREFIX}{secrets.token_hex(4)}-"
+        # Temp files carry this run's token: the rebuild deletes everyone else's
+        # (left by a crash) but never those of a writer running now, in this
+        # process or (with a shared index) in another worker of the node.
+        own = secrets.token_hex(4)
+        self._keep_prefix = f"{TEMP_PREFIX}{run_token or own}-"
+        self._temp_prefix = self._keep_prefix if run_token is None else f"{self._keep_prefix}{own}-"
+        # Workers sharing the directory also exclude each other around the renames of one
+        # entry (a lock file, one byte per stripe), so two never interleave one commit.
+        self._xlock = _StripeFileLock(self.directory / "stripes.lock") if self._index.shared else None
         self._temp_counter = itertools.count()
         self._subdirs_ready: set[str] = set()
-        # Hashes stored, deleted, evicted or adopted since the rebuild began: the
-        # scan's view of them may be stale, so the merge must not act on them.
-        self._touched: set[str] | None = set()
-        self._index_complete = False     # True once a full scan merged: unindexed means absent
         self._rebuild_task: asyncio.Task[None] | None = None
         self._writers: weakref.WeakSet[DiskWriter] = weakref.WeakSet()
         self._files = _ThreadBatch()     # lookups, installs and removals, batched per thread hop
@@ -135,7 +138,8 @@ class DiskStore:
         """Start rebuilding the index in the background; returns at once."""
         if self._rebuild_task is None and not self.rebuilt.is_set():
             self._rebuild_task = asyncio.create_task(
-                self._rebuild(), name=f"disk cache index rebuild {self.directory}")
+                self._rebuild() if self._rebuilds else self._await_rebuild(),
+                name=f"disk cache index rebuild {self.directory}")
 
     async def close(self) -> None:
         task, self._rebuild_task = self._rebuild_task, None
@@ -149,6 +153,9 @@ class DiskStore:
                     raise
         for writer in list(self._writers):
             await writer.abort()
+        self._index.close()
+        if self._xlock is not None:
+            self._xlock.close()
 
     # ------------------------------------------------------------------ reads
 
@@ -156,7 +163,7 @@ class DiskStore:
         return None         # bodies live in files: never answered without awaiting
 
     async def get(self, key: str) -> CachedObject | None:
-        if key not in self._index and self._index_complete:
+        if self._index.absent(key):
             return None
         h = key_hash(key)
         meta_path, body_path = self._paths(h)
@@ -167,17 +174,17 @@ class DiskStore:
                 await self._discard_locked(key, h, str(exc))
                 return None
             if found is None:
-                if self._index_drop(key):
+                if self._index.drop(key):
                     self._touch(h)
                     log.warning("disk cache: entry for %s vanished from %s", _short(key), meta_path)
                 return None
             meta, meta_len, sums = found
             entry = self._index.get(key)
             if entry is None:            # on disk but not indexed yet: adopt it
-                entry = self._index_put(key, meta.size + meta_len, meta.tags)
+                entry = self._index.put(key, meta.size + meta_len, meta.tags)
                 self._touch(h)
             else:
-                self._index.move_to_end(key)
+                self._index.use(key)
             return DiskObject(meta, self, key, h, entry.version, sums)
 
     async def _open_body(self, obj: DiskObject) -> Any:
@@ -204,9 +211,9 @@ class DiskStore:
     async def _discard_locked(self, key: str, h: str, problem: str) -> None:
         log.warning("disk cache: dropping entry for %s (%s): %s", _short(key), h, problem)
         self.corrupt += 1
-        self._index_drop(key)
+        self._index.drop(key)
         self._touch(h)
-        await asyncio.to_thread(_remove_quietly, *self._paths(h))
+        await asyncio.to_thread(self._x(_remove_quietly, h), *self._paths(h))
 
     # ------------------------------------------------------------------ writes
 
@@ -239,21 +246,21 @@ class DiskStore:
         async with self._lock(h):
             self._touch(h)
             try:
-                await self._files.run(_install_files, tmp_body, tmp_meta, meta_bytes,
-                                        meta_path, body_path, self.fsync, body)
+                await self._files.run(self._x(_install_files, h), tmp_body, tmp_meta, meta_bytes,
+                                      meta_path, body_path, self.fsync, body)
             except OSError as exc:
                 log.warning("disk cache: cannot store %s in %s: %s", _short(key), meta_path, exc)
-                self._index_drop(key)
-                await asyncio.to_thread(_remove_quietly, tmp_body, tmp_meta, meta_path, body_path)
+                self._index.drop(key)
+                await asyncio.to_thread(self._x(_remove_quietly, h), tmp_body, tmp_meta, meta_path, body_path)
                 return False
-            self._index_put(key, charge, tags)
+            self._index.put(key, charge, tags)
         await self._evict_to_budget()
         return True
 
     async def update_meta(self, key: str, meta: Meta, replacing: Meta | None = None) -> bool:
         """Rewrite only the meta (after a 304, a soft purge); False if absent or the size differs,
         or (with `replacing`) if the stored meta is no longer that one."""
-        if key not in self._index and self._index_complete:
+        if self._index.absent(key):
             return False
         h = key_hash(key)
         meta_path, body_path = self._paths(h)
@@ -261,7 +268,7 @@ class DiskStore:
         async with self._lock(h):
             self._touch(h)
             try:
-                outcome, meta_len = await asyncio.to_thread(_rewrite_meta, key, meta, tmp_meta,
+                outcome, meta_len = await asyncio.to_thread(self._x(_rewrite_meta, h), key, meta, tmp_meta,
                                                             meta_path, body_path, self.fsync, replacing)
             except CorruptEntry as exc:
                 await self._discard_locked(key, h, str(exc))
@@ -270,26 +277,16 @@ class DiskStore:
                 log.warning("disk cache: cannot update %s: %s", meta_path, exc)
                 return False
             if outcome == "absent":
-                self._index_drop(key)
+                self._index.drop(key)
                 return False
             if outcome in ("size differs", "replaced"):
                 return False
-            entry = self._index.get(key)
-            charge = meta.size + meta_len
-            if entry is None:
-                self._index_put(key, charge, meta.tags)
-            else:                         # same body, same version: readers stay valid
-                self._bytes += charge - entry.charge
-                entry.charge = charge
-                if entry.tags != meta.tags:       # a 304 may change Surrogate-Key
-                    self._untag(key, entry.tags)
-                    entry.tags = meta.tags
-                    self._tag(key, entry.tags)
-                self._index.move_to_end(key)
+            # Same body, same version (readers stay valid); new charge and tags.
+            self._index.restate(key, meta.size + meta_len, meta.tags)
         return True
 
     async def delete(self, key: str, only: Meta | None = None) -> bool:
-        if key not in self._index and self._index_complete:
+        if self._index.absent(key):
             return False
         h = key_hash(key)
         async with self._lock(h):
@@ -300,30 +297,26 @@ class DiskStore:
                     found = None                 # broken: remove it whatever it was
                 if found is not None and not same_version(found[0], only):
                     return False
-            indexed = self._index_drop(key)
+            indexed = self._index.drop(key)
             self._touch(h)
             try:
-                existed = await self._files.run(_remove_files, *self._paths(h))
+                existed = await self._files.run(self._x(_remove_files, h), *self._paths(h))
             except OSError as exc:
                 log.warning("disk cache: cannot delete entry %s: %s", h, exc)
                 existed = True
         return indexed or existed
 
     async def _evict_to_budget(self) -> None:
-        victims = []
-        while self._bytes > self.max_bytes and self._index:
-            key, entry = self._index.popitem(last=False)
-            self._bytes -= entry.charge
-            self._untag(key, entry.tags)
-            self._evictions += 1
-            victims.append(key)
+        # With a shared index the victims are popped in one transaction: two workers
+        # over budget at once evict different entries, and the budget is the node's.
+        victims = self._index.evict_over(self.max_bytes)
         for key in victims:
             h = key_hash(key)
             async with self._lock(h):
                 if key in self._index:   # stored again meanwhile: the files are the new entry
                     continue
                 self._touch(h)
-                await asyncio.to_thread(_remove_quietly, *self._paths(h))
+                await asyncio.to_thread(self._x(_remove_quietly, h), *self._paths(h))
 
     # ------------------------------------------------------------------ index
 
@@ -335,38 +328,13 @@ class DiskStore:
         return self._locks[int(h[:2], 16) % _LOCK_STRIPES]
 
     def _touch(self, h: str) -> None:
-        if self._touched is not None:
-            self._touched.add(h)
+        self._index.note(h)
 
-    def _index_put(self, key: str, charge: int, tags: tuple[str, ...] = ()) -> _Entry:
-        old = self._index.pop(key, None)
-        if old is not None:
-            self._bytes -= old.charge
-            self._untag(key, old.tags)
-        entry = self._index[key] = _Entry(charge, next(self._versions), tags)
-        self._bytes += charge
-        self._tag(key, tags)
-        return entry
-
-    def _tag(self, key: str, tags: tuple[str, ...]) -> None:
-        for tag in tags:
-            self._tagged.setdefault(tag, set()).add(key)
-
-    def _untag(self, key: str, tags: tuple[str, ...]) -> None:
-        for tag in tags:
-            keys = self._tagged.get(tag)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self._tagged[tag]
-
-    def _index_drop(self, key: str) -> bool:
-        old = self._index.pop(key, None)
-        if old is None:
-            return False
-        self._bytes -= old.charge
-        self._untag(key, old.tags)
-        return True
+    def _x(self, fn: Callable[..., Any], h: str) -> Callable[..., Any]:
+        """`fn` (a file helper run on a thread), holding the entry's stripe across processes."""
+        if self._xlock is None:
+            return fn
+        return functools.partial(self._xlock.run, int(h[:2], 16) % _LOCK_STRIPES, fn)
 
     async def _rebuild(self) -> None:
         try:
@@ -376,6 +344,12 @@ class DiskStore:
             log.exception("disk cache %s: index rebuild failed", self.directory)
             self.rebuild_errors += 1
             self.rebuilt.set()
+
+    async def _await_rebuild(self) -> None:
+        """A worker whose node's main process rebuilds the shared index: wait until it is complete."""
+        while not self._index.complete:
+            await asyncio.sleep(REBUILD_POLL)
+        self.rebuilt.set()
 
     async def _scan(self) -> _ScanResult:
         """Read every subdirectory, one thread hop each, so close() can stop it between."""
@@ -390,7 +364,7 @@ class DiskStore:
         for sub in subdirs:
             try:
                 found, bad = await asyncio.to_thread(
-                    _scan_subdir, self.directory / sub, sub, self._temp_prefix)
+                    _scan_subdir, self.directory / sub, sub, self._keep_prefix)
             except OSError as exc:
                 log.error("disk cache %s: cannot scan %s: %s", self.directory, sub, exc)
                 self.rebuild_errors += 1
@@ -403,33 +377,23 @@ class DiskStore:
 
     async def _merge(self, result: _ScanResult) -> None:
         """Add what the scan found, skipping every hash touched since the scan began."""
-        touched = self._touched if self._touched is not None else set()
-        # Newest first, each pushed to the LRU front: the oldest ends up evicted
-        # first, and everything used since start-up stays more recent.
-        result.found.sort(reverse=True)
-        for _mtime, key, h, charge, tags in result.found:
-            if h in touched or key in self._index:
-                continue
-            self._index[key] = _Entry(charge, next(self._versions), tags)
-            self._index.move_to_end(key, last=False)
-            self._bytes += charge
-            self._tag(key, tags)
+        # Broken entries first, while the index still tracks what was touched since the scan.
         removed = 0
         for h in result.bad:
             async with self._lock(h):
-                if h not in touched:
-                    await asyncio.to_thread(_remove_quietly, *self._paths(h))
+                if not self._index.was_touched(h):
+                    await asyncio.to_thread(self._x(_remove_quietly, h), *self._paths(h))
                     removed += 1
+        if self._index.shared:
+            # Many write transactions, each may wait for a worker's: off the event loop.
+            await asyncio.to_thread(self._index.merge, result.found, result.complete)
+        else:
+            self._index.merge(result.found, result.complete)
         if removed:
             self.corrupt += removed
             log.warning("disk cache %s: removed %d broken entries", self.directory, removed)
         log.info("disk cache %s: index rebuilt: %d entries, %d bytes",
-                 self.directory, len(self._index), self._bytes)
-        # With a subdirectory unreadable the index stays incomplete: lookups
-        # keep checking the files, so nothing on disk is silently ignored.
-        if result.complete:
-            self._touched = None
-            self._index_complete = True
+                 self.directory, self._index.objects, self._index.bytes)
         self.rebuilt.set()
         await self._evict_to_budget()
 
@@ -437,31 +401,31 @@ class DiskStore:
 
     def keys(self) -> list[str]:
         """Indexed keys from least to most recently used (a snapshot, for operators)."""
-        return list(self._index)
+        return self._index.keys()
 
     def keys_with_tag(self, tag: str) -> list[str]:
         """Indexed keys whose entries carry `tag` (a snapshot; no file is read)."""
-        return list(self._tagged.get(tag, ()))
+        return self._index.keys_with_tag(tag)
 
     @property
     def index_complete(self) -> bool:
         """Has the start-up scan merged every subdirectory (so the index lists every entry)?"""
-        return self._index_complete
+        return self._index.complete
 
     def tiers(self) -> list[DiskStore]:
         return [self]
 
     @property
     def objects(self) -> int:
-        return len(self._index)
+        return self._index.objects
 
     @property
     def evictions(self) -> int:
-        return self._evictions
+        return self._index.evictions
 
     @property
     def bytes(self) -> int:
-        return self._bytes
+        return self._index.bytes
 
 
 class _ScanResult:
@@ -697,6 +661,35 @@ class DiskWriter:
 
 
 # ---------------------------------------------------------------------------- file helpers
+class _StripeFileLock:
+    """One byte of a lock file per stripe, locked with ``lockf`` around a file helper, on its thread.
+
+    ``lockf`` locks belong to the process, not the thread, so it only excludes
+    other processes; within one, the store's asyncio stripe locks already keep
+    two operations on one entry apart, and a thread lock per stripe covers the
+    rest.  The file stays open for the store's life: closing any descriptor of
+    it would drop every lock this process holds on it.
+    """
+
+    def __init__(self, path: Path):
+        # Once, at start-up, before any traffic.
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._threads = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+
+    def run(self, stripe: int, fn: Callable[..., Any], *args: Any) -> Any:
+        with self._threads[stripe]:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, stripe)
+            try:
+                return fn(*args)
+            finally:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, stripe)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class _ThreadBatch:
     """File calls queued while a worker thread runs the previous ones go together in one hop.
 
