@@ -341,7 +341,7 @@ def table(all_runs: list[TlsRuns], resumption: list[Resumption]) -> report.Table
     out.notes.append(
         "Both servers: bench.example.com's certificate (ECDSA P-256, made by edge/devcerts.py for this run), "
         "TLS 1.2 and 1.3. Our L1: Python's ssl defaults (OpenSSL's TLS 1.3 suites, server cipher preference, "
-        "stateless session tickets, ALPN http/1.1). nginx: ssl_protocols TLSv1.2 TLSv1.3, otherwise its "
+        "stateless session tickets, ALPN h2 and http/1.1). nginx: ssl_protocols TLSv1.2 TLSv1.3, otherwise its "
         "defaults (ssl_ciphers HIGH:!aNULL:!MD5, client cipher preference, session tickets on, "
         "ssl_session_cache none); HTTP/1.1 on one port (ALPN http/1.1), HTTP/2 on a second (`ssl http2`).")
     out.notes.append(
