@@ -114,14 +114,25 @@ def cache_resources(node: Node, object_size: int = DEFAULT_OBJECT_SIZE) -> Resou
 
     The disk tier holds ``disk_size / (object_size + META_FILE)`` objects and
     keeps each in a RAM index (INDEX_ENTRY bytes), so memory is
-    ``memory_size + entries * INDEX_ENTRY + PROCESS_BASE``, limited at 25 %
+    ``workers * (memory_size + PROCESS_BASE) + entries * INDEX_ENTRY``, limited at 25 %
     more.  Each object is two files on disk, charged their bytes but taking
     whole blocks, so the volume is ``disk_size + entries * FS_SLACK`` and 10 %.
     """
     entries = math.ceil(node.disk_size / (object_size + META_FILE)) if node.disk_size else 0
-    memory = node.memory_size + entries * INDEX_ENTRY + PROCESS_BASE
+    # Each worker has its own memory tier and process; the disk index is the node's (one LMDB map
+    # shared by the workers, or the one process's RAM index), counted once either way.
+    workers = pod_workers(node)
+    memory = workers * (node.memory_size + PROCESS_BASE) + entries * INDEX_ENTRY
     volume = node.disk_size + entries * FS_SLACK + math.ceil(node.disk_size * DISK_MARGIN)
-    return Resources(memory, math.ceil(memory * (1 + MEMORY_HEADROOM)), CPU[node.role], volume, entries)
+    cpu = f"{int(CPU[node.role].rstrip('m')) * workers}m"
+    return Resources(memory, math.ceil(memory * (1 + MEMORY_HEADROOM)), cpu, volume, entries)
+
+
+def pod_workers(node: Node) -> int:
+    """Worker processes of a cache node's pod: the topology's number, and 1 where it says nothing or
+    "auto", since inside a pod the CPUs a process may use are the machine's, not the pod's share
+    (scale out with more nodes, or set `workers` with the CPUs the pod should get)."""
+    return node.workers if node.workers else 1
 
 
 def dns_resources(dns: config.Dns) -> Resources:
@@ -158,6 +169,7 @@ class _Member:
     restart_hash: str = ""
     host_network: bool = False
     content: bool = False           # an origin with content_dir: a volume from a claim
+    workers: int = 0                # a cache node's worker processes (0: not a cache node)
 
 
 def object_names(topology: Topology) -> dict[str, str]:
@@ -354,6 +366,7 @@ def _members(topology: Topology, names: dict[str, str], options: Options, source
         member.host_network = node.role == "l1" and options.l1 == "daemonset"
         member.content = node.content_dir is not None
         member.resources = origin_resources() if node.role == "origin" else cache_resources(node, options.object_size)
+        member.workers = 0 if node.role == "origin" else pod_workers(node)
         restart = [getattr(node, key) for key in reload.RESTART_NODE_KEYS] + [topology.cache_dir(node)]
         member.restart_hash = _digest(restart)
         out.append(member)
@@ -501,6 +514,8 @@ def _pod_spec(member: _Member, secret: str | None, options: Options) -> dict[str
     resources = member.resources
     low_ports = any(port < 1024 for _, port, _ in member.ports)
     command = ["edge", "run", member.name, "--config", CONFIG_FILE, "--watch"]
+    if member.workers:
+        command += ["--workers", str(member.workers)]
     if not member.host_network:
         command += ["--listen-host", "0.0.0.0"]
     probe = {"httpGet": {"path": "/healthz", "port": "admin"}, "timeoutSeconds": 2}

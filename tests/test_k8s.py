@@ -220,9 +220,10 @@ MIB, GIB = 2**20, 2**30
     ("multi-host, namespace cdn, storage class", "Deployment", "edge-l1-nyc",
      "spec.template.spec.containers.0.image", "registry.example/edge:1"),
     ("multi-host", "Deployment", "edge-l1-nyc", "spec.template.spec.containers.0.command",
-     ["edge", "run", "l1-nyc", "--config", "/etc/edge/topology.toml", "--watch", "--listen-host", "0.0.0.0"]),
+     ["edge", "run", "l1-nyc", "--config", "/etc/edge/topology.toml", "--watch", "--workers", "1",
+      "--listen-host", "0.0.0.0"]),
     ("multi-host, L1 daemonsets", "DaemonSet", "edge-l1-nyc", "spec.template.spec.containers.0.command",
-     ["edge", "run", "l1-nyc", "--config", "/etc/edge/topology.toml", "--watch"]),   # on the host's own IP
+     ["edge", "run", "l1-nyc", "--config", "/etc/edge/topology.toml", "--watch", "--workers", "1"]),   # on the host's own IP
     ("multi-host", "StatefulSet", "edge-l2-east", "spec.template.metadata.annotations[prometheus.io/port]", "8091"),
     ("multi-host", "StatefulSet", "edge-l2-east", "spec.template.metadata.annotations[prometheus.io/scrape]", "true"),
     ("multi-host", "StatefulSet", "edge-l2-east", "spec.template.spec.terminationGracePeriodSeconds", 45),
@@ -245,6 +246,23 @@ def test_cache_resources_follow_the_documented_formula():
         assert got.memory_request == node.memory_size + entries * 300 + 64 * MIB
         assert got.memory_limit == math.ceil(got.memory_request * 1.25)
         assert got.volume == node.disk_size + entries * 4096 + math.ceil(node.disk_size * 0.1)
+
+
+@pytest.mark.parametrize("workers, processes", [("", 1), ('workers = "auto"', 1), ("workers = 1", 1),
+                                                ("workers = 3", 3)])
+def test_a_pod_runs_the_workers_the_topology_names(workers, processes):
+    """Each worker has its own memory tier and process; "auto" inside a pod would count the
+    machine's CPUs, not the pod's, so a pod runs one worker unless the topology names a number."""
+    text = config.default_text().replace('[nodes.l2-a]', f'[nodes.l2-a]\n{workers}', 1)
+    topology = config.parse(text, "t.toml", Path.cwd())
+    node = topology.node("l2-a")
+    got = k8s.cache_resources(node, 64 * 2**10)
+    entries = math.ceil(node.disk_size / (64 * 2**10 + 450))
+    assert got.memory_request == processes * (node.memory_size + 64 * MIB) + entries * 300
+    assert got.cpu_request == f"{500 * processes}m"
+    manifests = k8s.render(text, "t.toml", Path.cwd(), k8s.Options())
+    command = container(find(manifests, "StatefulSet", "edge-l2-a"))["command"]
+    assert command[command.index("--workers") + 1] == str(processes)
 
 
 def test_every_pod_is_probed_on_its_admin_port_healthz(manifests):
