@@ -1203,3 +1203,12 @@ def test_tls_targets_have_unique_labels_and_their_own_groups():
     assert tls.OURS.https_url("/x") == "https://127.0.62.1:8443/x"
     assert tls.NGINX.https_url("/x", tls.NGINX.h2) == "https://127.0.64.1:8444/x"
     assert "tls" in run.SCENARIOS
+
+
+def test_the_workers_scenario_renders_the_shared_nginx_template(tmp_path):
+    """Every placeholder of peers/nginx.conf is filled (the tls scenario added some), and nginx
+    runs `worker_processes auto` on the scenario's address."""
+    from benchmarks.scenarios import workers
+    text = workers.render_nginx(tmp_path).read_text()
+    assert "{{" not in text and "worker_processes auto;" in text
+    assert f"listen {workers.NGINX_AUTO} backlog=4096;" in text

@@ -101,6 +101,20 @@ class Row:
         return self.median_rps / own if own > 0 else 0.0
 
 
+def render_nginx(run_dir: Path) -> Path:
+    """nginx-auto's config: the peers' nginx template with `worker_processes auto` at NGINX_AUTO."""
+    template = (peers.PEERS_DIR / "nginx.conf").read_text()
+    assert "worker_processes 1;" in template
+    conf = run_dir / "nginx-auto.conf"
+    conf.write_text(peers.fill(template.replace("worker_processes 1;", "worker_processes auto;"), {
+        **peers.values(run_dir), "origin": str(ORIGIN), "nginx_name": "nginx-auto",
+        "nginx_listen": str(NGINX_AUTO), "nginx_access_log": "off",
+        # The template's HTTPS server (the tls scenario's) listens beside it, unused here.
+        "nginx_listen_tls": f"{NGINX_AUTO.host}:8443", "nginx_listen_h2": f"{NGINX_AUTO.host}:8444",
+        "nginx_tls_access_log": "off"}, str(conf)))
+    return conf
+
+
 def start(bench: Bench) -> dict[str, procs.Started]:
     """Render the scenario's topology and nginx config, start origin, w1 (CPU 0), w2 and nginx (both CPUs)."""
     run_dir, p = bench.run_dir, bench.processes
@@ -108,12 +122,7 @@ def start(bench: Bench) -> dict[str, procs.Started]:
     topology.write_text(TOPOLOGY.format(state=run_dir / "workers-state", host=layout.SITE_HOST, origin=ORIGIN,
                                         origin_admin=ORIGIN_ADMIN, one=ONE, one_admin=ONE_ADMIN, two=TWO,
                                         two_admin=TWO_ADMIN))
-    template = (peers.PEERS_DIR / "nginx.conf").read_text()
-    assert "worker_processes 1;" in template
-    conf = run_dir / "nginx-auto.conf"
-    conf.write_text(peers.fill(template.replace("worker_processes 1;", "worker_processes auto;"), {
-        **peers.values(run_dir), "origin": str(ORIGIN), "nginx_name": "nginx-auto",
-        "nginx_listen": str(NGINX_AUTO), "nginx_access_log": "off"}, str(conf)))
+    conf = render_nginx(run_dir)
     started = {}
     for name, admin, cpu in (("origin", ORIGIN_ADMIN, layout.SERVER_CPU), ("w1", ONE_ADMIN, layout.SERVER_CPU),
                              ("w2", TWO_ADMIN, None)):
