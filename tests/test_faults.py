@@ -153,3 +153,33 @@ async def test_connections_per_upstream_are_capped_and_the_queue_is_bounded(tmp_
         assert counter(cluster.node("l1-1").metrics(), "edge_upstream_queued") == 0
     finally:
         cluster.stop_all()
+
+
+async def test_a_parent_host_that_vanishes_is_left_once_marked_down(tmp_path, http):
+    """A parent whose host stops answering without a reset (packets dropped, as when its
+    machine dies): its sockets accept and say nothing.  A miss waiting on it is moved on to
+    the origin once the probes mark it down, instead of waiting out the upstream deadline
+    and failing with 504."""
+    import socket
+    cluster = topology(tmp_path, l2=1, l1_lines="parent_timeout = 1.0\nupstream_deadline = 15")
+    holes = []
+    try:
+        for port in (TRAFFIC_PORT, ADMIN_PORT):     # l2-a's traffic and admin: the kernel accepts, nobody reads
+            hole = socket.socket()
+            hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            hole.bind((f"{NET}.21", port))
+            hole.listen(64)
+            holes.append(hole)
+        cluster.start("origin", "l1-1")
+        started = time.monotonic()
+        status, h = await get(http, cluster.url("l1-1", f"/gen/vanished-{uuid.uuid4().hex}?cc=max-age=60"))
+        took = time.monotonic() - started
+        assert status == 200, dict(h)
+        assert took < 8, took           # probes time out after 1 s; two failures mark it down
+        l1 = cluster.node("l1-1").metrics()
+        assert counter(l1, "edge_upstream_requests_total", upstream="l2-a", outcome="parent_down") == 1
+        assert counter(l1, "edge_upstream_requests_total", upstream="origin", outcome="2xx") == 1
+    finally:
+        cluster.stop_all()
+        for hole in holes:
+            hole.close()

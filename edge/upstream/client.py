@@ -22,6 +22,9 @@ Every attempt of one request shares one deadline (`upstream_deadline`, like
 nginx's `proxy_next_upstream_timeout`): the next candidate is tried only
 while time remains.  A parent is given the whole remaining time for its
 head, since it bounds its own fetch; the origin gets `parent_timeout` of it.
+A bodyless request waiting on a parent that is marked down meanwhile (a
+host that vanished without a reset: its probes time out) gives up on it and
+goes on to the next candidate, rather than wait out the deadline.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import ipaddress
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, replace
 
 from multidict import CIMultiDict
@@ -68,6 +71,10 @@ class UpstreamError(Exception):
     def __init__(self, error: str, detail: str, tried: list[str], params: tuple[tuple[str, int | str], ...] = ()):
         super().__init__(f"{error}: {detail} (tried {', '.join(tried) or 'nothing'})")
         self.error, self.detail, self.tried, self.params = error, detail, tried, params
+
+
+class ParentMarkedDown(Exception):
+    """A parent was marked down while a request waited for its answer (see _unless_marked_down)."""
 
 
 def proxy_status_error(headers: Mapping[str, str], name: str) -> str | None:
@@ -123,6 +130,7 @@ class UpstreamPool:
         self.prober = ActiveProber(self.health, health_urls, self.client,
                                    interval=self.policy.probe_interval, timeout=min(self.policy.timeout, 2.0))
         self._origins: dict[tuple, Upstream] = {}
+        self._marked_down: dict[str, set[asyncio.Future[None]]] = {}   # requests waiting on each parent
         metrics.watch_upstreams(self.connection_stats)
 
     def reload(self, topology: Topology, node: Node,
@@ -195,6 +203,10 @@ class UpstreamPool:
 
     def _on_health_change(self, name: str, up: bool) -> None:
         self.metrics.parent_up.labels(name).set(1 if up else 0)
+        if not up:
+            for waiter in self._marked_down.pop(name, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
         if up:
             log.warning("parent %s is back up", name)
         else:
@@ -252,9 +264,19 @@ class UpstreamPool:
             tried.append(upstream.name)
             started = time.monotonic()
             try:
-                response = await self.client.request(
+                request = self.client.request(
                     upstream.address, method, raw_target, headers.items(), body,
                     read_timeout=left if upstream.is_parent else self.policy.timeout, deadline=deadline)
+                if upstream.is_parent and body is None:
+                    response = await self._unless_marked_down(upstream.name, request)
+                else:
+                    response = await request
+            except ParentMarkedDown as exc:
+                # Nothing was received, and a bodyless request can go to the next candidate.
+                last_error = ("connection_timeout", str(exc), ())
+                self.metrics.upstream_requests.labels(upstream.name, "parent_down").inc()
+                log.info("upstream %s: %s; trying the next candidate", upstream.name, exc)
+                continue
             except UpstreamIOError as exc:
                 last_error = (exc.error, exc.detail, exc.params)
                 if exc.error == "connection_limit_reached":
@@ -278,6 +300,31 @@ class UpstreamPool:
             self.metrics.upstream_requests.labels(upstream.name, f"{response.status // 100}xx").inc()
             return response, upstream
         raise UpstreamError(last_error[0], last_error[1], tried, last_error[2])
+
+    async def _unless_marked_down(self, name: str, request: Awaitable[UpstreamResponse]) -> UpstreamResponse:
+        """Await `request` to parent `name`, unless the parent is marked down first.
+
+        A parent's host that vanishes (no reset, no answer) would hold every request
+        waiting on it for the whole upstream deadline; once its probes or other requests
+        have marked it down, those waiting give up on it (its connection is aborted) and
+        raise ParentMarkedDown, so their fetch moves on to the next candidate.
+        """
+        task = asyncio.ensure_future(request)
+        down = asyncio.get_running_loop().create_future()
+        waiting = self._marked_down.setdefault(name, set())
+        waiting.add(down)
+        try:
+            await asyncio.wait((task, down), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            waiting.discard(down)
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ParentMarkedDown(f"{name} was marked down while this request waited for its answer")
 
     def _failed(self, upstream: Upstream, outcome: str, health: ParentHealth, detail: str = "") -> None:
         self.metrics.upstream_requests.labels(upstream.name, outcome).inc()
