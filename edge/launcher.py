@@ -375,7 +375,7 @@ class Launcher:
                 for task in done & set(exits):
                     child = exits[task]
                     await self._drain_output(child)
-                    raise StartFailure(f"{child.member.name} {_exit_text(child.process.returncode)} "
+                    raise StartFailure(f"{child.member.name} {exit_text(child.process.returncode)} "
                                        "before it was healthy" + self._tail_text(child))
                 pending -= done
         finally:
@@ -566,13 +566,13 @@ class Launcher:
             await self._drain_output(child)
             self.children.remove(child)
             self._say(self.err, f"edge up: stopped {child.member.name} pid {child.process.pid} "
-                                f"({_exit_text(child.process.returncode)}; {why})")
+                                f"({exit_text(child.process.returncode)}; {why})")
 
     def _on_exit(self, child: Child) -> None:
         if self.running and not self.stopping and not child.retiring:
             command = " ".join(["edge", *self._command(child.member)[3:]])
             self._say(self.err, f"edge up: !!! {child.member.name} (pid {child.process.pid}) "
-                                f"{_exit_text(child.process.returncode)} unexpectedly; the other "
+                                f"{exit_text(child.process.returncode)} unexpectedly; the other "
                                 f"nodes keep running (run it by hand with: {command})")
 
     # ------------------------------------------------------------------ stopping
@@ -601,7 +601,7 @@ class Launcher:
             await self._drain_output(child)
         for child in self.children:
             self._say(self.err, f"edge up: stopped {child.member.name} pid {child.process.pid} "
-                                f"({_exit_text(child.process.returncode)})")
+                                f"({exit_text(child.process.returncode)})")
         self._say(self.err, f"edge up: all {len(self.children)} nodes stopped")
 
     # ------------------------------------------------------------------ output
@@ -652,7 +652,8 @@ def _claimed_node(healthz_body: str) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _exit_text(returncode: int | None) -> str:
+def exit_text(returncode: int | None) -> str:
+    """How a child process ended, for a log line: its status, or the signal that killed it."""
     if returncode is not None and returncode < 0:
         try:
             return f"was killed by {signal.Signals(-returncode).name}"

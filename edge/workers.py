@@ -55,6 +55,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from edge import admin, metricsmerge
+from edge.launcher import exit_text
 from edge.config import Node, Topology
 from edge.metrics import process_metrics
 from edge.reload import Reloader
@@ -192,7 +193,7 @@ class Supervisor:
             for worker in list(pending):
                 assert worker.process is not None
                 if worker.process.returncode is not None:
-                    raise OSError(f"worker {worker.index} {_exit_text(worker.process.returncode)} while starting "
+                    raise OSError(f"worker {worker.index} {exit_text(worker.process.returncode)} while starting "
                                   "(its error is above)")
                 status, _ = await self.call(worker, "GET", "/healthz", HEALTH_TIMEOUT)
                 if status == 200:
@@ -213,7 +214,7 @@ class Supervisor:
             if ran >= STABLE_AFTER:
                 worker.backoff = BACKOFF_FIRST
             log.error("%s: worker %d (pid %d) %s after %.1fs; starting it again in %.1fs", self.node.name,
-                      worker.index, worker.process.pid, _exit_text(code), ran, worker.backoff)
+                      worker.index, worker.process.pid, exit_text(code), ran, worker.backoff)
             await asyncio.sleep(worker.backoff)
             worker.backoff = min(worker.backoff * 2, BACKOFF_MAX)
             if self.stopping:
@@ -373,15 +374,6 @@ def _json(body: bytes) -> dict[str, Any]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _exit_text(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with status {code}"
 
 
 def probe_free(node: Node, listen_host: str | None = None) -> None:

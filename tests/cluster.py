@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,17 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def get(ip: str, host: str, path: str, port: int = TRAFFIC_PORT) -> tuple[int, dict[str, str], bytes]:
+    """A plain-HTTP GET of `path` from a node at `ip` for site `host`: status, fields (lower-case), body;
+    an error status is an answer here, not an exception."""
+    request = urllib.request.Request(f"http://{ip}:{port}{path}", headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
 
 
 def wait_port_free(host: str, port: int, deadline: float = 10.0) -> None:

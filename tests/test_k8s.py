@@ -31,6 +31,7 @@ import yaml
 from edge import config, k8s
 from edge.cli import main
 from tests.cluster import REPO, NodeProcess
+from tests.test_config import MINIMAL
 
 # The oldest Kubernetes these manifests are for (PodDisruptionBudget's unhealthyPodEvictionPolicy
 # and the StatefulSet's claim retention policy are beta from 1.27 on) and a recent one.
@@ -372,23 +373,6 @@ def test_only_what_needs_a_restart_changes_a_pod_template(tmp_path):
 
 # --------------------------------------------------------------------------- mistakes Kubernetes cannot take
 
-MINIMAL = """
-[sites.example]
-hosts = ["www.example.com"]
-origin = "http://127.0.0.10:8080"
-[nodes.origin]
-role = "origin"
-listen = "127.0.0.10:8080"
-admin = "127.0.0.10:8091"
-[nodes.l2-a]
-role = "l2"
-listen = "127.0.2.1:8080"
-admin = "127.0.2.1:8091"
-[nodes.l1]
-role = "l1"
-listen = "127.0.1.1:8080"
-admin = "127.0.1.1:8091"
-"""
 
 
 @pytest.mark.parametrize(("edit", "key", "problem"), [

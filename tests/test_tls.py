@@ -30,6 +30,7 @@ from aiohttp import web
 from edge import checks, config
 from edge.proxy import https_location
 from tests.cluster import REPO, Cluster, topology_text
+from tests.cluster import get as cluster_get
 
 L1 = "127.0.98.31"
 TLS_PORT = 8443
@@ -301,12 +302,7 @@ def test_https_redirect_is_a_308_on_plain_http_even_for_a_cached_object(cdn):
 
 
 def get(host: str, path: str) -> tuple[int, dict[str, str], bytes]:
-    request = urllib.request.Request(f"http://{L1}:8080{path}", headers={"Host": host})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
+    return cluster_get(L1, host, path)
 
 
 def test_origin_certificate_from_an_unknown_ca_is_a_502_and_origin_ca_makes_it_200(cdn):

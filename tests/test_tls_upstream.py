@@ -20,8 +20,6 @@ import ssl
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -36,6 +34,7 @@ from edge.proxy import proxy_status
 from edge.upstream.client import UpstreamError
 from edge.upstream.http1 import Address, Http1Client, TlsProfile, tls_error
 from tests.cluster import Cluster, NodeProcess, topology_text
+from tests.cluster import get as cluster_get
 
 WWW = "www.example.com"
 
@@ -342,13 +341,7 @@ def mtls(tmp_path_factory):
             origin.stop()
 
 
-def get(ip: str, host: str, path: str) -> tuple[int, dict[str, str], bytes]:
-    request = urllib.request.Request(f"http://{ip}:8080{path}", headers={"Host": host})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
+get = cluster_get
 
 
 def test_a_site_with_a_client_certificate_gets_through_an_origin_that_requires_one(mtls):

@@ -49,6 +49,7 @@ import hyperframe.frame
 from h2.errors import ErrorCodes
 
 from edge.http import rules
+from edge.http.connection import FOREVER, ClientConnection
 from edge.http.message import ArrivingBody, BodyAborted, ClientGone, Reply, Request, close_body, error_reply
 from edge.http.rules import Reject
 
@@ -61,7 +62,6 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 VERSION = "2.0"                      # what the access log writes after HTTP/, as nginx does
 RESET_ALLOWANCE = 100                # client resets (or refusals) a connection may cause before the ratio counts
 CONNECTION_WINDOW = 1 << 20          # request-body bytes a connection may have unread, all streams together
-FOREVER = float("inf")
 
 # RFC 9113 8.2.2: connection-specific fields never appear in HTTP/2 (the
 # pipeline may have put them in a reply meant for HTTP/1.1).
@@ -112,7 +112,7 @@ def _nothing() -> None:
     pass
 
 
-class H2Connection(asyncio.Protocol):
+class H2Connection(ClientConnection):
     """Owns one HTTP/2 connection.  Implements what :class:`Front` calls on its connections."""
 
     def __init__(self, front: Front, tls: bool):
@@ -255,19 +255,6 @@ class H2Connection(asyncio.Protocol):
             self.front.count_refusal("header_timeout")
         self._send_goaway(ErrorCodes.NO_ERROR)
         self.close()
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.deadline = FOREVER
-            if self.transport is not None:
-                self.transport.close()
-
-    def abort(self) -> None:
-        self.closed = True
-        self.deadline = FOREVER
-        if self.transport is not None:
-            self.transport.abort()
 
     def drain_now(self) -> None:
         """The node is stopping: GOAWAY now (streams already open are answered), close when idle."""

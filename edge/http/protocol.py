@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from edge.http import rules
+from edge.http.connection import FOREVER, ClientConnection
 from edge.http.h2 import PREFACE, H2Connection
 from edge.http.message import BodyAborted, ClientGone, Reply, Request, RequestBody, close_body, error_reply
 from edge.http.rules import Reject
@@ -43,7 +44,6 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 KEEP_ALIVE_LINE = b"Connection: keep-alive\r\n\r\n"
 CLOSE_LINE = b"Connection: close\r\n\r\n"
 END_OF_HEAD = b"\r\n"
-FOREVER = float("inf")
 
 # Request fields the connection layer looks at while parsing (lower-case).
 _HOST, _CL, _TE, _CONN, _EXPECT, _VIA, _REFERER, _UA, _SLOW = range(9)
@@ -72,7 +72,7 @@ class _Stop(Exception):
     """Raised from a parser callback after the connection was closed: parse nothing more."""
 
 
-class HttpConnection(asyncio.Protocol):
+class HttpConnection(ClientConnection):
     def __init__(self, front: Front):
         self.front = front
         self.app = front.app
@@ -212,19 +212,6 @@ class HttpConnection(asyncio.Protocol):
         else:
             self.front.count_refusal("header_timeout")
             self._write_error(Reject(408, "request head not received in time"))
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.deadline = FOREVER
-            if self.transport is not None:
-                self.transport.close()
-
-    def abort(self) -> None:
-        self.closed = True
-        self.deadline = FOREVER
-        if self.transport is not None:
-            self.transport.abort()
 
     def drain_now(self) -> None:
         """The node is stopping: an idle connection closes at once, a busy one after its response."""

@@ -30,6 +30,7 @@ from typing import Protocol
 
 from edge.config import FrontLimits
 from edge.http.accesslog import AccessLog
+from edge.http.connection import ClientConnection
 from edge.http.message import Reply, Request
 from edge.http.protocol import HttpConnection
 
@@ -62,7 +63,7 @@ class Front:
         self.access_log = access_log
         self.count_refusal = count_refusal
         self.loop = asyncio.get_running_loop()
-        self.connections: set[HttpConnection] = set()
+        self.connections: set[ClientConnection] = set()     # HTTP/1.1 and HTTP/2 alike
         self.draining = False
         self._tasks: set[asyncio.Task] = set()
         self._listeners: list[tuple[socket.socket, asyncio.Task]] = []
@@ -170,12 +171,12 @@ class Front:
             room.set_result(None)      # max_connections may have risen: look again
         return old
 
-    def connection_opened(self, conn: HttpConnection) -> None:
+    def connection_opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
         if self.draining:
             conn.drain_now()
 
-    def connection_closed(self, conn: HttpConnection) -> None:
+    def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
         room, self._room = self._room, None
         if room is not None and not room.done():
