@@ -46,6 +46,7 @@ from edge.http.message import BodyAborted, ClientGone, Reply, Request, error_rep
 from edge.http.rules import serialise_fields, status_line
 from edge.invalidation import Invalidator
 from edge.metrics import NodeMetrics
+from edge.slicing import Slicer
 from edge.store import CachedObject, CorruptEntry, Meta, Store
 from edge.store.base import Writer
 from edge.surrogate import TAG_FIELDS
@@ -96,6 +97,7 @@ class Exchange:
     raw_target: str              # path and query as received
     cache_status: str = "MISS"   # X-Cache value, counted once at the end
     upstream: str = ""           # who answered the fetch (parent name or "origin")
+    slice_etag: str | None = None    # a sliced response must be of this version (edge.slicing)
 
     def reply(self, status: int, headers, body=b"", **kw) -> Reply:
         return Reply(status, headers.items() if hasattr(headers, "items") else headers, body,
@@ -150,6 +152,7 @@ class CacheNode:
         self._tier_vias: dict[bytes, bool]          # raw Via values -> came through our tier?
         self._background: set[asyncio.Task] = set()
         self._generations = itertools.count()
+        self.slicer = Slicer(self)
         self._take_topology(topology, node)
 
     def reload(self, topology: Topology, node: Node) -> None:
@@ -338,6 +341,8 @@ class CacheNode:
 
         ex = Exchange(request, site, cache_key(site, raw_target, host), raw_target)
         if request.method in CACHEABLE_METHODS:
+            if site.slice_size:
+                return await self.slicer.handle(ex)     # large objects: fetched and stored in slices
             return await self._lookup(ex)
         return await self._pass(ex)
 
