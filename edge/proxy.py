@@ -754,7 +754,12 @@ class CacheNode:
             authority = url.split("://", 1)[-1]
             target = authority[authority.find("/"):] if "/" in authority else "/"
             key = cache_key(ex.site, target, authority.split("/", 1)[0])
-            if await self.store.delete(key):
+            if ex.site.slice_size:
+                # Its slices are keyed under the URL, with nothing at the URL itself: a ban finds them.
+                await self.invalidator.purge("url", key, soft=False)
+                self.metrics.invalidations.labels("unsafe-method").inc()
+                log.info("invalidated %s (sliced) after %s", key, ex.request.method)
+            elif await self.store.delete(key):
                 self.metrics.invalidations.labels("unsafe-method").inc()
                 log.info("invalidated %s after %s", key, ex.request.method)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,7 @@ log = logging.getLogger("edge.slicing")
 
 PLAN_MAX = 16           # slices looked up before the head is sent (Cache-Status); the rest on the way
 DETAIL_MAX = 8          # fetched slice indices listed in Cache-Status's detail
+VERSIONS_MAX = 4096     # URLs whose newest version is remembered after a change (Slicer._versions)
 
 
 @dataclass
@@ -96,15 +98,38 @@ def required_etags(ex: Exchange) -> tuple[str, ...]:
 class Slicer:
     def __init__(self, node: CacheNode):
         self.node = node
+        # URL -> the newest version seen after a change cut a response short (bounded).  Later
+        # requests ask every slice to be of it (If-Match upstream), so stored slices of the old
+        # version here and in the parents are dropped as they are met, instead of cutting
+        # response after response short at the first old slice.
+        self._versions: OrderedDict[str, str] = OrderedDict()
+
+    def _saw_version(self, primary: str, piece: Piece) -> None:
+        etag = slices.strong_etag(piece.fields)
+        if etag is None:
+            return
+        self._versions[primary] = etag
+        self._versions.move_to_end(primary)
+        while len(self._versions) > VERSIONS_MAX:
+            self._versions.popitem(last=False)
 
     # ------------------------------------------------------------ the request
 
     async def handle(self, ex: Exchange, retried: bool = False) -> Reply:
         request, size = ex.request, ex.site.slice_size
         start = slices.first_slice(request.headers.get("Range"), size)
+        hinted = ex.slice_etag is None and "If-Match" not in request.headers and ex.primary in self._versions
+        if hinted:
+            ex.slice_etag = self._versions[ex.primary]
         try:
             ref, planned = await self._begin(ex, start)
         except NotSliceable as exc:
+            if hinted and exc.response.status == 412:
+                # Changed once more since: forget the remembered version and start afresh.
+                exc.response.close()
+                self._versions.pop(ex.primary, None)
+                ex.slice_etag = None
+                return await self.handle(ex, retried=True)
             return self._relay(ex, exc)
         except UpstreamError as exc:
             return self.node._upstream_error(ex, exc)
@@ -145,6 +170,7 @@ class Slicer:
                 await self._drop(ex, set(indices[:PLAN_MAX]) | set(planned))
                 # Start again, asking every slice (here and upstream) to be of the new version.
                 ex.slice_etag = slices.strong_etag(changed.piece.fields)
+                self._saw_version(ex.primary, changed.piece)
                 if retried or ex.slice_etag is None:
                     return self.node._upstream_error(ex, UpstreamError(
                         "http_protocol_error", "the object keeps changing between slices", [ex.upstream]))
@@ -153,6 +179,9 @@ class Slicer:
             except (NotSliceable, UpstreamError) as exc:
                 return self._after_error(ex, exc)
         entry = self._entry(ex, ref, indices, planned)
+        # The walk keeps only what was fetched (held nowhere else); stored slices are looked up
+        # again as it reaches them, so a long answer never pins evictable bodies in memory.
+        planned = {i: piece for i, piece in planned.items() if not piece.hit or i == ref.index}
         headers = self._headers(ex, ref, fields, entry)
         headers["Accept-Ranges"] = "bytes"
         length = last - first + 1 if total else 0
@@ -259,8 +288,9 @@ class Slicer:
                 high = min(last + 1 - i * size, piece.obj.meta.size)
                 async for chunk in piece.obj.chunks(policy_chunk(), low, high):
                     yield chunk
-        except ObjectChanged:
+        except ObjectChanged as changed:
             log.warning("%s changed at the origin during a sliced response; dropping its old slices", ex.primary)
+            self._saw_version(ex.primary, changed.piece)
             await self._drop(ex, set(indices))
             raise BodyAborted("the object changed at the origin during the response") from None
         except (UpstreamError, NotSliceable, CorruptEntry) as exc:

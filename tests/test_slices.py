@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import re
 import time
 import urllib.request
@@ -70,6 +71,16 @@ async def get(http, cdn, path, range_value=None, node="l1-1"):
         return r.status, r.headers, await r.read()
 
 
+def replace_file(target, data: bytes) -> None:
+    """A new version, atomically (as a deploy does): the origin reads one version per request
+    with its validators.  Rewritten in place, a file can be served as new bytes under the old
+    ETag (the origin stats, then reads), which no cache can detect."""
+    time.sleep(0.01)                                         # a new mtime: a new ETag
+    tmp = target.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+
+
 def l1_entry(headers) -> str:
     """The L1's Cache-Status member (the last; its detail may hold commas)."""
     value = headers["Cache-Status"]
@@ -122,8 +133,7 @@ async def test_a_changed_object_is_never_mixed_into_one_body(cdn, http):
     status, _, body = await get(http, cdn, f"/{name}", f"bytes=0-{SLICE - 1}")    # slice 0 stored
     assert status == 206 and body == old[:SLICE]
     new = bytes(reversed(range(256))) * (4 * SLICE // 256)
-    time.sleep(0.01)
-    target.write_bytes(new)                                  # a new mtime: a new ETag
+    replace_file(target, new)
     status, h, body = await get(http, cdn, f"/{name}")
     assert status == 200
     assert hashlib.sha256(body).hexdigest() == hashlib.sha256(from_origin(f"/{name}")).hexdigest()
@@ -169,3 +179,66 @@ async def test_slices_survive_a_restart(cdn, http):
     assert status == 206 and body == whole[2 * SLICE:4 * SLICE + 6]
     assert h["X-Cache"] == "HIT" and l1_entry(h).startswith("l1-1; hit")
     assert origin_hits(path) == 6 + 1                        # only our own check since
+
+
+async def test_a_change_during_a_response_aborts_it_rather_than_mix(cdn, http):
+    """The origin's object changes while a long sliced answer is being read: the client gets
+    a cut-short response (its length says so) or one version whole, never a mix."""
+    name = f"midway-{uuid.uuid4().hex}.bin"
+    target = cdn.content / name
+    size = 256 * SLICE                                       # 16 MiB: more than the sockets buffer
+    old = bytes(range(256)) * (size // 256)
+    new = bytes(reversed(range(256))) * (size // 256)
+    target.write_bytes(old)
+    received = bytearray()
+    aborted = False
+    async with http.get(cdn.url("l1-1", f"/{name}"), headers=HOST) as r:
+        assert r.status == 200 and int(r.headers["Content-Length"]) == size
+        received += await r.content.readexactly(SLICE)
+        replace_file(target, new)
+        try:
+            while chunk := await r.content.read(1 << 20):
+                received += chunk
+        except aiohttp.ClientPayloadError:
+            aborted = True
+    if aborted:
+        assert len(received) < size and bytes(received) == old[:len(received)]
+    else:
+        assert bytes(received) in (old, new)
+    # The next answer is the new version, whole.
+    status, _, body = await get(http, cdn, f"/{name}")
+    assert status == 200 and body == new
+
+
+async def test_purging_a_url_drops_its_slices(cdn, http):
+    size = 4 * SLICE
+    path = f"/gen/purge-{uuid.uuid4().hex}?size={size}&etag=1&cc=max-age=300"
+    await get(http, cdn, path, f"bytes={2 * SLICE}-{2 * SLICE + 9}")
+    _, h, _ = await get(http, cdn, path, f"bytes={2 * SLICE}-{2 * SLICE + 9}")
+    assert h["X-Cache"] == "HIT"
+    async with http.post(f"http://{cdn.node('l1-1').admin}/purge", params={"url": f"http://www.example.com{path}"},
+                         headers={"Authorization": "Bearer test-token"}) as r:
+        assert r.status == 200
+    _, h, _ = await get(http, cdn, path, f"bytes={2 * SLICE}-{2 * SLICE + 9}")
+    assert l1_entry(h).startswith("l1-1; fwd=uri-miss")        # the L2 still has it
+    _, h, _ = await get(http, cdn, path, f"bytes={2 * SLICE}-{2 * SLICE + 9}")
+    assert h["X-Cache"] == "HIT"
+    # An unsafe method on the URL invalidates its slices too (RFC 9111 4.4).
+    async with http.post(cdn.url("l1-1", path), headers=HOST, data=b"x") as r:
+        assert r.status == 200
+    _, h, _ = await get(http, cdn, path, f"bytes={2 * SLICE}-{2 * SLICE + 9}")
+    assert l1_entry(h).startswith("l1-1; fwd=uri-miss")
+
+
+async def test_head_and_conditionals_on_a_sliced_object(cdn, http):
+    size = 3 * SLICE + 5
+    path = f"/gen/head-{uuid.uuid4().hex}?size={size}&etag=1&cc=max-age=300"
+    async with http.head(cdn.url("l1-1", path), headers=HOST) as r:
+        assert r.status == 200 and int(r.headers["Content-Length"]) == size
+        etag = r.headers["ETag"]
+    status, h, body = await get(http, cdn, path, f"bytes={size}-")
+    assert status == 416 and h["Content-Range"] == f"bytes */{size}"
+    async with http.get(cdn.url("l1-1", path), headers=dict(HOST, **{"If-None-Match": etag})) as r:
+        assert r.status == 304
+    async with http.get(cdn.url("l1-1", path), headers=dict(HOST, **{"If-Match": '"other"'})) as r:
+        assert r.status == 412
