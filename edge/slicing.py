@@ -130,6 +130,11 @@ class Slicer:
                 self._versions.pop(ex.primary, None)
                 ex.slice_etag = None
                 return await self.handle(ex, retried=True)
+            if exc.response.status == 416 and start == 0 \
+                    and exc.response.headers.get("Content-Range", "").replace(" ", "") == "bytes*/0":
+                # An empty object has no slice 0: it is fetched and stored whole, the usual way.
+                exc.response.close()
+                return await self.node._lookup(ex)
             return self._relay(ex, exc)
         except UpstreamError as exc:
             return self.node._upstream_error(ex, exc)

@@ -242,3 +242,12 @@ async def test_head_and_conditionals_on_a_sliced_object(cdn, http):
         assert r.status == 304
     async with http.get(cdn.url("l1-1", path), headers=dict(HOST, **{"If-Match": '"other"'})) as r:
         assert r.status == 412
+
+
+async def test_an_empty_object_and_an_error_pass_through(cdn, http):
+    path = f"/gen/empty-{uuid.uuid4().hex}?size=0&etag=1&cc=max-age=300"
+    status, h, body = await get(http, cdn, path)
+    assert status == 200 and body == b"" and h["Content-Length"] == "0"
+    path = f"/gen/missing-{uuid.uuid4().hex}?status=404&size=10"
+    status, h, body = await get(http, cdn, path)
+    assert status == 404 and len(body) == 10 and 'detail="not sliced"' in l1_entry(h)
