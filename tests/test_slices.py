@@ -251,3 +251,25 @@ async def test_an_empty_object_and_an_error_pass_through(cdn, http):
     path = f"/gen/missing-{uuid.uuid4().hex}?status=404&size=10"
     status, h, body = await get(http, cdn, path)
     assert status == 404 and len(body) == 10 and 'detail="not sliced"' in l1_entry(h)
+
+
+async def test_a_full_get_of_a_large_sliced_object_holds_little_memory(cdn, http):
+    """128 MiB through both tiers: the L1's peak memory grows by its memory tier (16 MiB) and a
+    few slices, not by the object."""
+    size = 128 * 2**20
+    path = f"/gen/large-{uuid.uuid4().hex}?size={size}&etag=1&cc=max-age=300"
+    l1 = cdn.node("l1-1")
+    before = l1.peak_rss()
+    digest, received = hashlib.sha256(), 0
+    async with http.get(cdn.url("l1-1", path), headers=HOST) as r:
+        assert r.status == 200
+        async for chunk in r.content.iter_chunked(1 << 20):
+            digest.update(chunk)
+            received += len(chunk)
+    assert received == size
+    assert l1.peak_rss() - before < 48 * 2**20
+    expected = hashlib.sha256()
+    with urllib.request.urlopen(urllib.request.Request(f"http://{ORIGIN}{path}", headers=HOST), timeout=60) as r:
+        while chunk := r.read(1 << 20):
+            expected.update(chunk)
+    assert digest.digest() == expected.digest()
