@@ -191,7 +191,7 @@ class Slicer:
                 # Start again, asking every slice (here and upstream) to be of the new version.
                 ex.slice_etag = slices.strong_etag(changed.piece.fields)
                 self._saw_version(ex.primary, changed.piece)
-                if retried or ex.slice_etag is None:
+                if retried:
                     return self.node._upstream_error(ex, UpstreamError(
                         "http_protocol_error", "the object keeps changing between slices", [ex.upstream]))
                 log.info("%s changed at the origin; its stored slices are dropped", ex.primary)
