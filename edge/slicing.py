@@ -483,13 +483,22 @@ class Slicer:
         return piece
 
     async def _write(self, key: str, meta: Meta, body: bytes) -> bool:
-        writer = self.node.store.writer(key, size_hint=len(body))
+        node = self.node
+        fetch = next(node._fetch_ids)
+        node._fetches[fetch] = meta.request_time    # a ban stays until this write is checked against it
+        writer = node.store.writer(key, size_hint=len(body))
         try:
             await writer.write(body)
+            checked = node.after_bans(key, meta)    # a purge may have come while it was written
+            if checked is None:
+                await writer.abort()
+                return False
+            return await writer.commit(checked)
         except BaseException:
             await writer.abort()
             raise
-        return await writer.commit(meta)
+        finally:
+            node._fetches.pop(fetch, None)
 
     async def _slice_whole(self, ex: Exchange, index: int, response: UpstreamResponse, upstream: str,
                            request_time: float, response_time: float) -> Piece:
