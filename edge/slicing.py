@@ -100,14 +100,21 @@ class ObjectChanged(Exception):
         self.piece = piece
 
 
-def required_etags(ex: Exchange) -> tuple[str, ...]:
-    """The versions a sliced answer must be of: the one a retry after a change settled on, or
-    the strong ETags of the request's If-Match (how an L1 tells its L2 which version it
-    needs: a slice of an older one stored there is then dropped and fetched anew)."""
-    if ex.slice_etag is not None:
-        return (ex.slice_etag,)
+def if_match(ex: Exchange) -> tuple[str, ...]:
+    """The strong ETags of the request's If-Match ("*" and weak ones left out)."""
     value = ",".join(ex.request.headers.getall("If-Match", ()))
     return tuple(tag.strip() for tag in value.split(",") if tag.strip().startswith('"'))
+
+
+def required_etags(ex: Exchange, tier: bool) -> tuple[str, ...]:
+    """The versions stored and fetched slices must be of: the one a retry after a change
+    settled on, or, from another of our tiers (`tier`), its If-Match: how an L1 tells its L2
+    which version it needs, a slice of an older one stored there then being dropped and
+    fetched anew.  A client's If-Match is only compared (412), never a reason to drop and
+    refetch: no client may force origin traffic."""
+    if ex.slice_etag is not None:
+        return (ex.slice_etag,)
+    return if_match(ex) if tier else ()
 
 
 class Slicer:
@@ -156,10 +163,10 @@ class Slicer:
         total = ref.total
         fields = CIMultiDict(ref.fields)
         fields.popall("Content-Range", None)
-        required = required_etags(ex)
+        required = required_etags(ex, self.node._from_our_tier(request)) or if_match(ex)
         if required and slices.strong_etag(ref.fields) not in required:
-            # RFC 9110 13.1.1: the current version (just fetched: a stored one would have been
-            # dropped) is not the one asked for.
+            # RFC 9110 13.1.1: the version at hand is not the one asked for (for our tiers and
+            # retries: the current one, just fetched, as a stored one would have been dropped).
             entry = self._entry(ex, ref, range(ref.index, ref.index + 1), planned)
             return ex.reply(412, self._headers(ex, ref, fields, entry), b"")
         if policy.client_not_modified(request.method, request.headers, fields, status=200):
@@ -350,7 +357,7 @@ class Slicer:
             await self.node.store.delete(key, only=found.meta)
             return None
         total = parsed[2]
-        required = required_etags(ex)
+        required = required_etags(ex, self.node._from_our_tier(ex.request))
         if (ref is not None and not slices.same_object(ref.fields, ref.total, found.meta.fields, total)) \
                 or (required and slices.strong_etag(found.meta.fields) not in required):
             await self.node.store.delete(key, only=found.meta)      # of an older version
@@ -406,7 +413,7 @@ class Slicer:
         node, size = self.node, ex.site.slice_size
         headers = node._upstream_headers(ex, cache_fill=True)
         headers["Range"] = slices.range_header(index, size)
-        required = required_etags(ex)
+        required = required_etags(ex, self.node._from_our_tier(ex.request))
         if required:
             headers["If-Match"] = ", ".join(required)       # a 412 when upstream has moved on again
         request_time = node.clock()

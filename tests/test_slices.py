@@ -240,8 +240,12 @@ async def test_head_and_conditionals_on_a_sliced_object(cdn, http):
     assert status == 416 and h["Content-Range"] == f"bytes */{size}"
     async with http.get(cdn.url("l1-1", path), headers=dict(HOST, **{"If-None-Match": etag})) as r:
         assert r.status == 304
+    hits = origin_hits(path)
     async with http.get(cdn.url("l1-1", path), headers=dict(HOST, **{"If-Match": '"other"'})) as r:
         assert r.status == 412
+    assert origin_hits(path) == hits + 1      # only our own count: a client's If-Match drops nothing
+    async with http.get(cdn.url("l1-1", path), headers=dict(HOST, **{"If-Match": etag})) as r:
+        assert r.status == 200 and 'fetched 1,2"' in l1_entry(r.headers)     # HEAD took 0, the 416 took 3
 
 
 async def test_an_empty_object_and_an_error_pass_through(cdn, http):
