@@ -579,6 +579,9 @@ class CacheNode:
         names = policy.vary_names(multi) if ok else ()
         if ok and names is None:
             ok, why = False, "vary-star"
+        if ok and response.content_length is not None and not _fits_a_tier(self.store, response.content_length):
+            # Larger than every tier: not written at all, and Cache-Status does not say stored.
+            ok, why = False, "too-large"
         writer: Writer | None = None
         store_key = ex.primary
         if ok:
@@ -1011,6 +1014,11 @@ def _variant_key(primary: str, marker: Meta, names: tuple[str, ...], request_hea
     """Where this request's variant lives (RFC 9111 4.1), under the marker's generation."""
     generation = marker.fields.get(GENERATION_FIELD, "")
     return variant_store_key(primary, f"{generation}{VARIANT_SEPARATOR}{policy.variant_key(names, request_headers)}")
+
+
+def _fits_a_tier(store: Store, size: int) -> bool:
+    """Could some tier of `store` hold a body of `size` bytes?  (A tier without `fits` may.)"""
+    return any(getattr(tier, "fits", None) is None or tier.fits(size) for tier in store.tiers())
 
 
 def _append(headers: CIMultiDict[str], name: str, value: str) -> None:

@@ -277,3 +277,21 @@ async def test_a_full_get_of_a_large_sliced_object_holds_little_memory(cdn, http
         while chunk := r.read(1 << 20):
             expected.update(chunk)
     assert digest.digest() == expected.digest()
+
+
+def test_an_object_larger_than_every_tier_is_not_said_stored(tmp_path):
+    """Without slicing, an object no tier can hold is not written, and Cache-Status says so
+    (it used to say `stored` while the store refused it)."""
+    c = Cluster.create(tmp_path, "108", l1=1)
+    c.config.write_text(c.config.read_text().replace('disk_size = "512MiB"', 'disk_size = "1MiB"'))
+    try:
+        c.start("origin", "l1-1")
+        path = f"/gen/huge-{uuid.uuid4().hex}?size={2 * 2**20}&etag=1&cc=max-age=300"
+        for hits in ("1", "2"):
+            request = urllib.request.Request(c.url("l1-1", path), headers=HOST)
+            with urllib.request.urlopen(request, timeout=10) as r:
+                assert len(r.read()) == 2 * 2**20
+                assert r.headers["X-Origin-Hits"] == hits
+                assert r.headers["Cache-Status"] == 'l1-1; fwd=uri-miss; fwd-status=200; detail=too-large'
+    finally:
+        c.stop_all()
