@@ -15,8 +15,9 @@ the pipeline (edge.proxy):
    from the new version;
 3. the body walks the slices in order, reading stored ones from the store
    and fetching missing ones (each through the coalescer, keyed by slice),
-   with the next slice fetched while the client reads the current one: at
-   most two fetched slices are held in memory;
+   with the next PREFETCH slices fetched while the client reads the current
+   one: at most PREFETCH + 2 fetched slices are held in memory, and each
+   slice's store write overlaps its sending;
 4. a slice of another version met mid-walk (the origin changed its object
    during the response) aborts the response and drops the stored slices of
    the old version: never a body mixed from two versions.
