@@ -67,6 +67,8 @@ class Piece:
     hit: bool               # found in the store (not fetched for this request)
     stored: bool = False    # fetched and kept (known once `settle` returned)
     storing: asyncio.Task[bool] | None = None      # the store write under way
+    stale: bool = False     # stored but no longer fresh: to be revalidated (`_obtain(stale=...)`)
+    revalidated: bool = False   # a stale stored slice that a 304 freshened
 
     async def settle(self) -> bool:
         """Wait for the store write (if any); was the slice kept?"""
@@ -183,17 +185,20 @@ class Slicer:
             fields["Content-Range"] = f"bytes {span[0]}-{span[1]}/{total}"
         first, last = span if span is not None else (0, total - 1)
         indices = slices.covering(first, last, size) if total else range(0)
+        stale: dict[int, Piece] = {}
         for i in indices[:PLAN_MAX]:
             if i not in planned:
                 stored = await self._stored(ex, i, ref)
-                if stored is not None:
+                if stored is not None and stored.stale:
+                    stale[i] = stored
+                elif stored is not None:
                     planned[i] = stored
         gap = next((i for i in indices[:PLAN_MAX] if i not in planned), None)
         if ref.hit and gap is not None:
             # Fetched before the head goes out: if the origin's object changed since the
             # stored slices were fetched, the whole answer still comes from one version.
             try:
-                planned[gap] = await self._obtain(ex, gap, ref)
+                planned[gap] = await self._obtain(ex, gap, ref, stale=stale.get(gap))
             except ObjectChanged as changed:
                 await self._drop(ex, set(indices[:PLAN_MAX]) | set(planned))
                 # Start again, asking every slice (here and upstream) to be of the new version.
@@ -208,7 +213,8 @@ class Slicer:
                 return self._after_error(ex, exc)
         for piece in planned.values():
             await piece.settle()        # Cache-Status says `stored` only of what was kept
-        entry = self._entry(ex, ref, indices, planned)
+        stale_indices = set(stale) | {i for i, piece in planned.items() if piece.revalidated}
+        entry = self._entry(ex, ref, indices, planned, stale_indices)
         # The walk keeps only what was fetched (held nowhere else); stored slices are looked up
         # again as it reaches them, so a long answer never pins evictable bodies in memory.
         planned = {i: piece for i, piece in planned.items() if not piece.hit or i == ref.index}
@@ -223,9 +229,9 @@ class Slicer:
     async def _begin(self, ex: Exchange, start: int) -> tuple[Piece, dict[int, Piece]]:
         """The first slice (from the store or upstream): the object's length and validators."""
         stored = await self._stored(ex, start, None)
-        if stored is not None:
+        if stored is not None and not stored.stale:
             return stored, {start: stored}
-        piece = await self._obtain(ex, start, None)
+        piece = await self._obtain(ex, start, None, stale=stored)
         return piece, {start: piece}
 
     def _after_error(self, ex: Exchange, exc: Exception) -> Reply:
@@ -249,7 +255,8 @@ class Slicer:
         age = policy.age_at(assessment, self.node.clock())
         return age, assessment.lifetime - age
 
-    def _entry(self, ex: Exchange, ref: Piece, indices: range, planned: dict[int, Piece]) -> str:
+    def _entry(self, ex: Exchange, ref: Piece, indices: range, planned: dict[int, Piece],
+               stale: set[int] | frozenset[int] = frozenset()) -> str:
         """This node's Cache-Status member, from what is known before the head is sent.
 
         ``hit`` when every covering slice is stored; ``fwd=uri-miss`` when none
@@ -258,7 +265,8 @@ class Slicer:
         more the verdict is about those, and ``detail`` says so with a "+"
         (``slices 0-255+``).  ``detail`` lists the slices fetched (or to be).
         ``stored`` only when every slice fetched so far was kept and none is
-        left to fetch.
+        left to fetch.  ``fwd=stale`` when every slice that went upstream was a
+        stale stored one being revalidated (`stale`).
         """
         checked = indices[:PLAN_MAX] if indices else range(ref.index, ref.index + 1)
         more = len(indices) > PLAN_MAX
@@ -273,8 +281,10 @@ class Slicer:
         if not fetched and not more:
             return self.node._cache_status(ex, hit=True, ttl=ttl, detail=detail)
         stored = bool(fetched) and not more and all(i in planned and planned[i].stored for i in fetched)
-        fwd = "partial" if hits else "uri-miss"
-        return self.node._cache_status(ex, fwd=fwd, fwd_status=206, stored=stored, ttl=ttl, detail=detail)
+        fwd = "stale" if fetched and all(i in stale for i in fetched) else "partial" if hits else "uri-miss"
+        # 304 (X-Cache REVALIDATED) when every slice that went upstream is known to have got one.
+        status = 304 if fwd == "stale" and all(i in planned and planned[i].revalidated for i in fetched) else 206
+        return self.node._cache_status(ex, fwd=fwd, fwd_status=status, stored=stored, ttl=ttl, detail=detail)
 
     async def _not_modified(self, ex: Exchange, ref: Piece, fields: CIMultiDict[str]) -> Reply:
         entry = self._entry(ex, ref, range(ref.index, ref.index + 1), {ref.index: ref})
@@ -335,7 +345,9 @@ class Slicer:
 
     async def _obtain_or_stored(self, ex: Exchange, index: int, ref: Piece) -> Piece:
         stored = await self._stored(ex, index, ref)
-        return stored if stored is not None else await self._obtain(ex, index, ref)
+        if stored is not None and not stored.stale:
+            return stored
+        return await self._obtain(ex, index, ref, stale=stored)
 
     async def _drop(self, ex: Exchange, indices: set[int]) -> None:
         """Remove stored slices of an older version of the object.  Only those this response
@@ -347,8 +359,9 @@ class Slicer:
     # --------------------------------------------------------------- lookup
 
     async def _stored(self, ex: Exchange, index: int, ref: Piece | None) -> Piece | None:
-        """Slice `index` from the store if it is there, unpurged, fresh and of `ref`'s version;
-        a slice of another version is dropped (it will be fetched again)."""
+        """Slice `index` from the store if it is there, unpurged and of `ref`'s version (a
+        slice of another version is dropped: it will be fetched again); a stale one comes
+        back marked `stale`, for `_obtain` to revalidate."""
         key = slices.slice_key(ex.primary, ex.site.slice_size, index)
         found = self.node._unbanned(key, await self.node.store.get(key))
         if found is None:
@@ -364,16 +377,16 @@ class Slicer:
             await self.node.store.delete(key, only=found.meta)      # of an older version
             return None
         _, ttl = self._age_and_ttl(ex, found.meta)
-        if ttl <= 0 or policy.assess(found.meta.fields, found.meta.request_time, found.meta.response_time,
-                                     200, ex.site.defaults).no_cache:
-            return None     # stale: fetched again (no per-slice revalidation yet)
-        return Piece(index, found, total, hit=True)
+        stale = ttl <= 0 or policy.assess(found.meta.fields, found.meta.request_time, found.meta.response_time,
+                                          200, ex.site.defaults).no_cache
+        return Piece(index, found, total, hit=not stale, stale=stale)
 
     # ---------------------------------------------------------------- fetch
 
-    async def _obtain(self, ex: Exchange, index: int, ref: Piece | None) -> Piece:
-        """Slice `index` from upstream, one fetch per slice in flight (followers share it);
-        ObjectChanged when it is not of `ref`'s version."""
+    async def _obtain(self, ex: Exchange, index: int, ref: Piece | None, stale: Piece | None = None) -> Piece:
+        """Slice `index` from upstream, one fetch per slice in flight (followers share it),
+        revalidating the `stale` stored one when there is one; ObjectChanged when it is not of
+        `ref`'s version."""
         key = slices.slice_key(ex.primary, ex.site.slice_size, index)
         flights = self.node.flights
         flight = flights.lead(key)
@@ -391,7 +404,7 @@ class Slicer:
                 flight = flights.lead(key)      # None again: fetch alone, uncoalesced
         if piece is None:
             try:
-                piece = await self._fetch(ex, index)
+                piece = await self._fetch(ex, index, stale)
             except BaseException as exc:
                 if flight is not None:
                     error = exc if isinstance(exc, UpstreamError) else None
@@ -410,10 +423,13 @@ class Slicer:
             raise ObjectChanged(piece)
         return piece
 
-    async def _fetch(self, ex: Exchange, index: int) -> Piece:
+    async def _fetch(self, ex: Exchange, index: int, stale: Piece | None = None) -> Piece:
         node, size = self.node, ex.site.slice_size
         headers = node._upstream_headers(ex, cache_fill=True)
         headers["Range"] = slices.range_header(index, size)
+        if stale is not None:
+            # RFC 9111 4.3.1: a 304 freshens the stored slice; a 206 replaces it.
+            headers.update(policy.conditional_headers(stale.fields))
         required = required_etags(ex, self.node._from_our_tier(ex.request))
         if required:
             headers["If-Match"] = ", ".join(required)       # a 412 when upstream has moved on again
@@ -426,6 +442,8 @@ class Slicer:
             handed = False
             try:
                 response_time = node.clock()
+                if response.status == 304 and stale is not None:
+                    return await self._freshened(ex, stale, response.headers, request_time, response_time)
                 if response.status == 206:
                     total = slices.check_partial(index, size, response.headers.get("Content-Range"),
                                                  response.content_length)
@@ -449,6 +467,21 @@ class Slicer:
                         response.close()
         finally:
             node._fetches.pop(fetch, None)
+
+    async def _freshened(self, ex: Exchange, stale: Piece, not_modified, request_time: float,
+                         response_time: float) -> Piece:
+        """RFC 9111 4.3.4: the stored slice, its fields updated by the 304 (its Content-Range kept)."""
+        from edge.proxy import _with_date
+        meta = stale.obj.meta
+        headers = _with_date(policy.freshen(meta.headers, not_modified), response_time)
+        headers = [(n, v) for n, v in headers if n.lower() != "content-range"]
+        headers.append(("Content-Range", meta.fields["Content-Range"]))
+        fresh = Meta(status=meta.status, headers=tuple(headers), request_time=request_time,
+                     response_time=response_time, size=meta.size, url=meta.url)
+        key = slices.slice_key(ex.primary, ex.site.slice_size, stale.index)
+        checked = self.node.after_bans(key, fresh)
+        kept = checked is not None and await self.node.store.update_meta(key, checked, replacing=meta)
+        return Piece(stale.index, stale.obj.with_meta(fresh), stale.total, hit=False, stored=kept, revalidated=True)
 
     async def _read(self, response: UpstreamResponse, upstream: str) -> bytes:
         try:

@@ -295,3 +295,24 @@ def test_an_object_larger_than_every_tier_is_not_said_stored(tmp_path):
                 assert r.headers["Cache-Status"] == 'l1-1; fwd=uri-miss; fwd-status=200; detail=too-large'
     finally:
         c.stop_all()
+
+
+async def test_a_stale_slice_is_revalidated_not_fetched_again(cdn, http):
+    size = 4 * SLICE
+    path = f"/gen/stale-{uuid.uuid4().hex}?size={size}&etag=1&cc=max-age=1"
+    range_value = f"bytes={SLICE}-{2 * SLICE + 9}"               # slices 1 and 2
+    status, _, first = await get(http, cdn, path, range_value)
+    assert status == 206
+    await asyncio.sleep(1.2)                                      # both tiers' slices are stale now
+    before = origin_bytes(cdn)
+    status, h, again = await get(http, cdn, path, range_value)
+    assert status == 206 and again == first
+    assert origin_bytes(cdn) == before                            # 304s only: no body bytes again
+    assert l1_entry(h).startswith("l1-1; fwd=stale") and 'fetched 1,2"' in l1_entry(h)
+    _, h, _ = await get(http, cdn, path, range_value)
+    assert h["X-Cache"] == "HIT"                                  # freshened
+    # A range inside one stale slice: known revalidated before the head, so a 304 and REVALIDATED.
+    await asyncio.sleep(1.2)
+    _, h, body = await get(http, cdn, path, f"bytes={SLICE}-{SLICE + 9}")
+    assert body == first[:10] and h["X-Cache"] == "REVALIDATED"
+    assert l1_entry(h).startswith("l1-1; fwd=stale; fwd-status=304")
