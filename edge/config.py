@@ -19,6 +19,11 @@ from urllib.parse import urlsplit
 
 from edge.policy import SiteDefaults
 
+# Slice sizes a site may set (edge.slices): smaller slices cost more in per-entry
+# overhead than they save; a slice is read whole into memory, so keep it bounded.
+MIN_SLICE = 64 * 1024
+MAX_SLICE = 64 * 2**20
+
 ROLES = ("origin", "l2", "l1")
 DEFAULT_TOPOLOGY = "<built-in deploy/local.toml>"
 
@@ -77,6 +82,7 @@ class Site:
     origin_ca: Path | None = None   # CA bundle an https:// origin is verified against; None: the system's
     origin_client_cert: Path | None = None   # PEM chain presented to an https:// origin (mutual TLS)
     origin_client_key: Path | None = None    # its PEM private key
+    slice_size: int = 0             # >0: GETs are fetched and stored in slices of this size (edge.slices)
 
     @property
     def allow_field(self) -> str:
@@ -472,7 +478,8 @@ def _sites(r: _Reader, table: dict, cdn_zone: str, base_dir: Path) -> tuple[Site
         r.unknown(body, {"hosts", "origin", "cdn_name", "default", "stale_if_unreachable", "aliases",
                          "ignore_query", "ignore_query_params", "set_cookie", "default_ttl", "max_ttl",
                          "stale_while_revalidate", "stale_if_error", "allowed_methods", "tls_cert", "tls_key",
-                         "https_redirect", "origin_ca", "origin_client_cert", "origin_client_key"}, path)
+                         "https_redirect", "origin_ca", "origin_client_cert", "origin_client_key",
+                         "slice_size"}, path)
         hosts_value = body.get("hosts")
         if not isinstance(hosts_value, list) or not hosts_value:
             raise r.fail(f"{path}.hosts", "expected a non-empty list of host names")
@@ -532,10 +539,13 @@ def _sites(r: _Reader, table: dict, cdn_zone: str, base_dir: Path) -> tuple[Site
         if client_cert is not None and parts.scheme != "https":
             raise r.fail(f"{path}.origin_client_cert", "a client certificate is presented only to an https:// "
                                                        f"origin (origin is {origin!r})")
+        slice_size = r.size(body, "slice_size", f"{path}.slice_size", 0)
+        if slice_size and not MIN_SLICE <= slice_size <= MAX_SLICE:
+            raise r.fail(f"{path}.slice_size", f"expected 0 (off) or a size from 64KiB to 64MiB, got {body['slice_size']!r}")
         out.append(Site(name, hosts, origin.rstrip("/"), cdn_name, default, stale_if_unreachable, aliases,
                         ignore_query, tuple(params), set_cookie, site_defaults,
                         _allowed_methods(r, body, f"{path}.allowed_methods"),
-                        tls_cert, tls_key, https_redirect, origin_ca, client_cert, client_key))
+                        tls_cert, tls_key, https_redirect, origin_ca, client_cert, client_key, slice_size))
     if len(defaults) > 1:
         raise r.fail(f"sites.{defaults[1]}.default", f"only one site may be the default (also {defaults[0]!r})")
     return tuple(out)

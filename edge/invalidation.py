@@ -93,8 +93,10 @@ class Invalidator:
             if await self.store.delete(value):
                 removed = 1
                 self.metrics.invalidations.labels("purge").inc()
-            # Deleting the URL orphaned its variants: nothing is left for the lurker.
-            self.bans.lurked([(ban, ban.time)])
+                # Deleting the URL orphaned its variants: nothing is left for the lurker.
+                self.bans.lurked([(ban, ban.time)])
+            # Otherwise the lurker runs: the URL may be stored as slices (edge.slicing), which
+            # are keyed under it and have no entry at the URL itself to delete.
         self.metrics.purges.labels(kind, "soft" if soft else "hard").inc()
         await self._save()
         self._running()

@@ -46,6 +46,7 @@ from edge.http.message import BodyAborted, ClientGone, Reply, Request, error_rep
 from edge.http.rules import serialise_fields, status_line
 from edge.invalidation import Invalidator
 from edge.metrics import NodeMetrics
+from edge.slicing import Slicer
 from edge.store import CachedObject, CorruptEntry, Meta, Store
 from edge.store.base import Writer
 from edge.surrogate import TAG_FIELDS
@@ -96,6 +97,7 @@ class Exchange:
     raw_target: str              # path and query as received
     cache_status: str = "MISS"   # X-Cache value, counted once at the end
     upstream: str = ""           # who answered the fetch (parent name or "origin")
+    slice_etag: str | None = None    # a sliced response must be of this version (edge.slicing)
 
     def reply(self, status: int, headers, body=b"", **kw) -> Reply:
         return Reply(status, headers.items() if hasattr(headers, "items") else headers, body,
@@ -150,6 +152,7 @@ class CacheNode:
         self._tier_vias: dict[bytes, bool]          # raw Via values -> came through our tier?
         self._background: set[asyncio.Task] = set()
         self._generations = itertools.count()
+        self.slicer = Slicer(self)
         self._take_topology(topology, node)
 
     def reload(self, topology: Topology, node: Node) -> None:
@@ -338,6 +341,8 @@ class CacheNode:
 
         ex = Exchange(request, site, cache_key(site, raw_target, host), raw_target)
         if request.method in CACHEABLE_METHODS:
+            if site.slice_size:
+                return await self.slicer.handle(ex)     # large objects: fetched and stored in slices
             return await self._lookup(ex)
         return await self._pass(ex)
 
@@ -574,6 +579,9 @@ class CacheNode:
         names = policy.vary_names(multi) if ok else ()
         if ok and names is None:
             ok, why = False, "vary-star"
+        if ok and response.content_length is not None and not _fits_a_tier(self.store, response.content_length):
+            # Larger than every tier: not written at all, and Cache-Status does not say stored.
+            ok, why = False, "too-large"
         writer: Writer | None = None
         store_key = ex.primary
         if ok:
@@ -749,7 +757,12 @@ class CacheNode:
             authority = url.split("://", 1)[-1]
             target = authority[authority.find("/"):] if "/" in authority else "/"
             key = cache_key(ex.site, target, authority.split("/", 1)[0])
-            if await self.store.delete(key):
+            if ex.site.slice_size:
+                # Its slices are keyed under the URL, with nothing at the URL itself: a ban finds them.
+                await self.invalidator.purge("url", key, soft=False)
+                self.metrics.invalidations.labels("unsafe-method").inc()
+                log.info("invalidated %s (sliced) after %s", key, ex.request.method)
+            elif await self.store.delete(key):
                 self.metrics.invalidations.labels("unsafe-method").inc()
                 log.info("invalidated %s after %s", key, ex.request.method)
 
@@ -1001,6 +1014,11 @@ def _variant_key(primary: str, marker: Meta, names: tuple[str, ...], request_hea
     """Where this request's variant lives (RFC 9111 4.1), under the marker's generation."""
     generation = marker.fields.get(GENERATION_FIELD, "")
     return variant_store_key(primary, f"{generation}{VARIANT_SEPARATOR}{policy.variant_key(names, request_headers)}")
+
+
+def _fits_a_tier(store: Store, size: int) -> bool:
+    """Could some tier of `store` hold a body of `size` bytes?  (A tier without `fits` may.)"""
+    return any(getattr(tier, "fits", None) is None or tier.fits(size) for tier in store.tiers())
 
 
 def _append(headers: CIMultiDict[str], name: str, value: str) -> None:

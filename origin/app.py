@@ -15,7 +15,7 @@ from the URL alone, and whose request count proves offload.  This app serves:
 * **synthetic objects** at ``/gen/{any/name}``, any method, shaped by the
   query string (see :func:`parse_gen_query`): ``size``, ``cc``, ``cdncc``,
   ``expires``, ``etag``, ``lm``, ``vary``, ``status``, ``location``, ``age``,
-  ``delay``, ``tags`` (``Surrogate-Key``) and ``cachetag`` (``Cache-Tag``).  Unknown parameters are ignored, so ``?v=2`` busts caches.
+  ``delay``, ``tags`` (``Surrogate-Key``), ``cachetag`` (``Cache-Tag``) and ``norange``.  Unknown parameters are ignored, so ``?v=2`` busts caches.
   The body is self-describing: 64-byte lines ``<46-hex tag> <16-hex line
   number>\\n`` where the tag derives from the path (and the Vary'd request
   header values) and line *n* starts at byte offset ``64 * n``.  Any byte
@@ -383,7 +383,9 @@ async def _serve_synthetic(request: web.Request) -> web.StreamResponse:
 
     headers[hdrs.CONTENT_TYPE] = content_type_for(path)
     first, length = 0, spec.size
-    if status == 200:
+    if status == 200 and spec.norange:
+        headers[hdrs.ACCEPT_RANGES] = "none"
+    elif status == 200:
         headers[hdrs.ACCEPT_RANGES] = "bytes"
         chosen = _range(request, spec.size, etag, spec.last_modified)
         if chosen is RangeOutcome.UNSATISFIABLE:

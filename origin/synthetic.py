@@ -111,6 +111,7 @@ class GenSpec:
     delay: float = 0.0                  # seconds
     surrogate_key: str | None = None    # tags=a,b: "Surrogate-Key: a b" (Fastly's form)
     cache_tag: str | None = None        # cachetag=a,b: "Cache-Tag: a,b" (Cloudflare's form)
+    norange: bool = False               # norange=1: ignore Range, always the whole 200 (as some origins do)
 
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -150,7 +151,8 @@ def parse_gen_query(query: Mapping[str, str]) -> GenSpec:
     of 2026-01-01, or a Unix time; ``vary`` a Vary value; ``age`` an Age
     header; ``delay`` milliseconds to wait before answering; ``tags`` a
     comma-separated list of tags sent as ``Surrogate-Key`` (space-separated),
-    ``cachetag`` the same sent as ``Cache-Tag``.
+    ``cachetag`` the same sent as ``Cache-Tag``; ``norange=1`` ignores Range
+    (a whole 200, ``Accept-Ranges: none``), like origins without range support.
     """
     size = _integer(query, "size", 0, MAX_SIZE)
     status = _integer(query, "status", 200, 599)
@@ -207,6 +209,7 @@ def parse_gen_query(query: Mapping[str, str]) -> GenSpec:
         location=_header_value(query, "location"), age=age, delay=delay,
         surrogate_key=" ".join(tags["tags"]) if tags["tags"] else None,
         cache_tag=",".join(tags["cachetag"]) if tags["cachetag"] else None,
+        norange=query.get("norange") == "1",
     )
 
 

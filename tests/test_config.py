@@ -145,6 +145,13 @@ def test_minimal_topology_defaults():
         ('role = "l1"', 'role = "l1"\nworkers = "all"', "nodes.l1.workers", 'whole number of processes or "auto"'),
         ('role = "l1"', 'role = "l1"\nworkers = true', "nodes.l1.workers", 'whole number of processes or "auto"'),
         ('role = "origin"', 'role = "origin"\nworkers = 2', "nodes.origin.workers", "only a cache node"),
+        # slice_size: off, or 64KiB to 64MiB
+        ('origin = "http://127.0.0.10:8080"', 'origin = "http://127.0.0.10:8080"\nslice_size = "1KiB"',
+         "sites.example.slice_size", "from 64KiB to 64MiB"),
+        ('origin = "http://127.0.0.10:8080"', 'origin = "http://127.0.0.10:8080"\nslice_size = "1GiB"',
+         "sites.example.slice_size", "from 64KiB to 64MiB"),
+        ('origin = "http://127.0.0.10:8080"', 'origin = "http://127.0.0.10:8080"\nslice_size = "big"',
+         "sites.example.slice_size", "expected a size"),
     ],
 )
 def test_mistakes_name_file_key_and_problem(replace, by, key, problem):
@@ -392,3 +399,9 @@ def test_dns_cache_tcp_and_rate_limit_mistakes_name_file_key_and_problem(extra, 
         config.parse(MINIMAL + DNS + extra, "t.toml", Path("."))
     assert caught.value.source == "t.toml" and caught.value.key == key
     assert problem in caught.value.problem
+
+
+def test_slice_size_is_off_by_default_and_read_as_a_size():
+    assert config.parse(MINIMAL, "topo.toml", Path(".")).sites[0].slice_size == 0
+    text = MINIMAL.replace('origin = "http://127.0.0.10:8080"', 'origin = "http://127.0.0.10:8080"\nslice_size = "4MiB"', 1)
+    assert config.parse(text, "topo.toml", Path(".")).sites[0].slice_size == 4 * 2**20

@@ -157,6 +157,10 @@ class DiskStore:
         if self._xlock is not None:
             self._xlock.close()
 
+    def fits(self, size: int) -> bool:
+        """Could a body of `size` bytes be stored at all (its meta aside)?"""
+        return size <= self.max_bytes
+
     # ------------------------------------------------------------------ reads
 
     def in_memory(self, key: str) -> CachedObject | None:
