@@ -392,7 +392,9 @@ def run_trace(bench: Bench, target: HttpTarget, trace: slicetrace.VideoTrace, ru
                 result.stopped_by_budget = True
                 break
             if len(pending) >= bench.settings.video_concurrency:
-                _, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    future.result()         # a session's own failures are counted; anything else is a bug
             pending.add(pool.submit(_session, target, trace, run_tag, trace.sessions[index], result, lock))
             result.sessions += 1
         for future in concurrent.futures.as_completed(pending):
