@@ -1406,6 +1406,9 @@ def test_a_build_without_slicing_reports_every_sliced_row_as_not_measured():
     assert "sliced not measured" in slices.summary(r)
 
 
-def test_slices_is_a_scenario():
+def test_slices_is_a_scenario_and_its_objects_carry_validators():
     from benchmarks import run
+    from benchmarks.scenarios import slices
     assert run.SCENARIOS[-1] == "slices"
+    # A sliced L1 stores slices only of responses with a strong ETag or Last-Modified.
+    assert slices.gen_path("/gen/a", 10) == "/gen/a?size=10&cc=max-age=86400&etag=1&lm=1"

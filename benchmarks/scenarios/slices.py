@@ -82,6 +82,17 @@ SETTLE_DEADLINE_S = 600.0
 REQUEST_TIMEOUT_S = 600.0       # one range of the trace: the unsliced L1 may fill 2 GiB before it
 NOT_SLICING = "this build does not slice (slice_size unknown)"
 
+
+
+def gen_path(name: str, size: int) -> str:
+    """A synthetic object of the origin, cacheable for a day, with a strong ETag and a Last-Modified.
+
+    Validators as a video file on disk has them: a sliced L1 stores slices only of responses it can
+    check for a change between slices (a strong ETag or Last-Modified).
+    """
+    return f"{name}?size={size}&cc=max-age=86400&etag=1&lm=1"
+
+
 PLAIN = HttpTarget("edge L1, unsliced", PLAIN_L1, host=PLAIN_HOST)
 SLICED = HttpTarget(f"edge L1, slice_size {SLICE_SIZE_TEXT}", SLICED_L1, host=SLICED_HOST)
 
@@ -150,7 +161,8 @@ def start(bench: Bench) -> dict[str, procs.Started]:
         raise RuntimeError(f"slices: edge check refused {topology}: {(checked.stdout + checked.stderr).strip()}")
     slicing = not unknown
     if not slicing:
-        bench.log(f"slices: {NOT_SLICING}: {(checked.stdout + checked.stderr).strip()[-200:]}")
+        said = next((line for line in (checked.stdout + checked.stderr).splitlines() if "slice_size" in line), "")
+        bench.log(f"slices: {NOT_SLICING}: edge check said {said[:120]}")
         topology = render_topology(run_dir, slicing=False)
         checked = _check(topology)
         if checked.returncode != 0:
@@ -249,7 +261,7 @@ def _expected(path: str, first: int, last: int) -> bytes:
 def measure_tail(bench: Bench, target: HttpTarget) -> TailResult:
     size = bench.settings.large_bytes
     name = f"/gen/slices-tail-{target.tag}-{uuid.uuid4().hex[:8]}"
-    path = f"{name}?size={size}&cc=max-age=86400"
+    path = gen_path(name, size)
     first, last = slicetrace.tail_range(size, TAIL_BYTES)
     out = bench.run_dir / f"slices-tail-{target.tag}.bin"
     window = OriginWindow()
@@ -276,7 +288,7 @@ def measure_tail(bench: Bench, target: HttpTarget) -> TailResult:
 def measure_slice_fetch(bench: Bench) -> float:
     """One slice from the origin itself (the one that holds the tail range): median seconds of 3."""
     size = bench.settings.large_bytes
-    path = f"/gen/slices-fetch-{uuid.uuid4().hex[:8]}?size={size}&cc=max-age=86400"
+    path = gen_path(f"/gen/slices-fetch-{uuid.uuid4().hex[:8]}", size)
     first = (size - 1) // SLICE_SIZE * SLICE_SIZE
     runs = [curl_range(bench, ORIGIN, SLICED_HOST, path, first, size - 1) for _ in range(WARM_REPEATS)]
     for run in runs:
@@ -301,7 +313,7 @@ class FullPass:
 
 def measure_full(bench: Bench, target: HttpTarget, node: procs.Started) -> list[FullPass]:
     size = bench.settings.large_bytes
-    path = f"/gen/slices-full-{target.tag}-{uuid.uuid4().hex[:8]}?size={size}&cc=max-age=86400"
+    path = gen_path(f"/gen/slices-full-{target.tag}-{uuid.uuid4().hex[:8]}", size)
     window = OriginWindow()
     passes = []
     for kind in ("cold", "warm"):
@@ -344,7 +356,7 @@ class TraceResult:
 
 
 def video_path(run_tag: str, file: int, size: int) -> str:
-    return f"/gen/vod-{run_tag}-{file}.mp4?size={size}&cc=max-age=86400"
+    return gen_path(f"/gen/vod-{run_tag}-{file}.mp4", size)
 
 
 def _session(target: HttpTarget, trace: slicetrace.VideoTrace, run_tag: str,
