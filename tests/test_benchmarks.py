@@ -1356,8 +1356,11 @@ def _slices_result(sliced_cold_s: float, sliced_origin: int, sliced_mbps: tuple[
     from benchmarks import slicetrace
     from benchmarks.scenarios import slices
     def tail(target, cold_s, origin):
-        return slices.TailResult(target, 2**30 - 742_400, 2**30 - 1, slices.RangeGet(206, 742_400, cold_s, "MISS"),
-                                 [slices.RangeGet(206, 742_400, 0.003, "HIT")] * 3, origin, 1, True)
+        # Three cold objects: the median time and the worst origin bytes are judged.
+        return slices.TailResult(target, 2**30 - 742_400, 2**30 - 1,
+                                 [slices.RangeGet(206, 742_400, t, "MISS") for t in (0.001, cold_s, 9.0)],
+                                 [slices.RangeGet(206, 742_400, 0.003, "HIT")] * 3,
+                                 [(4 * MiB, 1), (origin, 1), (0, 0)], True)
     def full(cold, warm, growth):
         return [slices.FullPass("cold", 200, 2**30, cold, growth, 2**30, 1, 0.5),
                 slices.FullPass("warm", 200, 2**30, warm, growth, 0, 0, 0.5)]
