@@ -1392,6 +1392,7 @@ def test_slices_verdicts(cold_s, origin, mbps, rss, results):
     tables = slices.tables(r, 2**30)
     assert [len(t.rows) for t in tables] == [2, 4, 2]
     assert "0.67" in slices.summary(r)                   # origin bytes, sliced over unsliced
+    assert all(row[-1] == "" for row in tables[1].rows)     # no pass had a busy client CPU
 
 
 def test_a_build_without_slicing_reports_every_sliced_row_as_not_measured():
@@ -1415,3 +1416,13 @@ def test_slices_is_a_scenario_and_its_objects_carry_validators():
     assert run.SCENARIOS[-1] == "slices"
     # A sliced L1 stores slices only of responses with a strong ETag or Last-Modified.
     assert slices.gen_path("/gen/a", 10) == "/gen/a?size=10&cc=max-age=86400&etag=1&lm=1"
+
+
+def test_a_full_get_with_a_busy_client_cpu_says_so():
+    from benchmarks.scenarios import slices
+    r = _slices_result(0.01, 0, (360e6, 1620e6), 0)
+    r.full[slices.SLICED.label][1] = slices.FullPass("warm", 200, 2**30, 1620e6, 0, 0, 0, 0.97)
+    warm = next(v for v in slices.verdicts(r) if v.key == "slices-full-warm")
+    assert warm.met and warm.note.endswith(f"client CPU over 90% during: {slices.SLICED.label}")
+    rows = slices.tables(r, 2**30)[1].rows
+    assert [row[-1] for row in rows] == ["", "", "", "client CPU busy: MB/s a lower bound"]
