@@ -30,11 +30,19 @@ class Settings:
     trace_alphas: tuple[float, ...] = (0.8, 1.0)
     cache_shares: tuple[float, ...] = (0.01, 0.10)
     memory_urls: int = 300_000  # unique 1 KiB URLs the memory scenario sends its L1
+    # The slices scenario's video-seek trace (issue 15): sessions over files of log-uniform size.
+    video_sessions: int = 1000
+    video_files: int = 50
+    video_smallest: int = 200 * 2**20
+    video_largest: int = 2 * 2**30
+    video_concurrency: int = 8  # sessions in flight at once
+    video_budget_s: float = 300.0   # wall time the unsliced L1 may take; the sliced one replays what it did
 
 
 FULL = Settings(mode="full", rounds=3, duration_s=10.0)
 QUICK = Settings(mode="quick", rounds=1, duration_s=3.0, large_bytes=256 * 2**20,
-                 trace_requests=200_000, memory_urls=50_000)
+                 trace_requests=200_000, memory_urls=50_000, video_sessions=100, video_files=10,
+                 video_smallest=50 * 2**20, video_largest=512 * 2**20, video_budget_s=60.0)
 
 
 @dataclass

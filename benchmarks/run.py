@@ -25,10 +25,10 @@ from pathlib import Path
 from benchmarks import cpu, install, layout, peers, procs, report, servers, targets
 from benchmarks.context import FULL, QUICK, Bench
 from benchmarks.procs import Processes, Started
-from benchmarks.scenarios import collapse, dns, hit, hitratio, large, memory, miss, tls, workers
+from benchmarks.scenarios import collapse, dns, hit, hitratio, large, memory, miss, slices, tls, workers
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("hit", "collapse", "miss", "large", "hitratio", "dns", "memory", "tls", "workers")
+SCENARIOS = ("hit", "collapse", "miss", "large", "hitratio", "dns", "memory", "tls", "workers", "slices")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,6 +176,8 @@ def start_servers(bench: Bench, chosen: list[str]) -> dict[str, Started]:
         started["ceiling_dns"] = servers.start_ceiling_dns(p)
     if "workers" in need:
         started.update({f"workers_{name}": proc for name, proc in workers.start(bench).items()})
+    if "slices" in need:
+        started.update({f"slices_{name}": proc for name, proc in slices.start(bench).items()})
     bench.log(f"started {len(started)} servers: {', '.join(started)}")
     return started
 
@@ -279,6 +281,12 @@ def run_scenarios(bench: Bench, chosen: list[str], started: dict[str, Started]) 
         result = memory.measure(bench, started["l1_mem"])
         tables.append(memory.table(result))
         verdicts.append(memory.verdict(result))
+    if "slices" in chosen:
+        result = slices.measure(bench, {name.removeprefix("slices_"): proc for name, proc in started.items()
+                                        if name.startswith("slices_")})
+        tables += slices.tables(result, s.large_bytes)
+        verdicts += slices.verdicts(result)
+        summary.append(slices.summary(result))
     if "tls" in chosen:
         runs, resumption = tls.measure(bench, [tls.OURS, tls.NGINX])
         tables.append(tls.table(runs, resumption))

@@ -32,6 +32,7 @@ WORKERS_SCALING = 1.8           # two workers on two CPUs against one on one (is
 MEMORY_SLACK_BYTES = 64 * 2**20  # an L1's RSS beyond memory_size and its disk index (issue 10)
 TLS_HIT_RPS_RATIO = 1.0         # HTTPS/1.1 keep-alive 1 KiB hits against nginx's HTTPS (issue 13)
 H2_HIT_RPS_RATIO = 0.5          # HTTP/2 1 KiB hits against nginx's HTTP/2 (issue 13)
+SLICED_FULL_RATIO = 0.9         # a full GET of a sliced large object against the unsliced path (issue 15)
 
 LOGS = (False, True)            # the hit scenario's two variants: logs off, logs on
 
@@ -107,6 +108,16 @@ def goals(settings: Settings) -> list[Goal]:
                     f">= {TLS_HIT_RPS_RATIO:.2f} x nginx (HTTPS), one CPU each"))
     out.append(Goal("h2-hit-rps", "tls", "HTTP/2 warm hit 1 KiB (h2load): edge L1 req/s",
                     f">= {H2_HIT_RPS_RATIO:.2f} x nginx (HTTP/2), one CPU each"))
+    out.append(Goal("slices-tail-time", "slices",
+                    f"Cold range, last 725 KiB of a {large} object, sliced L1 (4 MiB): time to last byte",
+                    "<= 2 x (the same range warm + one slice fetch) (issue 15)"))
+    out.append(Goal("slices-tail-origin", "slices", "Cold range, last 725 KiB, sliced L1: origin bytes",
+                    "<= one slice + the range"))
+    for kind in ("cold", "warm"):
+        out.append(Goal(f"slices-full-{kind}", "slices", f"Full GET of a sliced {large} object, {kind}: MB/s",
+                        f">= {SLICED_FULL_RATIO:.1f} x the unsliced L1"))
+    out.append(Goal("slices-full-rss", "slices", f"Full GET of a sliced {large} object, cold and warm: L1 peak "
+                    "RSS growth", f"< {RSS_GROWTH_BYTES // 2**20} MiB"))
     return out
 
 

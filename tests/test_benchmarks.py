@@ -529,7 +529,7 @@ def test_every_target_is_listed_and_unmeasured_ones_say_why():
     from benchmarks import targets
     from benchmarks.context import FULL, QUICK
     keys = [g.key for g in targets.goals(QUICK)]
-    assert len(keys) == len(set(keys)) == 8 + 11      # 2 sizes x 2 log settings x (req/s, p99) + 11 others
+    assert len(keys) == len(set(keys)) == 8 + 16      # 2 sizes x 2 log settings x (req/s, p99) + 16 others
     table = targets.table(QUICK, [targets.Verdict("miss", "0.60 x", True)], ran={"miss", "hit"})
     rows = {row[0]: row for row in table.rows}
     assert rows["Miss chain L1 -> L2 -> origin: req/s"][3] == "met"
@@ -542,7 +542,7 @@ def test_every_target_is_listed_and_unmeasured_ones_say_why():
     collapse_goal = next(g for g in targets.goals(QUICK) if g.key == "collapse")
     assert collapse_goal.goal == "1 origin request, last response <= 220 ms"
     assert targets.summary(QUICK, [targets.Verdict("miss", "x", True), targets.Verdict("dns", "x", False)]) == \
-        "Targets: 1 met, 1 below, 17 not measured (of 19; see the table Targets)"
+        "Targets: 1 met, 1 below, 22 not measured (of 24; see the table Targets)"
     memory_goal = next(g for g in targets.goals(FULL) if g.key == "memory-rss")
     assert memory_goal.scenario == "memory" and "300,000 unique 1 KiB URLs" in memory_goal.what
     assert "50,000" in next(g for g in targets.goals(QUICK) if g.key == "memory-rss").what
@@ -1135,7 +1135,7 @@ def test_tls_targets_and_the_h2_row_until_the_l1_speaks_h2():
     assert rows["HTTPS/1.1 warm hit 1 KiB, keep-alive: edge L1 req/s"][1] == ">= 1.00 x nginx (HTTPS), one CPU each"
     assert rows["HTTP/2 warm hit 1 KiB (h2load): edge L1 req/s"][1] == ">= 0.50 x nginx (HTTP/2), one CPU each"
     assert targets.summary(QUICK, list(verdicts.values())) == \
-        "Targets: 1 met, 0 below, 18 not measured (of 19; see the table Targets)"
+        "Targets: 1 met, 0 below, 23 not measured (of 24; see the table Targets)"
     assert tls.summary(runs) == ("TLS handshakes, a new connection per request (no goal): full 0.40 x nginx "
                                  "(600 vs 1,500/s) (nginx client-limited: upper bound); resumed 0.50 x nginx "
                                  "(800 vs 1,600/s)")
@@ -1212,3 +1212,217 @@ def test_the_workers_scenario_renders_the_shared_nginx_template(tmp_path):
     text = workers.render_nginx(tmp_path).read_text()
     assert "{{" not in text and "worker_processes auto;" in text
     assert f"listen {workers.NGINX_AUTO} backlog=4096;" in text
+
+
+# --------------------------------------------------------------------------- slices (issue 15)
+
+MiB = 2**20
+
+
+def test_video_trace_is_reproducible_from_its_seed():
+    from benchmarks import slicetrace
+    first = slicetrace.make_trace(200, 20, 200 * MiB, 2048 * MiB, seed=7)
+    again = slicetrace.make_trace(200, 20, 200 * MiB, 2048 * MiB, seed=7)
+    other = slicetrace.make_trace(200, 20, 200 * MiB, 2048 * MiB, seed=8)
+    assert first == again
+    assert first.sessions != other.sessions and first.sizes != other.sizes
+
+
+@pytest.mark.parametrize("sessions, files, smallest, largest", [
+    (1000, 50, 200 * MiB, 2048 * MiB),      # the issue's trace
+    (100, 10, 50 * MiB, 512 * MiB),         # --quick
+    (50, 3, 2 * MiB, 2 * MiB),              # files barely larger than a range
+])
+def test_video_trace_keeps_every_seek_inside_its_file(sessions, files, smallest, largest):
+    from benchmarks import slicetrace
+    trace = slicetrace.make_trace(sessions, files, smallest, largest, seed=1)
+    assert len(trace.sizes) == files and len(trace.sessions) == sessions
+    assert all(smallest <= size <= largest for size in trace.sizes)
+    for session in trace.sessions:
+        assert 2 <= len(session) <= 4
+        assert len({seek.file for seek in session}) == 1            # one file per session
+        for seek in session:
+            size = trace.sizes[seek.file]
+            assert 1 * MiB <= seek.length <= 4 * MiB or seek.length == size
+            assert 0 <= seek.first and seek.last < size
+            assert seek.range_header == f"bytes={seek.first}-{seek.first + seek.length - 1}"
+    assert trace.seeks == sum(len(s) for s in trace.sessions)
+    assert trace.requested_bytes == sum(seek.length for s in trace.sessions for seek in s)
+
+
+def test_video_trace_sizes_are_log_uniform():
+    from benchmarks import slicetrace
+    sizes = slicetrace.file_sizes(20_000, 200 * MiB, 2048 * MiB, seed=3)
+    # Log-uniform: half of the files below the geometric mean of the bounds (binomial, 5 sigma).
+    below = sum(1 for s in sizes if s < math.sqrt(200 * 2048) * MiB)
+    assert abs(below - 10_000) < 5 * math.sqrt(20_000 * 0.25)
+
+
+@pytest.mark.parametrize("size, length, expected", [
+    (2**30, 725 * 1024, (2**30 - 742_400, 2**30 - 1)),
+    (256 * MiB, 725 * 1024, (256 * MiB - 742_400, 256 * MiB - 1)),
+    (100, 725 * 1024, (0, 99)),                                  # shorter than the range: all of it
+])
+def test_tail_range(size, length, expected):
+    from benchmarks import slicetrace
+    assert slicetrace.tail_range(size, length) == expected
+
+
+@pytest.mark.parametrize("first, last, slice_size, spanned", [
+    (0, 0, 4 * MiB, 1),
+    (0, 4 * MiB - 1, 4 * MiB, 1),
+    (4 * MiB - 1, 4 * MiB, 4 * MiB, 2),
+    (2**30 - 742_400, 2**30 - 1, 4 * MiB, 1),                   # the tail range: one slice
+    (1, 12 * MiB, 4 * MiB, 4),
+])
+def test_slices_spanned(first, last, slice_size, spanned):
+    from benchmarks import slicetrace
+    assert slicetrace.slices_spanned(first, last, slice_size) == spanned
+
+
+@pytest.mark.parametrize("warm_s, slice_s, cold_s, met", [
+    (0.003, 0.005, 0.016, True),            # exactly 2 x (warm + slice)
+    (0.003, 0.005, 0.0161, False),
+    (0.010, 0.020, 0.5, False),             # the unsliced L1 streaming the whole object first
+    (0.0, 0.0, 0.0, True),
+])
+def test_tail_time_bound(warm_s, slice_s, cold_s, met):
+    from benchmarks import slicetrace
+    assert (cold_s <= slicetrace.tail_time_limit(warm_s, slice_s)) is met
+
+
+@pytest.mark.parametrize("origin_bytes, met", [
+    (4 * MiB + 742_400, True),              # one slice plus the range
+    (4 * MiB + 742_401, False),
+    (8 * MiB, False),                       # two slices
+    (256 * MiB, False),
+])
+def test_tail_origin_bound(origin_bytes, met):
+    from benchmarks import slicetrace
+    assert (origin_bytes <= slicetrace.tail_origin_limit(4 * MiB, 742_400)) is met
+
+
+def test_metric_total_sums_every_labelled_sample():
+    from benchmarks import slicetrace
+    text = ("# HELP origin_response_bytes_total Response body bytes sent\n"
+            "# TYPE origin_response_bytes_total counter\n"
+            "origin_response_bytes_total 1.073741824e+09\n"
+            "origin_response_bytes_created 1.7e+09\n"
+            'origin_requests_total{method="GET",status="200"} 3.0\n'
+            'origin_requests_total{method="GET",status="206"} 4.0\n'
+            "origin_requests_totally 99\n")
+    assert slicetrace.metric_total(text, "origin_response_bytes_total") == 2**30
+    assert slicetrace.metric_total(text, "origin_requests_total") == 7
+    assert slicetrace.metric_total(text, "absent_total") == 0
+
+
+@pytest.mark.parametrize("x_cache, cache_status, hit", [
+    ("HIT", None, True),
+    ("MISS", "edge; hit", False),            # X-Cache decides when present
+    (None, "edge-l1; hit; ttl=10", True),
+    (None, "edge-l2; hit, edge-l1; fwd=uri-miss; stored", False),   # the last entry is this node's
+    (None, None, False),
+    (" hit ", None, True),
+])
+def test_is_hit(x_cache, cache_status, hit):
+    from benchmarks import slicetrace
+    assert slicetrace.is_hit(x_cache, cache_status) is hit
+
+
+@pytest.mark.parametrize("returncode, output, unknown", [
+    (0, "sl-origin origin ...", False),
+    (2, "sites.vod-sliced.slice_size: unknown key (allowed: aliases, ...)", True),
+    (2, "nodes.sl-plain.disk_size: bad size", None),
+])
+def test_check_says_slicing_unknown(returncode, output, unknown):
+    from benchmarks import slicetrace
+    assert slicetrace.check_says_slicing_unknown(returncode, output) is unknown
+
+
+def test_the_slices_topology_renders_with_and_without_slice_size(tmp_path):
+    from benchmarks.scenarios import slices
+    from edge import config
+    sliced = slices.render_topology(tmp_path, slicing=True).read_text()
+    assert sliced.count('slice_size = "4MiB"') == 1
+    assert sliced.index("[sites.vod-sliced]") < sliced.index("slice_size") < sliced.index("[nodes.")
+    topology = config.load(slices.render_topology(tmp_path, slicing=False))
+    nodes = {node.name: node for node in topology.nodes}
+    assert set(nodes) == {"sl-origin", "sl-plain", "sl-sliced"}
+    assert all(str(node.listen).startswith("127.0.73.") for node in nodes.values())
+    assert nodes["sl-plain"].disk_size == nodes["sl-sliced"].disk_size == slices.DISK_SIZE
+
+
+def _slices_result(sliced_cold_s: float, sliced_origin: int, sliced_mbps: tuple[float, float], rss: int):
+    from benchmarks import slicetrace
+    from benchmarks.scenarios import slices
+    def tail(target, cold_s, origin):
+        # Three cold objects: the median time and the worst origin bytes are judged.
+        return slices.TailResult(target, 2**30 - 742_400, 2**30 - 1,
+                                 [slices.RangeGet(206, 742_400, t, "MISS") for t in (0.001, cold_s, 9.0)],
+                                 [slices.RangeGet(206, 742_400, 0.003, "HIT")] * 3,
+                                 [(4 * MiB, 1), (origin, 1), (0, 0)], True)
+    def full(cold, warm, growth):
+        return [slices.FullPass("cold", 200, 2**30, cold, growth, 2**30, 1, 0.5),
+                slices.FullPass("warm", 200, 2**30, warm, growth, 0, 0, 0.5)]
+    trace = slicetrace.make_trace(4, 2, 10 * MiB, 20 * MiB, seed=1)
+    return slices.SlicesResult(
+        True, 0.005,
+        {slices.PLAIN.label: tail(slices.PLAIN, 2.5, 2**30), slices.SLICED.label: tail(slices.SLICED, sliced_cold_s,
+                                                                                       sliced_origin)},
+        {slices.PLAIN.label: full(400e6, 1800e6, 1 * MiB), slices.SLICED.label: full(*sliced_mbps, rss)},
+        {slices.PLAIN.label: slices.TraceResult(slices.PLAIN, 4, 12, 11, 30 * MiB, 0, 1.0, 60 * MiB, 2),
+         slices.SLICED.label: slices.TraceResult(slices.SLICED, 4, 12, 8, 30 * MiB, 0, 1.0, 40 * MiB, 12)},
+        trace, 8)
+
+
+@pytest.mark.parametrize("cold_s, origin, mbps, rss, results", [
+    (0.016, 4 * MiB + 742_400, (360e6, 1620e6), 63 * MiB, ["met", "met", "met", "met", "met"]),
+    (0.017, 4 * MiB + 742_401, (359e6, 1619e6), 64 * MiB, ["below"] * 5),
+])
+def test_slices_verdicts(cold_s, origin, mbps, rss, results):
+    from benchmarks import targets
+    from benchmarks.context import QUICK
+    from benchmarks.scenarios import slices
+    r = _slices_result(cold_s, origin, mbps, rss)
+    verdicts = {v.key: targets.result_word(v) for v in slices.verdicts(r)}
+    assert list(verdicts) == ["slices-tail-time", "slices-tail-origin", "slices-full-cold", "slices-full-warm",
+                              "slices-full-rss"]
+    assert list(verdicts.values()) == results
+    assert {g.key for g in targets.goals(QUICK) if g.scenario == "slices"} == set(verdicts)
+    tables = slices.tables(r, 2**30)
+    assert [len(t.rows) for t in tables] == [2, 4, 2]
+    assert "0.67" in slices.summary(r)                   # origin bytes, sliced over unsliced
+    assert all(row[-1] == "" for row in tables[1].rows)     # no pass had a busy client CPU
+
+
+def test_a_build_without_slicing_reports_every_sliced_row_as_not_measured():
+    from benchmarks import targets
+    from benchmarks.scenarios import slices
+    r = _slices_result(0.01, 0, (1.0, 1.0), 0)
+    r.slicing = False
+    for table in (r.tail, r.full, r.trace):
+        del table[slices.SLICED.label]
+    verdicts = slices.verdicts(r)
+    assert len(verdicts) == 5 and all(targets.result_word(v) == "not measured" for v in verdicts)
+    assert all(v.note == "this build does not slice (slice_size unknown)" for v in verdicts)
+    for table in slices.tables(r, 2**30):
+        assert table.rows[-1][1] == "not measured: this build does not slice (slice_size unknown)"
+    assert "sliced not measured" in slices.summary(r)
+
+
+def test_slices_is_a_scenario_and_its_objects_carry_validators():
+    from benchmarks import run
+    from benchmarks.scenarios import slices
+    assert run.SCENARIOS[-1] == "slices"
+    # A sliced L1 stores slices only of responses with a strong ETag or Last-Modified.
+    assert slices.gen_path("/gen/a", 10) == "/gen/a?size=10&cc=max-age=86400&etag=1&lm=1"
+
+
+def test_a_full_get_with_a_busy_client_cpu_says_so():
+    from benchmarks.scenarios import slices
+    r = _slices_result(0.01, 0, (360e6, 1620e6), 0)
+    r.full[slices.SLICED.label][1] = slices.FullPass("warm", 200, 2**30, 1620e6, 0, 0, 0, 0.97)
+    warm = next(v for v in slices.verdicts(r) if v.key == "slices-full-warm")
+    assert warm.met and warm.note.endswith(f"client CPU over 90% during: {slices.SLICED.label}")
+    rows = slices.tables(r, 2**30)[1].rows
+    assert [row[-1] for row in rows] == ["", "", "", "client CPU busy: MB/s a lower bound"]
