@@ -69,6 +69,7 @@ class Piece:
     storing: asyncio.Task[bool] | None = None      # the store write under way
     stale: bool = False     # stored but no longer fresh: to be revalidated (`_obtain(stale=...)`)
     revalidated: bool = False   # a stale stored slice that a 304 freshened
+    filling: Filling | None = None  # fetched for this request, its body still arriving (`_fill`)
 
     async def settle(self) -> bool:
         """Wait for the store write (if any); was the slice kept?"""
@@ -84,6 +85,58 @@ class Piece:
     @property
     def fields(self):
         return self.obj.meta.fields
+
+    def chunks(self, chunk_size: int, start: int, end: int):
+        """Bytes `start`..`end` (exclusive) of the slice: as they arrive while it is filling."""
+        if self.filling is not None and self.filling.parts is not None:
+            return self.filling.read(start, end)
+        return self.obj.chunks(chunk_size, start, end)
+
+
+class Filling:
+    """A fetched slice's body while it arrives (`Slicer._fill` appends to it), so the client
+    of the request that fetched it gets each byte as it comes instead of after the whole
+    slice; stored only once whole and checked.  The head (validators, total length) was
+    checked before the Piece was handed out."""
+
+    def __init__(self, keeping: bool):
+        self.parts: list[bytes] | None = []     # None once the Piece's obj holds the whole body
+        self.size = 0                           # bytes arrived
+        self.error: Exception | None = None     # the body broke (short, reset, cancelled)
+        self.keeping = keeping                  # policy and bans allow storing it (when whole)
+        self._arrived = asyncio.Event()
+
+    def add(self, chunk: bytes) -> None:
+        assert self.parts is not None
+        self.parts.append(chunk)
+        self.size += len(chunk)
+        self._arrived.set()
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self._arrived.set()
+
+    async def read(self, start: int, end: int):
+        """Bytes `start`..`end` as they arrive; the fill's error if it breaks first."""
+        at = start
+        parts = self.parts
+        assert parts is not None
+        index, base = 0, 0          # parts[index] begins at byte `base` (parts only grows)
+        while at < end:
+            while index < len(parts) and at < end:
+                part = parts[index]
+                stop = base + len(part)
+                if stop > at:
+                    yield part[at - base:min(stop, end) - base]
+                    at = min(stop, end)
+                if stop <= at:
+                    index, base = index + 1, stop
+            if at >= end:
+                return
+            if self.error is not None:
+                raise self.error
+            self._arrived.clear()
+            await self._arrived.wait()
 
 
 class NotSliceable(Exception):
@@ -212,7 +265,10 @@ class Slicer:
             except (NotSliceable, UpstreamError) as exc:
                 return self._after_error(ex, exc)
         for piece in planned.values():
-            await piece.settle()        # Cache-Status says `stored` only of what was kept
+            # Cache-Status says `stored` only of what was kept, or (a slice still arriving,
+            # streamed to this client) of what policy and the store's size allow to be kept.
+            if piece.filling is None:
+                await piece.settle()
         stale_indices = set(stale) | {i for i, piece in planned.items() if piece.revalidated}
         entry = self._entry(ex, ref, indices, planned, stale_indices)
         # The walk keeps only what was fetched (held nowhere else); stored slices are looked up
@@ -325,7 +381,7 @@ class Slicer:
                         ahead[j] = asyncio.create_task(self._obtain_or_stored(ex, j, ref))
                 low = max(first - i * size, 0)
                 high = min(last + 1 - i * size, piece.obj.meta.size)
-                async for chunk in piece.obj.chunks(policy_chunk(), low, high):
+                async for chunk in piece.chunks(policy_chunk(), low, high):
                     yield chunk
                 await piece.settle()    # at most the slices held anyway are being written
         except ObjectChanged as changed:
@@ -418,7 +474,7 @@ class Slicer:
                 if piece.storing is None:
                     flight.finish(Outcome.NOT_STORED, stored=done)
                 else:
-                    piece.storing.add_done_callback(lambda _, f=flight: f.finish(Outcome.STORED, stored=done))
+                    piece.storing.add_done_callback(lambda task, f=flight: _land(f, task, done))
         if ref is not None and not slices.same_object(ref.fields, ref.total, piece.fields, piece.total):
             raise ObjectChanged(piece)
         return piece
@@ -434,7 +490,7 @@ class Slicer:
         if required:
             headers["If-Match"] = ", ".join(required)       # a 412 when upstream has moved on again
         request_time = node.clock()
-        fetch = next(node._fetch_ids)
+        fetch: int | None = next(node._fetch_ids)
         node._fetches[fetch] = request_time     # bans wait for it (see CacheNode.oldest_fetch)
         try:
             response, upstream = await node.upstreams.send("GET", ex.primary, ex.site, ex.raw_target, headers)
@@ -451,10 +507,18 @@ class Slicer:
                         raise UpstreamError("http_protocol_error",
                                             f"asked for {headers['Range']}, got Content-Range "
                                             f"{response.headers.get('Content-Range')!r}", [upstream.name])
-                    body = await self._read(response, upstream.name)
-                    if len(body) != slices.slice_span(index, size, total)[1] - index * size + 1:
-                        raise UpstreamError("http_response_incomplete", "short slice", [upstream.name])
-                    return await self._keep(ex, index, response.headers, total, body, request_time, response_time)
+                    # Handed out now, its body streaming in (`_fill`): the validators and the
+                    # length are known, so the walk can send each byte as it arrives.
+                    piece = self._streaming(ex, index, response.headers, total, request_time, response_time)
+                    assert piece.filling is not None
+                    piece.storing = asyncio.create_task(
+                        self._fill(ex, piece, piece.filling, response, upstream.name, fetch))
+                    node._background.add(piece.storing)
+                    piece.storing.add_done_callback(node._background.discard)
+                    piece.storing.add_done_callback(_retrieved)     # its failure is the readers'
+                    handed = True
+                    fetch = None        # its bans wait until the fill ends
+                    return piece
                 if response.status == 200 and response.content_length is not None:
                     return await self._slice_whole(ex, index, response, upstream.name, request_time, response_time)
                 handed = True
@@ -466,7 +530,8 @@ class Slicer:
                     else:
                         response.close()
         finally:
-            node._fetches.pop(fetch, None)
+            if fetch is not None:
+                node._fetches.pop(fetch, None)
 
     async def _freshened(self, ex: Exchange, stale: Piece, not_modified, request_time: float,
                          response_time: float) -> Piece:
@@ -483,20 +548,62 @@ class Slicer:
         kept = checked is not None and await self.node.store.update_meta(key, checked, replacing=meta)
         return Piece(stale.index, stale.obj.with_meta(fresh), stale.total, hit=False, stored=kept, revalidated=True)
 
-    async def _read(self, response: UpstreamResponse, upstream: str) -> bytes:
-        try:
-            return await response.read()
-        except UpstreamIOError as exc:
-            raise UpstreamError("http_response_incomplete", str(exc) or type(exc).__name__, [upstream]) from None
+    def _streaming(self, ex: Exchange, index: int, response_fields, total: int,
+                   request_time: float, response_time: float) -> Piece:
+        """A fetched slice whose body is yet to arrive (`_fill`), its meta built from the head."""
+        from edge.proxy import _fits_a_tier
+        first, last = slices.slice_span(index, ex.site.slice_size, total)
+        meta, ok = self._slice_meta(ex, index, response_fields, total, last - first + 1,
+                                    request_time, response_time)
+        key = slices.slice_key(ex.primary, ex.site.slice_size, index)
+        keeping = ok and _fits_a_tier(self.node.store, meta.size) and self.node.after_bans(key, meta) is not None
+        return Piece(index, CachedObject(meta, None), total, hit=False, stored=keeping, filling=Filling(keeping))
 
-    async def _keep(self, ex: Exchange, index: int, response_fields, total: int, body: bytes,
-                    request_time: float, response_time: float) -> Piece:
-        """Store one slice (when policy allows) and return it."""
+    async def _fill(self, ex: Exchange, piece: Piece, filling: Filling, response: UpstreamResponse,
+                    upstream: str, fetch: int) -> bool:
+        """Read a slice's body into `filling` (the walk sends from it meanwhile); whole and of
+        the length its Content-Range said, it becomes the Piece's body and is stored.  Was it
+        kept?  A short or broken body fails the readers (the response is cut) and is not stored."""
+        node = self.node
+        expected = piece.obj.meta.size
+        try:
+            try:
+                while chunk := await response.read_chunk():
+                    if filling.size + len(chunk) > expected:
+                        break
+                    filling.add(chunk)
+            except UpstreamIOError as exc:
+                raise UpstreamError("http_response_incomplete", str(exc) or type(exc).__name__,
+                                    [upstream]) from None
+            if filling.size != expected or not response.complete:
+                raise UpstreamError("http_response_incomplete", "short slice", [upstream])
+        except BaseException as exc:
+            filling.fail(exc if isinstance(exc, Exception) else
+                         UpstreamError("http_response_incomplete", "slice fetch cancelled", [upstream]))
+            raise
+        finally:
+            node._fetches.pop(fetch, None)
+            if response.complete:
+                response.release()
+            else:
+                response.close()
+        assert filling.parts is not None
+        body = b"".join(filling.parts)
+        piece.obj = CachedObject(piece.obj.meta, body)
+        filling.parts = None            # readers under way keep their own reference till done
+        key = slices.slice_key(ex.primary, ex.site.slice_size, piece.index)
+        checked = node.after_bans(key, piece.obj.meta) if filling.keeping else None
+        if checked is None:
+            return False
+        return await self._write(key, checked, body)
+
+    def _slice_meta(self, ex: Exchange, index: int, response_fields, total: int, size: int,
+                    request_time: float, response_time: float) -> tuple[Meta, bool]:
+        """The stored form of a slice's head (its Content-Range normalised); may it be stored?"""
         from edge.proxy import _storable_headers
-        node, size = self.node, ex.site.slice_size
         kept = [(name, value) for name, value in _storable_headers(response_fields, response_time)
                 if name.lower() != "content-range"]
-        first, last = slices.slice_span(index, size, total)
+        first, last = slices.slice_span(index, ex.site.slice_size, total)
         kept.append(("Content-Range", f"bytes {first}-{last}/{total}"))
         multi = CIMultiDict(kept)
         ok, why = policy.storable("GET", 200, ex.request.headers, multi,
@@ -508,9 +615,18 @@ class Slicer:
         if ok:
             hidden = policy.hidden_fields(multi) | ({"set-cookie"} if ex.site.set_cookie == "strip" else set())
             kept = [(name, value) for name, value in kept if name.lower() not in hidden]
-        key = slices.slice_key(ex.primary, size, index)
+        elif why:
+            log.debug("slice %d of %s not stored: %s", index, ex.primary, why)
         meta = Meta(status=206, headers=tuple(kept), request_time=request_time, response_time=response_time,
-                    size=len(body), url=f"{ex.site.hosts[0]}{ex.raw_target}")
+                    size=size, url=f"{ex.site.hosts[0]}{ex.raw_target}")
+        return meta, ok
+
+    async def _keep(self, ex: Exchange, index: int, response_fields, total: int, body: bytes,
+                    request_time: float, response_time: float) -> Piece:
+        """Store one slice (when policy allows) and return it."""
+        node = self.node
+        meta, ok = self._slice_meta(ex, index, response_fields, total, len(body), request_time, response_time)
+        key = slices.slice_key(ex.primary, ex.site.slice_size, index)
         piece = Piece(index, CachedObject(meta, body), total, hit=False)
         checked = node.after_bans(key, meta) if ok else None
         if checked is not None:
@@ -519,8 +635,6 @@ class Slicer:
             piece.storing = asyncio.create_task(self._write(key, checked, body))
             node._background.add(piece.storing)
             piece.storing.add_done_callback(node._background.discard)
-        elif why:
-            log.debug("slice %d of %s not stored: %s", index, ex.primary, why)
         return piece
 
     async def _write(self, key: str, meta: Meta, body: bytes) -> bool:
@@ -579,6 +693,21 @@ class Slicer:
                                     [upstream])
             raise UpstreamError("http_response_incomplete", f"{received} of {total} bytes", [upstream])
         return wanted
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _land(flight, task: asyncio.Task[bool], piece: Piece) -> None:
+    """End a slice's flight once its fill and store write are over: followers share the whole
+    slice, or, when its body broke, fetch it themselves."""
+    if piece.obj.body is not None:      # whole (its store write may have failed: still good)
+        flight.finish(Outcome.STORED, stored=piece)
+    else:
+        error = None if task.cancelled() else task.exception()
+        flight.finish(Outcome.FAILED, error if isinstance(error, UpstreamError) else None)
 
 
 def policy_chunk() -> int:
