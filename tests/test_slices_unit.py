@@ -105,3 +105,43 @@ def test_slice_keys_live_under_the_url_and_the_slice_size():
     key = slices.slice_key("site|www.example.com|/a.iso", S, 3)
     assert key.startswith("site|www.example.com|/a.iso\n")      # a URL purge covers it (edge.bans)
     assert key != slices.slice_key("site|www.example.com|/a.iso", 2 * S, 3)
+
+
+async def _collect(filling, start, end, into):
+    async for chunk in filling.read(start, end):
+        into.append(bytes(chunk))
+
+
+async def test_a_filling_slice_is_read_as_its_bytes_arrive():
+    import asyncio
+
+    from edge.slicing import Filling
+    filling = Filling(keeping=True)
+    got: list[bytes] = []
+    reader = asyncio.create_task(_collect(filling, 3, 10, got))     # bytes 3..9 of the slice
+    await asyncio.sleep(0)
+    filling.add(b"ab")                  # before the range: nothing sent
+    await asyncio.sleep(0)
+    assert got == []
+    filling.add(b"cdef")                # 3..5 arrive: sent at once, not after the whole slice
+    await asyncio.sleep(0)
+    assert got == [b"def"] and not reader.done()
+    filling.add(b"ghijkl")
+    await reader
+    assert b"".join(got) == b"defghij"
+
+
+async def test_a_broken_fill_fails_its_reader_after_the_bytes_that_came():
+    import asyncio
+
+    from edge.slicing import Filling
+    from edge.upstream.client import UpstreamError
+    filling = Filling(keeping=True)
+    got: list[bytes] = []
+    reader = asyncio.create_task(_collect(filling, 0, 100, got))
+    filling.add(b"12345")
+    await asyncio.sleep(0)
+    filling.fail(UpstreamError("http_response_incomplete", "short slice", ["origin"]))
+    with pytest.raises(UpstreamError):
+        await reader
+    assert got == [b"12345"]
