@@ -587,6 +587,9 @@ class Slicer:
                 response.release()
             else:
                 response.close()
+        # Let the readers send the last bytes before the join and the store write's hashing
+        # (which take the event loop for a while on a large slice).
+        await asyncio.sleep(0)
         assert filling.parts is not None
         body = b"".join(filling.parts)
         piece.obj = CachedObject(piece.obj.meta, body)
