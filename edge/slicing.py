@@ -88,7 +88,7 @@ class Piece:
 
     def chunks(self, chunk_size: int, start: int, end: int):
         """Bytes `start`..`end` (exclusive) of the slice: as they arrive while it is filling."""
-        if self.filling is not None and self.filling.parts is not None:
+        if self.filling is not None:
             return self.filling.read(start, end)
         return self.obj.chunks(chunk_size, start, end)
 
@@ -100,14 +100,14 @@ class Filling:
     checked before the Piece was handed out."""
 
     def __init__(self, keeping: bool):
-        self.parts: list[bytes] | None = []     # None once the Piece's obj holds the whole body
+        self.parts: list[bytes] = []            # the body so far (whole: the slice's body)
         self.size = 0                           # bytes arrived
+        self.whole = False                      # all arrived, of the expected length
         self.error: Exception | None = None     # the body broke (short, reset, cancelled)
         self.keeping = keeping                  # policy and bans allow storing it (when whole)
         self._arrived = asyncio.Event()
 
     def add(self, chunk: bytes) -> None:
-        assert self.parts is not None
         self.parts.append(chunk)
         self.size += len(chunk)
         self._arrived.set()
@@ -120,7 +120,6 @@ class Filling:
         """Bytes `start`..`end` as they arrive; the fill's error if it breaks first."""
         at = start
         parts = self.parts
-        assert parts is not None
         index, base = 0, 0          # parts[index] begins at byte `base` (parts only grows)
         while at < end:
             while index < len(parts) and at < end:
@@ -453,7 +452,7 @@ class Slicer:
             if landing is not None and isinstance(landing.stored, Piece):
                 piece = landing.stored
                 piece = Piece(piece.index, piece.obj, piece.total, hit=False, stored=piece.stored,
-                              storing=piece.storing)
+                              storing=piece.storing, filling=piece.filling)
             elif landing is not None and landing.outcome is Outcome.FAILED and isinstance(landing.error, Exception):
                 raise landing.error
             else:
@@ -561,44 +560,56 @@ class Slicer:
 
     async def _fill(self, ex: Exchange, piece: Piece, filling: Filling, response: UpstreamResponse,
                     upstream: str, fetch: int) -> bool:
-        """Read a slice's body into `filling` (the walk sends from it meanwhile); whole and of
-        the length its Content-Range said, it becomes the Piece's body and is stored.  Was it
-        kept?  A short or broken body fails the readers (the response is cut) and is not stored."""
+        """Read a slice's body into `filling` (the walk sends from it meanwhile) and into the
+        store's writer as it arrives; committed only once whole, of the length its
+        Content-Range said, and past the bans.  Was it kept?  A short or broken body fails the
+        readers (the response is cut) and is aborted in the store."""
         node = self.node
         expected = piece.obj.meta.size
+        key = slices.slice_key(ex.primary, ex.site.slice_size, piece.index)
+        writer = node.store.writer(key, size_hint=expected) if filling.keeping else None
         try:
             try:
-                while chunk := await response.read_chunk():
-                    if filling.size + len(chunk) > expected:
-                        break
-                    filling.add(chunk)
-            except UpstreamIOError as exc:
-                raise UpstreamError("http_response_incomplete", str(exc) or type(exc).__name__,
-                                    [upstream]) from None
-            if filling.size != expected or not response.complete:
-                raise UpstreamError("http_response_incomplete", "short slice", [upstream])
-        except BaseException as exc:
-            filling.fail(exc if isinstance(exc, Exception) else
-                         UpstreamError("http_response_incomplete", "slice fetch cancelled", [upstream]))
-            raise
+                try:
+                    while chunk := await response.read_chunk():
+                        if filling.size + len(chunk) > expected:
+                            break
+                        filling.add(chunk)
+                        if writer is not None:
+                            await writer.write(chunk)
+                except UpstreamIOError as exc:
+                    raise UpstreamError("http_response_incomplete", str(exc) or type(exc).__name__,
+                                        [upstream]) from None
+                if filling.size != expected or not response.complete:
+                    raise UpstreamError("http_response_incomplete", "short slice", [upstream])
+            except BaseException as exc:
+                filling.fail(exc if isinstance(exc, Exception) else
+                             UpstreamError("http_response_incomplete", "slice fetch cancelled", [upstream]))
+                if writer is not None:
+                    await writer.abort()
+                raise
+            finally:
+                if response.complete:
+                    response.release()
+                else:
+                    response.close()
+            filling.whole = True
+            if writer is None:
+                return False
+            # Let the readers send the last bytes before the commit (the memory tier joins the
+            # body, which takes the event loop for a while on a large slice).
+            await asyncio.sleep(0)
+            checked = node.after_bans(key, piece.obj.meta)  # a purge may have come meanwhile
+            if checked is None:
+                await writer.abort()
+                return False
+            try:
+                return await writer.commit(checked)
+            except BaseException:
+                await writer.abort()
+                raise
         finally:
-            node._fetches.pop(fetch, None)
-            if response.complete:
-                response.release()
-            else:
-                response.close()
-        # Let the readers send the last bytes before the join and the store write's hashing
-        # (which take the event loop for a while on a large slice).
-        await asyncio.sleep(0)
-        assert filling.parts is not None
-        body = b"".join(filling.parts)
-        piece.obj = CachedObject(piece.obj.meta, body)
-        filling.parts = None            # readers under way keep their own reference till done
-        key = slices.slice_key(ex.primary, ex.site.slice_size, piece.index)
-        checked = node.after_bans(key, piece.obj.meta) if filling.keeping else None
-        if checked is None:
-            return False
-        return await self._write(key, checked, body)
+            node._fetches.pop(fetch, None)      # bans waited for this fetch until now
 
     def _slice_meta(self, ex: Exchange, index: int, response_fields, total: int, size: int,
                     request_time: float, response_time: float) -> tuple[Meta, bool]:
@@ -706,7 +717,7 @@ def _retrieved(task: asyncio.Task) -> None:
 def _land(flight, task: asyncio.Task[bool], piece: Piece) -> None:
     """End a slice's flight once its fill and store write are over: followers share the whole
     slice, or, when its body broke, fetch it themselves."""
-    if piece.obj.body is not None:      # whole (its store write may have failed: still good)
+    if piece.filling is None or piece.filling.whole:   # whole (even if its store write failed)
         flight.finish(Outcome.STORED, stored=piece)
     else:
         error = None if task.cancelled() else task.exception()
