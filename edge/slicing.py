@@ -568,6 +568,9 @@ class Slicer:
         expected = piece.obj.meta.size
         key = slices.slice_key(ex.primary, ex.site.slice_size, piece.index)
         writer = node.store.writer(key, size_hint=expected) if filling.keeping else None
+        # The store is written from the filling by a task of its own, so the upstream is read
+        # (and the client served) at its pace, not at the disk's.
+        writing = asyncio.create_task(self._write_filling(writer, filling, expected)) if writer else None
         try:
             try:
                 try:
@@ -575,8 +578,6 @@ class Slicer:
                         if filling.size + len(chunk) > expected:
                             break
                         filling.add(chunk)
-                        if writer is not None:
-                            await writer.write(chunk)
                 except UpstreamIOError as exc:
                     raise UpstreamError("http_response_incomplete", str(exc) or type(exc).__name__,
                                         [upstream]) from None
@@ -585,6 +586,9 @@ class Slicer:
             except BaseException as exc:
                 filling.fail(exc if isinstance(exc, Exception) else
                              UpstreamError("http_response_incomplete", "slice fetch cancelled", [upstream]))
+                if writing is not None:
+                    writing.cancel()
+                    await asyncio.gather(writing, return_exceptions=True)
                 if writer is not None:
                     await writer.abort()
                 raise
@@ -594,11 +598,13 @@ class Slicer:
                 else:
                     response.close()
             filling.whole = True
-            if writer is None:
+            if writer is None or writing is None:
                 return False
-            # Let the readers send the last bytes before the commit (the memory tier joins the
-            # body, which takes the event loop for a while on a large slice).
-            await asyncio.sleep(0)
+            try:
+                await writing
+            except BaseException:
+                await writer.abort()
+                raise
             checked = node.after_bans(key, piece.obj.meta)  # a purge may have come meanwhile
             if checked is None:
                 await writer.abort()
@@ -610,6 +616,11 @@ class Slicer:
                 raise
         finally:
             node._fetches.pop(fetch, None)      # bans waited for this fetch until now
+
+    @staticmethod
+    async def _write_filling(writer, filling: Filling, expected: int) -> None:
+        async for chunk in filling.read(0, expected):
+            await writer.write(chunk)
 
     def _slice_meta(self, ex: Exchange, index: int, response_fields, total: int, size: int,
                     request_time: float, response_time: float) -> tuple[Meta, bool]:
