@@ -16,8 +16,12 @@ the pipeline (edge.proxy):
 3. the body walks the slices in order, reading stored ones from the store
    and fetching missing ones (each through the coalescer, keyed by slice),
    with the next PREFETCH slices fetched while the client reads the current
-   one: at most PREFETCH + 2 fetched slices are held in memory, and each
-   slice's store write overlaps its sending;
+   one: at most PREFETCH + 2 fetched slices are held in memory.  A fetched
+   slice is handed out as soon as its head is checked (validators, length):
+   its body streams to the client as it arrives (`Filling`) and into the
+   store's writer, committed only once whole and of the right length, so a
+   cold slice costs its client one round trip, not one slice download, before
+   the first byte; followers of its flight get it once stored, as before;
 4. a slice of another version met mid-walk (the origin changed its object
    during the response) aborts the response and drops the stored slices of
    the old version: never a body mixed from two versions.
