@@ -270,7 +270,7 @@ class Slicer:
         for piece in planned.values():
             # Cache-Status says `stored` only of what was kept, or (a slice still arriving,
             # streamed to this client) of what policy and the store's size allow to be kept.
-            if piece.filling is None:
+            if piece.filling is None or piece.filling.whole:
                 await piece.settle()
         stale_indices = set(stale) | {i for i, piece in planned.items() if piece.revalidated}
         entry = self._entry(ex, ref, indices, planned, stale_indices)
