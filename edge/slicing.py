@@ -270,7 +270,7 @@ class Slicer:
         for piece in planned.values():
             # Cache-Status says `stored` only of what was kept, or (a slice still arriving,
             # streamed to this client) of what policy and the store's size allow to be kept.
-            if piece.filling is None or piece.filling.whole:
+            if piece.filling is None or piece.storing is None or piece.storing.done():
                 await piece.settle()
         stale_indices = set(stale) | {i for i, piece in planned.items() if piece.revalidated}
         entry = self._entry(ex, ref, indices, planned, stale_indices)
