@@ -98,10 +98,11 @@ class Piece:
 
 
 class Filling:
-    """A fetched slice's body while it arrives (`Slicer._fill` appends to it), so the client
-    of the request that fetched it gets each byte as it comes instead of after the whole
-    slice; stored only once whole and checked.  The head (validators, total length) was
-    checked before the Piece was handed out."""
+    """A fetched slice's body as it arrives (`Slicer._fill` appends to it), so the client of
+    the request that fetched it gets each byte as it comes instead of after the whole slice;
+    the store's writer reads it too, committed only once whole and checked.  The head
+    (validators, total length) was checked before the Piece was handed out.  Whole, it stays
+    the slice's body (followers of the flight read it from here)."""
 
     def __init__(self, keeping: bool):
         self.parts: list[bytes] = []            # the body so far (whole: the slice's body)
