@@ -334,8 +334,11 @@ def test_killing_an_l2_host_loses_no_request(cdn: Cdn) -> None:
     stop = threading.Event()
 
     def load(region: str) -> None:
-        for i in range(200):
-            if stop.is_set():
+        # Until told to stop, bounded in count and time.  A fixed 200 was too few: with the L1s
+        # failing over at once, a region could finish them before every L1 had marked the L2 down.
+        began = time.monotonic()
+        for i in range(20_000):
+            if stop.is_set() or time.monotonic() - began > 120:
                 return
             path = f"/gen/multihost/during-{region}-{i}.js"
             try:
